@@ -1,0 +1,368 @@
+// The CUDA runtime services of kernels/cuda_api.h, CudaState::ensure_workspace, and the RAII
+// classes of dstrain/device.h (DeviceGuard, Stream, Event).
+//
+// Ordering note: library streams are created cudaStreamNonBlocking, so they do not synchronise
+// with the legacy default stream that cudaMemcpy/cudaMemset use. memcpy_any and device_memset
+// are therefore fully blocking (they wait for their own transfer to land), but they do not wait
+// for work queued on a Context's stream: synchronise the Context before reading its results.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#include <cudnn.h>
+
+#include <cstddef>
+#include <string>
+
+#include "cuda_api.h"
+#include "cuda_check.h"
+#include "cuda_state.h"
+#include "dstrain/device.h"
+#include "dstrain/error.h"
+
+namespace dstrain {
+
+namespace {
+
+// Logs a failed status from a destructor or other noexcept path. cudaErrorCudartUnloading
+// (process teardown after the runtime has gone) is expected and not worth a warning.
+void warn_cuda(cudaError_t status, const char* what) noexcept {
+  if (status == cudaSuccess) return;
+  cudaGetLastError();  // clear the non-sticky error so it is not reported by a later launch check
+  if (status == cudaErrorCudartUnloading) return;
+  try {
+    detail::log_warning(std::string(what) + " failed: " + cudaGetErrorString(status));
+  } catch (...) {
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// DeviceGuard
+
+DeviceGuard::DeviceGuard(int device) {
+  int current = -1;
+  DSTRAIN_CUDA_CHECK(cudaGetDevice(&current));
+  if (current != device) DSTRAIN_CUDA_CHECK(cudaSetDevice(device));
+  previous_ = current;
+}
+
+DeviceGuard::~DeviceGuard() {
+  if (previous_ < 0) return;
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == previous_) return;
+  warn_cuda(cudaSetDevice(previous_), "DeviceGuard: cudaSetDevice (restore)");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream
+
+Stream Stream::create(int device) {
+  DeviceGuard guard(device);
+  cudaStream_t s = nullptr;
+  DSTRAIN_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  Stream out;
+  out.stream_ = s;
+  out.device_ = device;
+  return out;
+}
+
+Stream::~Stream() {
+  if (stream_ != nullptr) warn_cuda(cudaStreamDestroy(stream_), "cudaStreamDestroy");
+}
+
+Stream::Stream(Stream&& o) noexcept : stream_(o.stream_), device_(o.device_) {
+  o.stream_ = nullptr;
+  o.device_ = -1;
+}
+
+Stream& Stream::operator=(Stream&& o) noexcept {
+  if (this != &o) {
+    if (stream_ != nullptr) warn_cuda(cudaStreamDestroy(stream_), "cudaStreamDestroy");
+    stream_ = o.stream_;
+    device_ = o.device_;
+    o.stream_ = nullptr;
+    o.device_ = -1;
+  }
+  return *this;
+}
+
+void Stream::synchronize() const {
+  if (stream_ == nullptr)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, "Stream::synchronize on an empty Stream");
+  DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Event
+
+Event Event::create(int device, bool timing) {
+  DeviceGuard guard(device);
+  cudaEvent_t e = nullptr;
+  DSTRAIN_CUDA_CHECK(cudaEventCreateWithFlags(&e, timing ? cudaEventDefault : cudaEventDisableTiming));
+  Event out;
+  out.event_ = e;
+  out.device_ = device;
+  return out;
+}
+
+Event::~Event() {
+  if (event_ != nullptr) warn_cuda(cudaEventDestroy(event_), "cudaEventDestroy");
+}
+
+Event::Event(Event&& o) noexcept : event_(o.event_), device_(o.device_) {
+  o.event_ = nullptr;
+  o.device_ = -1;
+}
+
+Event& Event::operator=(Event&& o) noexcept {
+  if (this != &o) {
+    if (event_ != nullptr) warn_cuda(cudaEventDestroy(event_), "cudaEventDestroy");
+    event_ = o.event_;
+    device_ = o.device_;
+    o.event_ = nullptr;
+    o.device_ = -1;
+  }
+  return *this;
+}
+
+void Event::record(StreamHandle stream) {
+  if (event_ == nullptr) DSTRAIN_THROW(ErrorCode::InvalidArgument, "Event::record on an empty Event");
+  DSTRAIN_CUDA_CHECK(cudaEventRecord(event_, stream));
+}
+
+void Event::wait(StreamHandle stream) const {
+  if (event_ == nullptr) DSTRAIN_THROW(ErrorCode::InvalidArgument, "Event::wait on an empty Event");
+  DSTRAIN_CUDA_CHECK(cudaStreamWaitEvent(stream, event_, 0));
+}
+
+void Event::synchronize() const {
+  if (event_ == nullptr)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, "Event::synchronize on an empty Event");
+  DSTRAIN_CUDA_CHECK(cudaEventSynchronize(event_));
+}
+
+float Event::elapsed_ms(const Event& since) const {
+  if (event_ == nullptr || since.event_ == nullptr)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, "Event::elapsed_ms on an empty Event");
+  float ms = 0.0f;
+  DSTRAIN_CUDA_CHECK(cudaEventElapsedTime(&ms, since.event_, event_));
+  return ms;
+}
+
+// ---------------------------------------------------------------------------------------------
+// kernels:: runtime services
+
+namespace kernels {
+
+namespace {
+
+// The device that owns `p`, or -1 for host memory (pageable or pinned) and unknown pointers.
+int device_of(const void* p) {
+  cudaPointerAttributes attr{};
+  cudaError_t st = cudaPointerGetAttributes(&attr, p);
+  if (st != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  if (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged) return attr.device;
+  return -1;
+}
+
+}  // namespace
+
+int cuda_device_count() noexcept {
+  int n = 0;
+  cudaError_t st = cudaGetDeviceCount(&n);
+  if (st != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return n;
+}
+
+void* device_malloc(std::size_t bytes, int device) {
+  if (bytes == 0) return nullptr;
+  DeviceGuard guard(device);
+  void* p = nullptr;
+  cudaError_t st = cudaMalloc(&p, bytes);
+  if (st != cudaSuccess) {
+    cudaGetLastError();  // an out-of-memory is not sticky: keep it out of later launch checks
+    detail::throw_error(ErrorCode::Cuda,
+                        "cudaMalloc of " + std::to_string(bytes) + " bytes on cuda:" +
+                            std::to_string(device) + " failed: " + cudaGetErrorString(st),
+                        __FILE__, __LINE__, static_cast<long>(st));
+  }
+  return p;
+}
+
+void device_free(void* p) noexcept {
+  if (p != nullptr) warn_cuda(cudaFree(p), "cudaFree");
+}
+
+void memcpy_any(void* dst, const void* src, std::size_t bytes) {
+  if (bytes == 0) return;
+  int dev = device_of(dst);
+  if (dev < 0) dev = device_of(src);
+  if (dev < 0) {  // host to host (a build with CUDA may still copy CPU tensors through here)
+    DSTRAIN_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    return;
+  }
+  DeviceGuard guard(dev);
+  DSTRAIN_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+  // A copy from pageable memory may return before its DMA lands; our non-blocking streams would
+  // not wait for it, so wait here.
+  DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+}
+
+void device_memset(void* dst, int byte, std::size_t bytes) {
+  if (bytes == 0) return;
+  int dev = device_of(dst);
+  if (dev < 0) {
+    DSTRAIN_CUDA_CHECK(cudaMemset(dst, byte, bytes));
+    return;
+  }
+  DeviceGuard guard(dev);
+  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dst, byte, bytes, cudaStreamLegacy));
+  DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+}
+
+void memcpy_async(void* dst, const void* src, std::size_t bytes, StreamHandle stream) {
+  if (bytes == 0) return;
+  int dev = -1;
+  if (stream != nullptr) {
+    DSTRAIN_CUDA_CHECK(cudaStreamGetDevice(stream, &dev));
+  } else {
+    dev = device_of(dst);
+    if (dev < 0) dev = device_of(src);
+  }
+  if (dev < 0) {  // host to host on no stream
+    DSTRAIN_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+    return;
+  }
+  DeviceGuard guard(dev);
+  // Pageable host memory: cudaMemcpyAsync stages a host source before it returns and completes a
+  // copy into a host destination before it returns, so the host side is reusable at once. A
+  // pinned host source is read by the DMA later: wait for the copy so that the caller may reuse
+  // it as soon as we return, as ops::copy promises.
+  cudaPointerAttributes attr{};
+  bool pinned_src = false;
+  if (cudaPointerGetAttributes(&attr, src) == cudaSuccess)
+    pinned_src = attr.type == cudaMemoryTypeHost;
+  else
+    cudaGetLastError();
+  DSTRAIN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, stream));
+  if (pinned_src) DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void* host_pinned_malloc(std::size_t bytes) {
+  if (bytes == 0) return nullptr;
+  void* p = nullptr;
+  cudaError_t st = cudaMallocHost(&p, bytes);
+  if (st != cudaSuccess) {
+    cudaGetLastError();
+    detail::throw_error(ErrorCode::Cuda,
+                        "cudaMallocHost of " + std::to_string(bytes) + " bytes failed: " +
+                            cudaGetErrorString(st),
+                        __FILE__, __LINE__, static_cast<long>(st));
+  }
+  return p;
+}
+
+void host_pinned_free(void* p) noexcept {
+  if (p != nullptr) warn_cuda(cudaFreeHost(p), "cudaFreeHost");
+}
+
+namespace {
+constexpr std::size_t kInitialWorkspace = std::size_t(64) << 20;
+}
+
+CudaState* create_cuda_state(int device) {
+  const int count = cuda_device_count();
+  if (device < 0 || device >= count)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument,
+                  "cuda:" + std::to_string(device) + " requested but " + std::to_string(count) +
+                      " CUDA device(s) are visible");
+  // The calling thread works on this device from now on (one GPU per process is the norm).
+  DSTRAIN_CUDA_CHECK(cudaSetDevice(device));
+  CudaState* s = new CudaState();
+  try {
+    s->device = device;
+    s->stream = Stream::create(device);
+    DSTRAIN_CUDNN_CHECK(cudnnCreate(&s->cudnn));
+    DSTRAIN_CUDNN_CHECK(cudnnSetStream(s->cudnn, s->cuda_stream()));
+    DSTRAIN_CUBLAS_CHECK(cublasLtCreate(&s->cublaslt));
+    s->ensure_workspace(kInitialWorkspace);
+  } catch (...) {
+    destroy_cuda_state(s);
+    throw;
+  }
+  return s;
+}
+
+void destroy_cuda_state(CudaState* s) noexcept {
+  if (s == nullptr) return;
+  int previous = -1;
+  const bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
+  if (!have_previous) cudaGetLastError();
+  if (have_previous && previous != s->device) warn_cuda(cudaSetDevice(s->device), "cudaSetDevice");
+  // Work still queued may use the workspace and handles: let it finish first.
+  if (s->stream.handle() != nullptr)
+    warn_cuda(cudaStreamSynchronize(s->cuda_stream()), "cudaStreamSynchronize (destroy)");
+  if (s->cublaslt != nullptr) {
+    cublasStatus_t st = cublasLtDestroy(s->cublaslt);
+    if (st != CUBLAS_STATUS_SUCCESS) {
+      try {
+        detail::log_warning("cublasLtDestroy failed: status " + std::to_string(static_cast<int>(st)));
+      } catch (...) {
+      }
+    }
+    s->cublaslt = nullptr;
+  }
+  if (s->cudnn != nullptr) {
+    cudnnStatus_t st = cudnnDestroy(s->cudnn);
+    if (st != CUDNN_STATUS_SUCCESS) {
+      try {
+        detail::log_warning(std::string("cudnnDestroy failed: ") + cudnnGetErrorString(st));
+      } catch (...) {
+      }
+    }
+    s->cudnn = nullptr;
+  }
+  if (s->workspace != nullptr) warn_cuda(cudaFree(s->workspace), "cudaFree (workspace)");
+  s->workspace = nullptr;
+  s->workspace_bytes = 0;
+  delete s;  // destroys the stream
+  if (have_previous && previous != -1) {
+    int now = -1;
+    if (cudaGetDevice(&now) == cudaSuccess && now != previous)
+      warn_cuda(cudaSetDevice(previous), "cudaSetDevice (restore)");
+  }
+}
+
+StreamHandle cuda_state_stream(const CudaState* s) {
+  if (s == nullptr) DSTRAIN_THROW(ErrorCode::InvalidArgument, "cuda_state_stream: no CUDA state");
+  return s->stream.handle();
+}
+
+void* CudaState::ensure_workspace(std::size_t bytes) {
+  if (bytes <= workspace_bytes && workspace != nullptr) return workspace;
+  // Grow geometrically, in whole MiB, so that a sequence of slightly larger requests does not
+  // reallocate (and synchronise) each time.
+  std::size_t want = bytes > workspace_bytes + workspace_bytes / 2 ? bytes : workspace_bytes + workspace_bytes / 2;
+  const std::size_t mib = std::size_t(1) << 20;
+  want = (want + mib - 1) / mib * mib;
+  DeviceGuard guard(device);
+  if (workspace != nullptr) {
+    // Queued work may still read or write the old buffer.
+    DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(cuda_stream()));
+    DSTRAIN_CUDA_CHECK(cudaFree(workspace));
+    workspace = nullptr;
+    workspace_bytes = 0;
+  }
+  workspace = device_malloc(want, device);
+  workspace_bytes = want;
+  return workspace;
+}
+
+}  // namespace kernels
+}  // namespace dstrain

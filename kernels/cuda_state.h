@@ -1,0 +1,26 @@
+// CudaState: what a CUDA Context owns. Included only by CUDA translation units in kernels/.
+#pragma once
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+#include <cudnn.h>
+
+#include <cstddef>
+
+#include "dstrain/device.h"
+
+namespace dstrain::kernels {
+
+struct CudaState {
+  int device = 0;
+  Stream stream;
+  cudnnHandle_t cudnn = nullptr;
+  cublasLtHandle_t cublaslt = nullptr;
+  void* workspace = nullptr;  // shared scratch for cuDNN and cuBLASLt on this stream
+  std::size_t workspace_bytes = 0;
+
+  cudaStream_t cuda_stream() const { return reinterpret_cast<cudaStream_t>(stream.handle()); }
+  // Grows the workspace to at least `bytes` (synchronising the stream first when it reallocates).
+  void* ensure_workspace(std::size_t bytes);
+};
+
+}  // namespace dstrain::kernels

@@ -1,0 +1,16 @@
+// Everything a training program needs: #include <dstrain/dstrain.h>.
+#pragma once
+#include "dstrain/comm.h"
+#include "dstrain/context.h"
+#include "dstrain/data.h"
+#include "dstrain/data_parallel.h"
+#include "dstrain/device.h"
+#include "dstrain/dtype.h"
+#include "dstrain/error.h"
+#include "dstrain/models.h"
+#include "dstrain/nn.h"
+#include "dstrain/ops.h"
+#include "dstrain/optim.h"
+#include "dstrain/runtime.h"
+#include "dstrain/tensor.h"
+#include "dstrain/version.h"

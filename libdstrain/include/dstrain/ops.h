@@ -1,0 +1,86 @@
+// The ops of a training step, forward and backward. Each runs on the device of its tensors
+// (CPU: Eigen; CUDA: cuDNN, cuBLASLt and dstrain's kernels) on the context's stream.
+// Shapes follow tensor.h: activations NHWC, filters KRSC, linear weights [out, in].
+// Outputs are overwritten, never accumulated into, and must already have the right shape,
+// dtype and device (layers own and size them); a mismatch raises InvalidArgument.
+#pragma once
+#include "dstrain/context.h"
+#include "dstrain/tensor.h"
+
+namespace dstrain::ops {
+
+struct Conv2dParams {
+  int stride_h = 1, stride_w = 1;
+  int pad_h = 0, pad_w = 0;
+};
+// [N,H,W,C] x [K,R,S,C] -> [N,Ho,Wo,K] with Ho = (H + 2*pad_h - R) / stride_h + 1.
+Shape conv2d_output_shape(const Shape& x, const Shape& w, const Conv2dParams& p);
+void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p);
+void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tensor& dx,
+                          const Conv2dParams& p);
+void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw,
+                            const Conv2dParams& p);
+
+struct BatchNormParams {
+  float momentum = 0.1f;  // running = (1 - momentum) * running + momentum * batch
+  float eps = 1e-5f;
+};
+// Per-channel statistics over N, H, W of an NHWC tensor (any rank >= 2: the last dim is C).
+// Training: y = gamma * (x - mean) * invstd + beta with the biased batch variance; the running
+// variance is updated with the unbiased one (n / (n - 1)), as PyTorch does. save_mean and
+// save_invstd ([C], fp32) keep what backward needs.
+void batchnorm_forward_train(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                             Tensor& running_mean, Tensor& running_var, Tensor& y, Tensor& save_mean,
+                             Tensor& save_invstd, const BatchNormParams& p);
+void batchnorm_forward_eval(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                            const Tensor& running_mean, const Tensor& running_var, Tensor& y,
+                            const BatchNormParams& p);
+void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& gamma,
+                        const Tensor& save_mean, const Tensor& save_invstd, Tensor& dx,
+                        Tensor& dgamma, Tensor& dbeta);
+
+void relu_forward(Context& ctx, const Tensor& x, Tensor& y);
+// dx = dy where y > 0, else 0.
+void relu_backward(Context& ctx, const Tensor& dy, const Tensor& y, Tensor& dx);
+
+// 2x2 window, stride 2, odd trailing row/column dropped. Backward sends each gradient to the
+// first maximum of its window in row-major order.
+void maxpool2x2_forward(Context& ctx, const Tensor& x, Tensor& y);
+void maxpool2x2_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx);
+
+// [N,H,W,C] -> [N,C] mean over H and W.
+void global_avgpool_forward(Context& ctx, const Tensor& x, Tensor& y);
+void global_avgpool_backward(Context& ctx, const Tensor& dy, Tensor& dx);
+
+// y[N,O] = x[N,I] * w[O,I]^T + b[O] (b may be null).
+void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y);
+// dx (may be null: not needed) = dy * w; dw = dy^T * x; db (may be null) = column sums of dy.
+void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx,
+                     Tensor& dw, Tensor* db);
+
+// logits [N,K] fp32, labels [N] i32 in [0, K). Writes loss_sum[1] = sum_i -log softmax(x_i)[y_i]
+// and correct[1] = number of rows whose argmax (first on ties) equals the label, both fp32.
+// When dlogits is given: dlogits = (softmax(x) - onehot(y)) * grad_scale.
+// A label outside [0, K) raises InvalidArgument on the CPU; on CUDA it makes loss_sum NaN.
+void softmax_cross_entropy(Context& ctx, const Tensor& logits, const Tensor& labels, Tensor* dlogits,
+                           float grad_scale, Tensor& loss_sum, Tensor& correct);
+
+struct SgdParams {
+  float lr = 0.1f;
+  float momentum = 0.0f;
+  float weight_decay = 0.0f;
+  bool nesterov = false;
+};
+// PyTorch's SGD (dampening 0): g = grad + wd * p; buf = momentum * buf + g;
+// g = nesterov ? g + momentum * buf : buf (or g when momentum is 0); p -= lr * g.
+// momentum_buf starts at zero.
+void sgd_step(Context& ctx, Tensor& param, const Tensor& grad, Tensor& momentum_buf, const SgdParams& p);
+
+// dst = src (same shape and dtype; either may be on the host or the context's device), ordered
+// on the context's stream. Host memory may be reused as soon as the call returns.
+void copy(Context& ctx, const Tensor& src, Tensor& dst);
+
+// dst = src converted elementwise between floating dtypes (same shape, same device).
+void convert(Context& ctx, const Tensor& src, Tensor& dst);
+
+}  // namespace dstrain::ops

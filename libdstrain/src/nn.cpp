@@ -1,0 +1,277 @@
+#include "dstrain/nn.h"
+
+#include <cmath>
+#include <cstring>
+#include <sstream>
+
+#include "dstrain/error.h"
+
+namespace dstrain::nn {
+
+namespace {
+Parameter make_parameter(std::string name, const Shape& shape, Device device, Parameter::Init init,
+                         std::int64_t fan_in) {
+  Parameter p;
+  p.name = std::move(name);
+  p.value = Tensor::zeros(shape, DType::F32, device);
+  p.grad = Tensor::zeros(shape, DType::F32, device);
+  p.init = init;
+  p.fan_in = fan_in;
+  return p;
+}
+
+// Sizes `t` like `shape` on the context's device (reusing its memory when possible).
+Tensor& ensure(Tensor& t, const Shape& shape, const Context& ctx) {
+  if (t.shape() != shape || t.device() != ctx.device() || t.dtype() != DType::F32)
+    t.resize(shape, DType::F32, ctx.device());
+  return t;
+}
+
+const Tensor& require_input(const Tensor* x, const std::string& layer) {
+  if (!x) DSTRAIN_THROW(ErrorCode::InvalidArgument, layer + ": backward called before forward");
+  return *x;
+}
+}  // namespace
+
+Conv2d::Conv2d(Device device, int in_channels, int out_channels, int kernel, int stride, int padding, bool bias)
+    : in_(in_channels), out_(out_channels), kernel_(kernel), has_bias_(bias) {
+  DSTRAIN_CHECK(in_channels > 0 && out_channels > 0 && kernel > 0 && stride > 0 && padding >= 0,
+                "Conv2d needs positive channels, kernel and stride");
+  DSTRAIN_CHECK(!bias, "Conv2d with bias is not supported yet; follow it with BatchNorm2d");
+  params_.stride_h = params_.stride_w = stride;
+  params_.pad_h = params_.pad_w = padding;
+  weight_ = make_parameter(name() + ".weight", {out_, kernel_, kernel_, in_}, device, Parameter::Init::UniformFanIn,
+                           static_cast<std::int64_t>(kernel) * kernel * in_channels);
+}
+
+std::string Conv2d::name() const {
+  std::ostringstream out;
+  out << "Conv2d(" << in_ << "->" << out_ << ", " << kernel_ << "x" << kernel_ << ", stride " << params_.stride_h
+      << ", pad " << params_.pad_h << ")";
+  return out.str();
+}
+
+std::vector<Parameter*> Conv2d::parameters() { return {&weight_}; }
+
+const Tensor& Conv2d::forward(Context& ctx, const Tensor& x, bool) {
+  x_ = &x;
+  ensure(y_, ops::conv2d_output_shape(x.shape(), weight_.value.shape(), params_), ctx);
+  ops::conv2d_forward(ctx, x, weight_.value, y_, params_);
+  return y_;
+}
+
+const Tensor& Conv2d::backward(Context& ctx, const Tensor& dy) {
+  const Tensor& x = require_input(x_, name());
+  ops::conv2d_backward_filter(ctx, x, dy, weight_.grad, params_);
+  if (!needs_input_grad_) {
+    dx_ = Tensor();
+    return dx_;
+  }
+  ensure(dx_, x.shape(), ctx);
+  ops::conv2d_backward_data(ctx, dy, weight_.value, dx_, params_);
+  return dx_;
+}
+
+BatchNorm2d::BatchNorm2d(Device device, int channels, float momentum, float eps) : channels_(channels) {
+  DSTRAIN_CHECK(channels > 0, "BatchNorm2d needs a positive channel count");
+  params_.momentum = momentum;
+  params_.eps = eps;
+  gamma_ = make_parameter(name() + ".weight", {channels}, device, Parameter::Init::Ones, 1);
+  beta_ = make_parameter(name() + ".bias", {channels}, device, Parameter::Init::Zeros, 1);
+  running_mean_ = Tensor::zeros({channels}, DType::F32, device);
+  running_var_ = Tensor::from_vector({channels}, std::vector<float>(static_cast<std::size_t>(channels), 1.0f)).to(device);
+  save_mean_ = Tensor::zeros({channels}, DType::F32, device);
+  save_invstd_ = Tensor::zeros({channels}, DType::F32, device);
+}
+
+std::string BatchNorm2d::name() const { return "BatchNorm2d(" + std::to_string(channels_) + ")"; }
+
+const Tensor& BatchNorm2d::forward(Context& ctx, const Tensor& x, bool training) {
+  x_ = &x;
+  ensure(y_, x.shape(), ctx);
+  if (training)
+    ops::batchnorm_forward_train(ctx, x, gamma_.value, beta_.value, running_mean_, running_var_, y_, save_mean_,
+                                 save_invstd_, params_);
+  else
+    ops::batchnorm_forward_eval(ctx, x, gamma_.value, beta_.value, running_mean_, running_var_, y_, params_);
+  return y_;
+}
+
+const Tensor& BatchNorm2d::backward(Context& ctx, const Tensor& dy) {
+  const Tensor& x = require_input(x_, name());
+  ensure(dx_, x.shape(), ctx);
+  ops::batchnorm_backward(ctx, dy, x, gamma_.value, save_mean_, save_invstd_, dx_, gamma_.grad, beta_.grad);
+  return dx_;
+}
+
+const Tensor& ReLU::forward(Context& ctx, const Tensor& x, bool) {
+  ensure(y_, x.shape(), ctx);
+  ops::relu_forward(ctx, x, y_);
+  return y_;
+}
+
+const Tensor& ReLU::backward(Context& ctx, const Tensor& dy) {
+  ensure(dx_, y_.shape(), ctx);
+  ops::relu_backward(ctx, dy, y_, dx_);
+  return dx_;
+}
+
+const Tensor& MaxPool2x2::forward(Context& ctx, const Tensor& x, bool) {
+  x_ = &x;
+  DSTRAIN_CHECK(x.ndim() == 4, "MaxPool2x2 takes [N,H,W,C], got " + shape_str(x.shape()));
+  ensure(y_, {x.dim(0), x.dim(1) / 2, x.dim(2) / 2, x.dim(3)}, ctx);
+  ops::maxpool2x2_forward(ctx, x, y_);
+  return y_;
+}
+
+const Tensor& MaxPool2x2::backward(Context& ctx, const Tensor& dy) {
+  const Tensor& x = require_input(x_, name());
+  ensure(dx_, x.shape(), ctx);
+  ops::maxpool2x2_backward(ctx, dy, x, y_, dx_);
+  return dx_;
+}
+
+const Tensor& GlobalAvgPool::forward(Context& ctx, const Tensor& x, bool) {
+  DSTRAIN_CHECK(x.ndim() == 4, "GlobalAvgPool takes [N,H,W,C], got " + shape_str(x.shape()));
+  x_shape_ = x.shape();
+  ensure(y_, {x.dim(0), x.dim(3)}, ctx);
+  ops::global_avgpool_forward(ctx, x, y_);
+  return y_;
+}
+
+const Tensor& GlobalAvgPool::backward(Context& ctx, const Tensor& dy) {
+  DSTRAIN_CHECK(!x_shape_.empty(), "GlobalAvgPool: backward called before forward");
+  ensure(dx_, x_shape_, ctx);
+  ops::global_avgpool_backward(ctx, dy, dx_);
+  return dx_;
+}
+
+Linear::Linear(Device device, int in_features, int out_features, bool bias)
+    : in_(in_features), out_(out_features), has_bias_(bias) {
+  DSTRAIN_CHECK(in_features > 0 && out_features > 0, "Linear needs positive feature counts");
+  weight_ = make_parameter(name() + ".weight", {out_, in_}, device, Parameter::Init::UniformFanIn, in_);
+  if (has_bias_) bias_ = make_parameter(name() + ".bias", {out_}, device, Parameter::Init::UniformFanIn, in_);
+}
+
+std::string Linear::name() const { return "Linear(" + std::to_string(in_) + "->" + std::to_string(out_) + ")"; }
+
+std::vector<Parameter*> Linear::parameters() {
+  if (has_bias_) return {&weight_, &bias_};
+  return {&weight_};
+}
+
+const Tensor& Linear::forward(Context& ctx, const Tensor& x, bool) {
+  x_ = &x;
+  DSTRAIN_CHECK(x.ndim() == 2, "Linear takes [N,features], got " + shape_str(x.shape()));
+  ensure(y_, {x.dim(0), out_}, ctx);
+  ops::linear_forward(ctx, x, weight_.value, has_bias_ ? &bias_.value : nullptr, y_);
+  return y_;
+}
+
+const Tensor& Linear::backward(Context& ctx, const Tensor& dy) {
+  const Tensor& x = require_input(x_, name());
+  Tensor* dx = nullptr;
+  if (needs_input_grad_) dx = &ensure(dx_, x.shape(), ctx);
+  else dx_ = Tensor();
+  ops::linear_backward(ctx, dy, x, weight_.value, dx, weight_.grad, has_bias_ ? &bias_.grad : nullptr);
+  return dx_;
+}
+
+Layer& Sequential::add(std::unique_ptr<Layer> layer) {
+  DSTRAIN_CHECK(layer != nullptr, "Sequential::add of a null layer");
+  layers_.push_back(std::move(layer));
+  return *layers_.back();
+}
+
+const Tensor& Sequential::forward(Context& ctx, const Tensor& x, bool training) {
+  DSTRAIN_CHECK(!layers_.empty(), "forward through an empty Sequential");
+  const Tensor* h = &x;
+  for (auto& layer : layers_) h = &layer->forward(ctx, *h, training);
+  return *h;
+}
+
+const Tensor& Sequential::backward(Context& ctx, const Tensor& dy) { return backward(ctx, dy, nullptr); }
+
+const Tensor& Sequential::backward(Context& ctx, const Tensor& dy,
+                                   const std::function<void(Parameter&)>& grad_ready) {
+  DSTRAIN_CHECK(!layers_.empty(), "backward through an empty Sequential");
+  // Layers whose input gradient nobody reads skip it: only the first layer's goes to the caller.
+  layers_.front()->set_needs_input_grad(needs_input_grad_);
+  const Tensor* g = &dy;
+  for (auto it = layers_.rbegin(); it != layers_.rend(); ++it) {
+    g = &(*it)->backward(ctx, *g);
+    if (grad_ready)
+      for (Parameter* p : (*it)->parameters()) grad_ready(*p);
+  }
+  return *g;
+}
+
+std::vector<Parameter*> Sequential::parameters() {
+  std::vector<Parameter*> all;
+  for (auto& layer : layers_)
+    for (Parameter* p : layer->parameters()) all.push_back(p);
+  return all;
+}
+
+std::vector<Tensor*> Sequential::buffers() {
+  std::vector<Tensor*> all;
+  for (auto& layer : layers_)
+    for (Tensor* b : layer->buffers()) all.push_back(b);
+  return all;
+}
+
+std::string Sequential::summary() {
+  std::ostringstream out;
+  for (std::size_t i = 0; i < layers_.size(); ++i) {
+    std::int64_t n = 0;
+    for (Parameter* p : layers_[i]->parameters()) n += p->value.numel();
+    out << "  " << i << ": " << layers_[i]->name();
+    if (n) out << "  (" << n << " parameters)";
+    out << '\n';
+  }
+  return out.str();
+}
+
+void init_parameters(Layer& model, std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  for (Parameter* p : model.parameters()) {
+    std::vector<float> values(static_cast<std::size_t>(p->value.numel()));
+    switch (p->init) {
+      case Parameter::Init::UniformFanIn: {
+        const double bound = 1.0 / std::sqrt(static_cast<double>(p->fan_in));
+        for (float& v : values) {
+          // 53 random bits -> [0, 1): the same on every platform, unlike std::uniform_real_distribution.
+          const double u = static_cast<double>(rng() >> 11) * (1.0 / 9007199254740992.0);
+          v = static_cast<float>((2.0 * u - 1.0) * bound);
+        }
+        break;
+      }
+      case Parameter::Init::Ones: std::fill(values.begin(), values.end(), 1.0f); break;
+      case Parameter::Init::Zeros: std::fill(values.begin(), values.end(), 0.0f); break;
+    }
+    p->value.copy_from(Tensor::from_vector(p->value.shape(), values));
+    p->grad.zero();
+  }
+}
+
+std::int64_t parameter_count(Layer& model) {
+  std::int64_t n = 0;
+  for (Parameter* p : model.parameters()) n += p->value.numel();
+  return n;
+}
+
+std::uint64_t parameter_hash(Layer& model) {
+  std::uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](const Tensor& t) {
+    const Tensor host = t.to(Device::cpu());
+    const auto* bytes = static_cast<const unsigned char*>(host.data());
+    for (std::size_t i = 0; i < host.nbytes(); ++i) {
+      h ^= bytes[i];
+      h *= 1099511628211ull;
+    }
+  };
+  for (Parameter* p : model.parameters()) mix(p->value);
+  return h;
+}
+
+}  // namespace dstrain::nn

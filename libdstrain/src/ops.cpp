@@ -1,0 +1,310 @@
+// Argument checks shared by both backends, then dispatch on the context's device.
+#include "dstrain/ops.h"
+
+#include <algorithm>
+#include <cstring>
+
+#include "dstrain/error.h"
+#include "kernels/cuda_api.h"
+#include "kernels/ops_cpu.h"
+#ifdef DSTRAIN_HAVE_CUDA
+#include "kernels/ops_cuda.h"
+#endif
+
+namespace dstrain::ops {
+
+namespace {
+
+void check_on(const Context& ctx, const Tensor& t, const char* what) {
+  if (t.device() != ctx.device())
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " is on " + t.device().str() +
+                                                  " but the context runs on " + ctx.device().str());
+  if (t.numel() > 0 && t.data() == nullptr)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " has no storage");
+}
+
+void check_f32(const Context& ctx, const Tensor& t, const char* what) {
+  check_on(ctx, t, what);
+  check_dtype(t, DType::F32, what);
+}
+
+void check_rank(const Tensor& t, int rank, const char* what) {
+  if (t.ndim() != rank)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " must have " + std::to_string(rank) +
+                                                  " dimensions, has shape " + shape_str(t.shape()));
+}
+
+std::int64_t channels(const Tensor& x, const char* what) {
+  if (x.ndim() < 2)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " needs at least 2 dimensions, has shape " +
+                                                  shape_str(x.shape()));
+  return x.dim(-1);
+}
+
+[[noreturn]] void no_cuda() {
+  DSTRAIN_THROW(ErrorCode::Unsupported, "a CUDA context in a build without CUDA");
+}
+
+}  // namespace
+
+#ifdef DSTRAIN_HAVE_CUDA
+#define DSTRAIN_DISPATCH(fn, ...)          \
+  do {                                     \
+    if (ctx.is_cuda())                     \
+      kernels::cuda::fn(ctx, __VA_ARGS__); \
+    else                                   \
+      kernels::cpu::fn(ctx, __VA_ARGS__);  \
+  } while (0)
+#else
+#define DSTRAIN_DISPATCH(fn, ...)         \
+  do {                                    \
+    if (ctx.is_cuda()) no_cuda();         \
+    kernels::cpu::fn(ctx, __VA_ARGS__);   \
+  } while (0)
+#endif
+
+Shape conv2d_output_shape(const Shape& x, const Shape& w, const Conv2dParams& p) {
+  DSTRAIN_CHECK(x.size() == 4 && w.size() == 4,
+                "conv2d needs x [N,H,W,C] and w [K,R,S,C], got " + shape_str(x) + " and " + shape_str(w));
+  DSTRAIN_CHECK(x[3] == w[3], "conv2d input has " + std::to_string(x[3]) + " channels, filter expects " +
+                                  std::to_string(w[3]));
+  DSTRAIN_CHECK(p.stride_h > 0 && p.stride_w > 0 && p.pad_h >= 0 && p.pad_w >= 0,
+                "conv2d strides must be positive and paddings non-negative");
+  const std::int64_t ho = (x[1] + 2 * p.pad_h - w[1]) / p.stride_h + 1;
+  const std::int64_t wo = (x[2] + 2 * p.pad_w - w[2]) / p.stride_w + 1;
+  DSTRAIN_CHECK(x[1] + 2 * p.pad_h >= w[1] && x[2] + 2 * p.pad_w >= w[2],
+                "conv2d filter " + shape_str(w) + " is larger than the padded input " + shape_str(x));
+  return {x[0], ho, wo, w[0]};
+}
+
+void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
+  check_f32(ctx, x, "conv2d x");
+  check_f32(ctx, w, "conv2d w");
+  check_f32(ctx, y, "conv2d y");
+  check_shape(y, conv2d_output_shape(x.shape(), w.shape(), p), "conv2d y");
+  DSTRAIN_DISPATCH(conv2d_forward, x, w, y, p);
+}
+
+void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tensor& dx, const Conv2dParams& p) {
+  check_f32(ctx, dy, "conv2d dy");
+  check_f32(ctx, w, "conv2d w");
+  check_f32(ctx, dx, "conv2d dx");
+  check_shape(dy, conv2d_output_shape(dx.shape(), w.shape(), p), "conv2d dy");
+  DSTRAIN_DISPATCH(conv2d_backward_data, dy, w, dx, p);
+}
+
+void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw, const Conv2dParams& p) {
+  check_f32(ctx, x, "conv2d x");
+  check_f32(ctx, dy, "conv2d dy");
+  check_f32(ctx, dw, "conv2d dw");
+  check_shape(dy, conv2d_output_shape(x.shape(), dw.shape(), p), "conv2d dy");
+  DSTRAIN_DISPATCH(conv2d_backward_filter, x, dy, dw, p);
+}
+
+namespace {
+void check_channel_vector(const Context& ctx, const Tensor& t, std::int64_t c, const char* what) {
+  check_f32(ctx, t, what);
+  check_shape(t, {c}, what);
+}
+}  // namespace
+
+void batchnorm_forward_train(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                             Tensor& running_mean, Tensor& running_var, Tensor& y, Tensor& save_mean,
+                             Tensor& save_invstd, const BatchNormParams& p) {
+  check_f32(ctx, x, "batchnorm x");
+  const std::int64_t c = channels(x, "batchnorm x");
+  DSTRAIN_CHECK(x.numel() / std::max<std::int64_t>(c, 1) > 1,
+                "batchnorm in training needs more than one value per channel, x has shape " + shape_str(x.shape()));
+  check_channel_vector(ctx, gamma, c, "batchnorm gamma");
+  check_channel_vector(ctx, beta, c, "batchnorm beta");
+  check_channel_vector(ctx, running_mean, c, "batchnorm running_mean");
+  check_channel_vector(ctx, running_var, c, "batchnorm running_var");
+  check_channel_vector(ctx, save_mean, c, "batchnorm save_mean");
+  check_channel_vector(ctx, save_invstd, c, "batchnorm save_invstd");
+  check_f32(ctx, y, "batchnorm y");
+  check_shape(y, x.shape(), "batchnorm y");
+  DSTRAIN_CHECK(p.eps > 0.0f && p.momentum >= 0.0f && p.momentum <= 1.0f, "batchnorm eps > 0, momentum in [0,1]");
+  DSTRAIN_DISPATCH(batchnorm_forward_train, x, gamma, beta, running_mean, running_var, y, save_mean, save_invstd, p);
+}
+
+void batchnorm_forward_eval(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
+                            const Tensor& running_mean, const Tensor& running_var, Tensor& y,
+                            const BatchNormParams& p) {
+  check_f32(ctx, x, "batchnorm x");
+  const std::int64_t c = channels(x, "batchnorm x");
+  check_channel_vector(ctx, gamma, c, "batchnorm gamma");
+  check_channel_vector(ctx, beta, c, "batchnorm beta");
+  check_channel_vector(ctx, running_mean, c, "batchnorm running_mean");
+  check_channel_vector(ctx, running_var, c, "batchnorm running_var");
+  check_f32(ctx, y, "batchnorm y");
+  check_shape(y, x.shape(), "batchnorm y");
+  DSTRAIN_CHECK(p.eps > 0.0f, "batchnorm eps must be positive");
+  DSTRAIN_DISPATCH(batchnorm_forward_eval, x, gamma, beta, running_mean, running_var, y, p);
+}
+
+void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& gamma,
+                        const Tensor& save_mean, const Tensor& save_invstd, Tensor& dx, Tensor& dgamma,
+                        Tensor& dbeta) {
+  check_f32(ctx, x, "batchnorm x");
+  const std::int64_t c = channels(x, "batchnorm x");
+  check_f32(ctx, dy, "batchnorm dy");
+  check_shape(dy, x.shape(), "batchnorm dy");
+  check_f32(ctx, dx, "batchnorm dx");
+  check_shape(dx, x.shape(), "batchnorm dx");
+  check_channel_vector(ctx, gamma, c, "batchnorm gamma");
+  check_channel_vector(ctx, save_mean, c, "batchnorm save_mean");
+  check_channel_vector(ctx, save_invstd, c, "batchnorm save_invstd");
+  check_channel_vector(ctx, dgamma, c, "batchnorm dgamma");
+  check_channel_vector(ctx, dbeta, c, "batchnorm dbeta");
+  DSTRAIN_DISPATCH(batchnorm_backward, dy, x, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
+}
+
+void relu_forward(Context& ctx, const Tensor& x, Tensor& y) {
+  check_f32(ctx, x, "relu x");
+  check_f32(ctx, y, "relu y");
+  check_shape(y, x.shape(), "relu y");
+  DSTRAIN_DISPATCH(relu_forward, x, y);
+}
+
+void relu_backward(Context& ctx, const Tensor& dy, const Tensor& y, Tensor& dx) {
+  check_f32(ctx, dy, "relu dy");
+  check_f32(ctx, y, "relu y");
+  check_f32(ctx, dx, "relu dx");
+  check_shape(dy, y.shape(), "relu dy");
+  check_shape(dx, y.shape(), "relu dx");
+  DSTRAIN_DISPATCH(relu_backward, dy, y, dx);
+}
+
+namespace {
+Shape pooled_shape(const Tensor& x) {
+  check_rank(x, 4, "maxpool x");
+  return {x.dim(0), x.dim(1) / 2, x.dim(2) / 2, x.dim(3)};
+}
+}  // namespace
+
+void maxpool2x2_forward(Context& ctx, const Tensor& x, Tensor& y) {
+  check_f32(ctx, x, "maxpool x");
+  check_f32(ctx, y, "maxpool y");
+  check_shape(y, pooled_shape(x), "maxpool y");
+  DSTRAIN_DISPATCH(maxpool2x2_forward, x, y);
+}
+
+void maxpool2x2_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx) {
+  check_f32(ctx, x, "maxpool x");
+  check_f32(ctx, y, "maxpool y");
+  check_f32(ctx, dy, "maxpool dy");
+  check_f32(ctx, dx, "maxpool dx");
+  check_shape(y, pooled_shape(x), "maxpool y");
+  check_shape(dy, y.shape(), "maxpool dy");
+  check_shape(dx, x.shape(), "maxpool dx");
+  DSTRAIN_DISPATCH(maxpool2x2_backward, dy, x, y, dx);
+}
+
+void global_avgpool_forward(Context& ctx, const Tensor& x, Tensor& y) {
+  check_f32(ctx, x, "avgpool x");
+  check_rank(x, 4, "avgpool x");
+  check_f32(ctx, y, "avgpool y");
+  check_shape(y, {x.dim(0), x.dim(3)}, "avgpool y");
+  DSTRAIN_DISPATCH(global_avgpool_forward, x, y);
+}
+
+void global_avgpool_backward(Context& ctx, const Tensor& dy, Tensor& dx) {
+  check_f32(ctx, dx, "avgpool dx");
+  check_rank(dx, 4, "avgpool dx");
+  check_f32(ctx, dy, "avgpool dy");
+  check_shape(dy, {dx.dim(0), dx.dim(3)}, "avgpool dy");
+  DSTRAIN_DISPATCH(global_avgpool_backward, dy, dx);
+}
+
+void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
+  check_f32(ctx, x, "linear x");
+  check_f32(ctx, w, "linear w");
+  check_f32(ctx, y, "linear y");
+  check_rank(x, 2, "linear x");
+  check_rank(w, 2, "linear w");
+  DSTRAIN_CHECK(x.dim(1) == w.dim(1), "linear x " + shape_str(x.shape()) + " does not match w " + shape_str(w.shape()));
+  if (b) {
+    check_f32(ctx, *b, "linear b");
+    check_shape(*b, {w.dim(0)}, "linear b");
+  }
+  check_shape(y, {x.dim(0), w.dim(0)}, "linear y");
+  DSTRAIN_DISPATCH(linear_forward, x, w, b, y);
+}
+
+void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
+                     Tensor* db) {
+  check_f32(ctx, x, "linear x");
+  check_f32(ctx, w, "linear w");
+  check_f32(ctx, dy, "linear dy");
+  check_rank(x, 2, "linear x");
+  check_rank(w, 2, "linear w");
+  DSTRAIN_CHECK(x.dim(1) == w.dim(1), "linear x " + shape_str(x.shape()) + " does not match w " + shape_str(w.shape()));
+  check_shape(dy, {x.dim(0), w.dim(0)}, "linear dy");
+  check_f32(ctx, dw, "linear dw");
+  check_shape(dw, w.shape(), "linear dw");
+  if (dx) {
+    check_f32(ctx, *dx, "linear dx");
+    check_shape(*dx, x.shape(), "linear dx");
+  }
+  if (db) {
+    check_f32(ctx, *db, "linear db");
+    check_shape(*db, {w.dim(0)}, "linear db");
+  }
+  DSTRAIN_DISPATCH(linear_backward, dy, x, w, dx, dw, db);
+}
+
+void softmax_cross_entropy(Context& ctx, const Tensor& logits, const Tensor& labels, Tensor* dlogits,
+                           float grad_scale, Tensor& loss_sum, Tensor& correct) {
+  check_f32(ctx, logits, "cross-entropy logits");
+  check_rank(logits, 2, "cross-entropy logits");
+  check_on(ctx, labels, "cross-entropy labels");
+  check_dtype(labels, DType::I32, "cross-entropy labels");
+  check_shape(labels, {logits.dim(0)}, "cross-entropy labels");
+  if (dlogits) {
+    check_f32(ctx, *dlogits, "cross-entropy dlogits");
+    check_shape(*dlogits, logits.shape(), "cross-entropy dlogits");
+  }
+  check_f32(ctx, loss_sum, "cross-entropy loss_sum");
+  check_shape(loss_sum, {1}, "cross-entropy loss_sum");
+  check_f32(ctx, correct, "cross-entropy correct");
+  check_shape(correct, {1}, "cross-entropy correct");
+  DSTRAIN_DISPATCH(softmax_cross_entropy, logits, labels, dlogits, grad_scale, loss_sum, correct);
+}
+
+void sgd_step(Context& ctx, Tensor& param, const Tensor& grad, Tensor& momentum_buf, const SgdParams& p) {
+  check_f32(ctx, param, "sgd param");
+  check_f32(ctx, grad, "sgd grad");
+  check_shape(grad, param.shape(), "sgd grad");
+  if (p.momentum != 0.0f) {
+    check_f32(ctx, momentum_buf, "sgd momentum buffer");
+    check_shape(momentum_buf, param.shape(), "sgd momentum buffer");
+  }
+  DSTRAIN_CHECK(p.lr >= 0.0f && p.momentum >= 0.0f && p.weight_decay >= 0.0f,
+                "sgd lr, momentum and weight decay must be non-negative");
+  DSTRAIN_CHECK(!p.nesterov || p.momentum > 0.0f, "nesterov momentum needs momentum > 0");
+  DSTRAIN_DISPATCH(sgd_step, param, grad, momentum_buf, p);
+}
+
+void copy(Context& ctx, const Tensor& src, Tensor& dst) {
+  check_shape(dst, src.shape(), "copy dst");
+  check_dtype(dst, src.dtype(), "copy dst");
+  for (const Tensor* t : {&src, static_cast<const Tensor*>(&dst)})
+    DSTRAIN_CHECK(!t->is_cuda() || t->device() == ctx.device(),
+                  "copy between " + src.device().str() + " and " + dst.device().str() + " on a context of " +
+                      ctx.device().str());
+  if (dst.nbytes() == 0) return;
+  if (ctx.is_cuda())
+    kernels::memcpy_async(dst.data(), src.data(), dst.nbytes(), ctx.stream());
+  else
+    std::memcpy(dst.data(), src.data(), dst.nbytes());
+}
+
+void convert(Context& ctx, const Tensor& src, Tensor& dst) {
+  check_on(ctx, src, "convert src");
+  check_on(ctx, dst, "convert dst");
+  check_shape(dst, src.shape(), "convert dst");
+  DSTRAIN_CHECK(src.dtype() != DType::I32 && dst.dtype() != DType::I32, "convert handles floating dtypes only");
+  DSTRAIN_DISPATCH(convert, src, dst);
+}
+
+}  // namespace dstrain::ops
