@@ -1,10 +1,13 @@
 // The CUDA runtime services of kernels/cuda_api.h, CudaState::ensure_workspace, and the RAII
 // classes of dstrain/device.h (DeviceGuard, Stream, Event).
 //
-// Ordering note: library streams are created cudaStreamNonBlocking, so they do not synchronise
-// with the legacy default stream that cudaMemcpy/cudaMemset use. memcpy_any and device_memset
-// are therefore fully blocking (they wait for their own transfer to land), but they do not wait
-// for work queued on a Context's stream: synchronise the Context before reading its results.
+// Ordering: library streams are created cudaStreamNonBlocking, so they do not synchronise with
+// the legacy default stream that cudaMemcpy/cudaMemset use. memcpy_any and device_memset (behind
+// Tensor::copy_from, to, to_host_floats and fill_bytes) are therefore made blocking in both
+// directions: they first wait for all work already issued on the devices involved (any stream, a
+// Context's included), then for their own transfer. So reading an op's output with
+// Tensor::to_host_floats() right after the op is correct. These are slow-path calls; the hot path
+// uses memcpy_async (ops::copy), ordered on the Context's stream.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 #include <cudnn.h>
@@ -201,27 +204,33 @@ void device_free(void* p) noexcept {
 
 void memcpy_any(void* dst, const void* src, std::size_t bytes) {
   if (bytes == 0) return;
-  int dev = device_of(dst);
-  if (dev < 0) dev = device_of(src);
-  if (dev < 0) {  // host to host (a build with CUDA may still copy CPU tensors through here)
+  const int dst_dev = device_of(dst), src_dev = device_of(src);
+  if (dst_dev < 0 && src_dev < 0) {  // host to host (a build with CUDA may copy CPU tensors here)
     DSTRAIN_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
     return;
   }
-  DeviceGuard guard(dev);
+  // Work queued on non-blocking streams (a Context's) may still write src or use dst.
+  if (src_dev >= 0 && src_dev != dst_dev) {
+    DeviceGuard guard(src_dev);
+    DSTRAIN_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+  DeviceGuard guard(dst_dev >= 0 ? dst_dev : src_dev);
+  if (dst_dev >= 0) DSTRAIN_CUDA_CHECK(cudaDeviceSynchronize());
   DSTRAIN_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
-  // A copy from pageable memory may return before its DMA lands; our non-blocking streams would
-  // not wait for it, so wait here.
+  // A copy from pageable memory may return before its DMA lands, and non-blocking streams
+  // would not wait for it: wait here.
   DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
 }
 
 void device_memset(void* dst, int byte, std::size_t bytes) {
   if (bytes == 0) return;
-  int dev = device_of(dst);
+  const int dev = device_of(dst);
   if (dev < 0) {
     DSTRAIN_CUDA_CHECK(cudaMemset(dst, byte, bytes));
     return;
   }
   DeviceGuard guard(dev);
+  DSTRAIN_CUDA_CHECK(cudaDeviceSynchronize());  // queued work may still use the buffer
   DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dst, byte, bytes, cudaStreamLegacy));
   DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
 }

@@ -1,4 +1,8 @@
 // CPU reference of the fully connected layer, fp32, with Eigen GEMMs on row-major maps.
+// GCC 12 reports a false -Wmaybe-uninitialized inside Eigen's AVX-512 GEMM packing.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <Eigen/Core>
 #include <cstdint>
 

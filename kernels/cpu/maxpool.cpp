@@ -2,7 +2,6 @@
 // dropped. The maximum is the first one in row-major window order (a NaN wins, as in PyTorch);
 // backward sends each gradient to that element and zero everywhere else.
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 #include "ops_cpu.h"
@@ -10,8 +9,11 @@
 namespace dstrain::kernels::cpu {
 namespace {
 
-// True when v replaces the current maximum `best` (scanning in window order).
-inline bool beats(float v, float best) { return v > best || (std::isnan(v) && !std::isnan(best)); }
+// True when v replaces the current maximum `best` (scanning in window order). Written with
+// comparisons only (v != v is isnan) so GCC if-converts and vectorises the loops over C.
+inline bool beats(float v, float best) { return v > best || (v != v && best == best); }
+// True when v is the maximum m (NaN matching NaN).
+inline bool same(float v, float m) { return v == m || (v != v && m != m); }
 
 }  // namespace
 
@@ -30,11 +32,13 @@ void maxpool2x2_forward(Context&, const Tensor& x, Tensor& y) {
         const float* c2 = r1 + 2 * ow * C;
         const float* d = c2 + C;
         float* o = yp + ((n * Ho + oh) * Wo + ow) * C;
+#pragma GCC ivdep
         for (std::int64_t c = 0; c < C; ++c) {
-          float m = a[c];
-          if (beats(b[c], m)) m = b[c];
-          if (beats(c2[c], m)) m = c2[c];
-          if (beats(d[c], m)) m = d[c];
+          const float va = a[c], vb = b[c], vc = c2[c], vd = d[c];
+          float m = va;
+          m = beats(vb, m) ? vb : m;
+          m = beats(vc, m) ? vc : m;
+          m = beats(vd, m) ? vd : m;
           o[c] = m;
         }
       }
@@ -48,30 +52,48 @@ void maxpool2x2_backward(Context&, const Tensor& dy, const Tensor& x, const Tens
   const float* xp = x.data_as<float>();
   const float* dyp = dy.data_as<float>();
   float* dxp = dx.data_as<float>();
-  // Covers the dropped trailing row/column too; windows do not overlap, so the rest is assigned.
-  std::fill(dxp, dxp + dx.numel(), 0.0f);
-  // The argmax is recomputed from x with the forward's rule, so it is the same element.
+  // The maximum is recomputed from x with the forward's rule, and the gradient goes to the first
+  // element equal to it (NaN matching NaN). Every element of each window is written, branch-free
+  // over C so the loop vectorises; only a dropped trailing row/column needs zeroing apart.
   for (std::int64_t n = 0; n < N; ++n) {
     for (std::int64_t oh = 0; oh < Ho; ++oh) {
       const std::int64_t row0 = (n * H + 2 * oh) * W * C;
       const std::int64_t row1 = row0 + W * C;
       for (std::int64_t ow = 0; ow < Wo; ++ow) {
-        const std::int64_t off[4] = {row0 + 2 * ow * C, row0 + (2 * ow + 1) * C, row1 + 2 * ow * C,
-                                     row1 + (2 * ow + 1) * C};
+        const float* a = xp + row0 + 2 * ow * C;
+        const float* b = a + C;
+        const float* c2 = xp + row1 + 2 * ow * C;
+        const float* d = c2 + C;
+        float* da = dxp + row0 + 2 * ow * C;
+        float* db = da + C;
+        float* dc = dxp + row1 + 2 * ow * C;
+        float* dd = dc + C;
         const float* g = dyp + ((n * Ho + oh) * Wo + ow) * C;
+#pragma GCC ivdep
         for (std::int64_t c = 0; c < C; ++c) {
-          std::int64_t best = off[0] + c;
-          float m = xp[best];
-          for (int k = 1; k < 4; ++k) {
-            const float v = xp[off[k] + c];
-            if (beats(v, m)) {
-              m = v;
-              best = off[k] + c;
-            }
-          }
-          dxp[best] = g[c];
+          const float va = a[c], vb = b[c], vc = c2[c], vd = d[c];
+          float m = va;
+          m = beats(vb, m) ? vb : m;
+          m = beats(vc, m) ? vc : m;
+          m = beats(vd, m) ? vd : m;
+          const bool ia = same(va, m);
+          const bool ib = !ia && same(vb, m);
+          const bool ic = !ia && !ib && same(vc, m);
+          const bool id = !ia && !ib && !ic;
+          da[c] = ia ? g[c] : 0.0f;
+          db[c] = ib ? g[c] : 0.0f;
+          dc[c] = ic ? g[c] : 0.0f;
+          dd[c] = id ? g[c] : 0.0f;
         }
       }
+      if (W % 2 != 0) {  // dropped last column of both rows
+        std::fill(dxp + row0 + (W - 1) * C, dxp + row0 + W * C, 0.0f);
+        std::fill(dxp + row1 + (W - 1) * C, dxp + row1 + W * C, 0.0f);
+      }
+    }
+    if (H % 2 != 0) {  // dropped last row
+      float* last = dxp + (n * H + H - 1) * W * C;
+      std::fill(last, last + W * C, 0.0f);
     }
   }
 }

@@ -217,31 +217,51 @@ bool is_floating(DType dt) {
          dt == DType::F8E5M2;
 }
 
-float load_as_float(const void* src, DType dt, std::size_t i) {
-  switch (dt) {
-    case DType::F32: return static_cast<const float*>(src)[i];
-    case DType::F16: return fp16_to_float(static_cast<const std::uint16_t*>(src)[i]);
-    case DType::BF16: return bf16_to_float(static_cast<const std::uint16_t*>(src)[i]);
-    case DType::F8E4M3: return fp8_e4m3_to_float(static_cast<const std::uint8_t*>(src)[i]);
-    case DType::F8E5M2: return fp8_e5m2_to_float(static_cast<const std::uint8_t*>(src)[i]);
-    default: return 0.0f;  // unreachable: checked by convert_host
-  }
+// Storage type and float codec of each floating dtype, so that every (src, dst) pair gets its
+// own loop with the conversion inlined instead of a switch per element.
+struct F32Codec {
+  using T = float;
+  static float dec(T v) { return v; }
+  static T enc(float f) { return f; }
+};
+struct F16Codec {
+  using T = std::uint16_t;
+  static float dec(T v) { return fp16_to_float(v); }
+  static T enc(float f) { return float_to_fp16(f); }
+};
+struct BF16Codec {
+  using T = std::uint16_t;
+  static float dec(T v) { return bf16_to_float(v); }
+  static T enc(float f) { return float_to_bf16(f); }
+};
+struct E4M3Codec {
+  using T = std::uint8_t;
+  static float dec(T v) { return fp8_e4m3_to_float(v); }
+  static T enc(float f) { return float_to_fp8_e4m3(f); }
+};
+struct E5M2Codec {
+  using T = std::uint8_t;
+  static float dec(T v) { return fp8_e5m2_to_float(v); }
+  static T enc(float f) { return float_to_fp8_e5m2(f); }
+};
+
+template <typename S, typename D>
+void convert_loop(const void* src, void* dst, std::size_t n) {
+  const auto* s = static_cast<const typename S::T*>(src);
+  auto* d = static_cast<typename D::T*>(dst);
+  for (std::size_t i = 0; i < n; ++i) d[i] = D::enc(S::dec(s[i]));
 }
 
-void store_from_float(void* dst, DType dt, std::size_t i, float v) {
-  switch (dt) {
-    case DType::F32: static_cast<float*>(dst)[i] = v; break;
-    case DType::F16: static_cast<std::uint16_t*>(dst)[i] = float_to_fp16(v); break;
-    case DType::BF16: static_cast<std::uint16_t*>(dst)[i] = float_to_bf16(v); break;
-    case DType::F8E4M3: static_cast<std::uint8_t*>(dst)[i] = float_to_fp8_e4m3(v); break;
-    case DType::F8E5M2: static_cast<std::uint8_t*>(dst)[i] = float_to_fp8_e5m2(v); break;
-    default: break;  // unreachable: checked by convert_host
+template <typename S>
+void convert_from(const void* src, void* dst, DType dst_dt, std::size_t n) {
+  switch (dst_dt) {
+    case DType::F32: convert_loop<S, F32Codec>(src, dst, n); return;
+    case DType::F16: convert_loop<S, F16Codec>(src, dst, n); return;
+    case DType::BF16: convert_loop<S, BF16Codec>(src, dst, n); return;
+    case DType::F8E4M3: convert_loop<S, E4M3Codec>(src, dst, n); return;
+    case DType::F8E5M2: convert_loop<S, E5M2Codec>(src, dst, n); return;
+    default: return;  // unreachable: checked by convert_host
   }
-}
-
-template <typename Load, typename Store>
-void convert_loop(std::size_t n, Load load, Store store) {
-  for (std::size_t i = 0; i < n; ++i) store(i, load(i));
 }
 
 }  // namespace
@@ -259,17 +279,13 @@ void convert_host(const void* src, DType src_dt, void* dst, DType dst_dt, std::s
   }
   // narrow -> float is exact, so going through float rounds once: the result is the correctly
   // rounded value of the source in the destination format.
-  if (src_dt == DType::F32) {
-    const float* s = static_cast<const float*>(src);
-    convert_loop(n, [s](std::size_t i) { return s[i]; },
-                 [dst, dst_dt](std::size_t i, float v) { store_from_float(dst, dst_dt, i, v); });
-  } else if (dst_dt == DType::F32) {
-    float* d = static_cast<float*>(dst);
-    convert_loop(n, [src, src_dt](std::size_t i) { return load_as_float(src, src_dt, i); },
-                 [d](std::size_t i, float v) { d[i] = v; });
-  } else {
-    convert_loop(n, [src, src_dt](std::size_t i) { return load_as_float(src, src_dt, i); },
-                 [dst, dst_dt](std::size_t i, float v) { store_from_float(dst, dst_dt, i, v); });
+  switch (src_dt) {
+    case DType::F32: convert_from<F32Codec>(src, dst, dst_dt, n); return;
+    case DType::F16: convert_from<F16Codec>(src, dst, dst_dt, n); return;
+    case DType::BF16: convert_from<BF16Codec>(src, dst, dst_dt, n); return;
+    case DType::F8E4M3: convert_from<E4M3Codec>(src, dst, dst_dt, n); return;
+    case DType::F8E5M2: convert_from<E5M2Codec>(src, dst, dst_dt, n); return;
+    default: return;  // unreachable: checked above
   }
 }
 

@@ -41,9 +41,11 @@ std::int64_t channels(const Tensor& x, const char* what) {
   return x.dim(-1);
 }
 
+#ifndef DSTRAIN_HAVE_CUDA
 [[noreturn]] void no_cuda() {
   DSTRAIN_THROW(ErrorCode::Unsupported, "a CUDA context in a build without CUDA");
 }
+#endif
 
 }  // namespace
 

@@ -193,6 +193,14 @@ TEST_CASE("dtype names, sizes and parsing", "[dtype]") {
     CHECK(dtype_size(all[i]) == sizes[i]);
     CHECK(parse_dtype(names[i]) == all[i]);
   }
+  const auto invalid = static_cast<DType>(200);
+  CHECK(std::string(dtype_name(invalid)) == "invalid");  // usable inside error messages
+  try {
+    dtype_size(invalid);
+    FAIL("dtype_size accepted an invalid DType");
+  } catch (const Error& e) {
+    CHECK(e.code() == ErrorCode::InvalidArgument);
+  }
   for (const char* bad : {"", "float32", "FP16", "fp8", "e4m3", "fp8e4m3 ", "int32"}) {
     try {
       parse_dtype(bad);
@@ -281,8 +289,8 @@ TEST_CASE("bf16 boundaries", "[dtype]") {
   CHECK(float_to_bf16(from_bits(0x00008001u)) == 0x0001);
   CHECK(float_to_bf16(from_bits(0x00018000u)) == 0x0002);
   CHECK(float_to_bf16(from_bits(0x00028000u)) == 0x0002);
-  CHECK(float_to_bf16(from_bits(0x007FC000u)) == 0x0080);  // max subnormal + half -> min normal
-  CHECK(float_to_bf16(from_bits(0x007FBFFFu)) == 0x007F);
+  CHECK(float_to_bf16(from_bits(0x007F8000u)) == 0x0080);  // max subnormal + half -> min normal
+  CHECK(float_to_bf16(from_bits(0x007F7FFFu)) == 0x007F);
   // normal ties: 1 + 2^-8 -> 1.0, 1 + 3*2^-8 -> 1 + 2^-6
   CHECK(float_to_bf16(1.0f + p2(-8)) == 0x3F80);
   CHECK(float_to_bf16(up(1.0f + p2(-8))) == 0x3F81);

@@ -296,6 +296,28 @@ TEST_CASE("maxpool2x2: several images", "[ops][maxpool]") {
                       3, 0, 4, 0, 0, 0, 0, 0});
 }
 
+TEST_CASE("maxpool2x2 and relu propagate NaN", "[ops][maxpool][relu]") {
+  Context ctx = Context::cpu();
+  const float nan = std::nanf("");
+  // One 2x2 window per channel: channel 0 has a NaN after the maximum, channel 1 none.
+  Tensor x = Tensor::from_vector({1, 2, 2, 2}, {1, 1, 5, 2, nan, 3, 2, 0});
+  Tensor y = poisoned({1, 1, 1, 2});
+  ops::maxpool2x2_forward(ctx, x, y);
+  const std::vector<float> yv = y.to_host_floats();
+  CHECK(std::isnan(yv[0]));
+  CHECK(yv[1] == 3);
+  Tensor dy = Tensor::from_vector({1, 1, 1, 2}, {7, 8});
+  Tensor dx = poisoned({1, 2, 2, 2});
+  ops::maxpool2x2_backward(ctx, dy, x, y, dx);
+  require_values(dx, {0, 0, 0, 0, 7, 8, 0, 0});
+
+  Tensor r = poisoned({1, 2, 2, 2});
+  ops::relu_forward(ctx, x, r);
+  const std::vector<float> rv = r.to_host_floats();
+  CHECK(std::isnan(rv[4]));
+  CHECK(rv[0] == 1);
+}
+
 // ------------------------------------------------------------------------------- global avgpool
 
 TEST_CASE("global average pool forward and backward", "[ops][avgpool]") {

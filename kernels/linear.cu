@@ -1,0 +1,286 @@
+// Linear layer on fp32 row-major tensors through cuBLASLt (CUBLAS_COMPUTE_32F: true fp32, no
+// TF32), and a small column-sum kernel for the bias gradient.
+//
+// cuBLASLt is column-major. A row-major [R, C] matrix is, read column-major, its transpose
+// [C, R] with leading dimension C, so each product is computed transposed:
+//   forward   y[N,O] = x[N,I] w[O,I]^T  <=>  y^T[O,N] = op_T(w^T[I,O]) * x^T[I,N]      (m=O, n=N, k=I)
+//   dx        dx[N,I] = dy[N,O] w[O,I]  <=>  dx^T[I,N] = w^T[I,O] * dy^T[O,N]           (m=I, n=N, k=O)
+//   dw        dw[O,I] = dy^T[O,N] x[N,I] <=> dw^T[I,O] = x^T[I,N] * op_T(dy^T[O,N])    (m=I, n=O, k=N)
+// The forward bias is cuBLASLt's BIAS epilogue (a vector over the m = O rows of y^T) when the
+// bias pointer is 16-byte aligned, else a broadcast kernel after the product.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <tuple>
+
+#include "cuda_check.h"
+#include "cuda_state.h"
+#include "ops_cuda.h"
+
+namespace dstrain::kernels::cuda {
+
+namespace {
+
+constexpr std::size_t kMaxLtWorkspace = std::size_t(32) << 20;
+
+int alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  int align = 256;
+  while (align > 1 && (a % static_cast<std::uintptr_t>(align)) != 0) align /= 2;
+  return align;
+}
+
+// RAII for the cuBLASLt descriptors of one call.
+struct LtMatmulDesc {
+  cublasLtMatmulDesc_t d = nullptr;
+  ~LtMatmulDesc() {
+    if (d) cublasLtMatmulDescDestroy(d);
+  }
+};
+struct LtLayout {
+  cublasLtMatrixLayout_t l = nullptr;
+  ~LtLayout() {
+    if (l) cublasLtMatrixLayoutDestroy(l);
+  }
+};
+struct LtPreference {
+  cublasLtMatmulPreference_t p = nullptr;
+  ~LtPreference() {
+    if (p) cublasLtMatmulPreferenceDestroy(p);
+  }
+};
+
+struct GemmSpec {
+  cublasOperation_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
+  std::int64_t m = 0, n = 0, k = 0;
+  std::int64_t lda = 0, ldb = 0, ldd = 0;
+  const float* A = nullptr;
+  const float* B = nullptr;
+  float* D = nullptr;
+  const float* bias = nullptr;  // length m, via the BIAS epilogue
+};
+
+using AlgoKey = std::tuple<int, int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int>;
+struct AlgoChoice {
+  cublasLtMatmulAlgo_t algo;
+  std::size_t workspace = 0;
+};
+
+std::mutex& algo_mutex() {
+  static std::mutex m;
+  return m;
+}
+std::map<AlgoKey, AlgoChoice>& algo_cache() {
+  static auto* cache = new std::map<AlgoKey, AlgoChoice>();  // never destroyed: no teardown order issues
+  return *cache;
+}
+
+// D = op(A) * op(B) (+ bias), fp32 in and out, fp32 compute, beta = 0 (D is not read).
+void lt_gemm(CudaState& st, const GemmSpec& g) {
+  LtMatmulDesc desc;
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  DSTRAIN_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta)));
+  DSTRAIN_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb)));
+  const cublasLtEpilogue_t epilogue = g.bias != nullptr ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  DSTRAIN_CUBLAS_CHECK(
+      cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+  if (g.bias != nullptr) {
+    const void* bias = g.bias;
+    DSTRAIN_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+  }
+
+  // Stored shapes (before op): A is m x k (N) or k x m (T); B is k x n (N) or n x k (T).
+  const std::uint64_t a_rows = g.ta == CUBLAS_OP_N ? g.m : g.k, a_cols = g.ta == CUBLAS_OP_N ? g.k : g.m;
+  const std::uint64_t b_rows = g.tb == CUBLAS_OP_N ? g.k : g.n, b_cols = g.tb == CUBLAS_OP_N ? g.n : g.k;
+  LtLayout la, lb, ld;
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.l, CUDA_R_32F, a_rows, a_cols, g.lda));
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.l, CUDA_R_32F, b_rows, b_cols, g.ldb));
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld.l, CUDA_R_32F, g.m, g.n, g.ldd));
+
+  const int al_a = alignment_of(g.A), al_b = alignment_of(g.B), al_d = alignment_of(g.D);
+  const AlgoKey key{st.device, static_cast<int>(g.ta), static_cast<int>(g.tb), g.m, g.n, g.k,
+                    static_cast<int>(epilogue), al_a, al_b, al_d, g.bias != nullptr ? alignment_of(g.bias) : 0};
+  AlgoChoice choice{};
+  bool found = false;
+  {
+    std::lock_guard<std::mutex> lock(algo_mutex());
+    auto it = algo_cache().find(key);
+    if (it != algo_cache().end()) {
+      choice = it->second;
+      found = true;
+    }
+  }
+  if (!found) {
+    LtPreference pref;
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.p));
+    const std::uint64_t max_ws = kMaxLtWorkspace;
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                              &max_ws, sizeof(max_ws)));
+    const std::uint32_t aa = static_cast<std::uint32_t>(al_a), ab = static_cast<std::uint32_t>(al_b),
+                        ad = static_cast<std::uint32_t>(al_d);
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                                                              &aa, sizeof(aa)));
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                                                              &ab, sizeof(ab)));
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                                                              &ad, sizeof(ad)));
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                                                              &ad, sizeof(ad)));
+    cublasLtMatmulHeuristicResult_t result{};
+    int returned = 0;
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(st.cublaslt, desc.d, la.l, lb.l, ld.l, ld.l, pref.p, 1,
+                                                        &result, &returned));
+    if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS)
+      DSTRAIN_THROW(ErrorCode::Cublas, "cuBLASLt found no fp32 algorithm for a " + std::to_string(g.m) + "x" +
+                                           std::to_string(g.n) + "x" + std::to_string(g.k) + " product");
+    choice.algo = result.algo;
+    choice.workspace = result.workspaceSize;
+    std::lock_guard<std::mutex> lock(algo_mutex());
+    algo_cache().emplace(key, choice);
+  }
+
+  void* ws = choice.workspace > 0 ? st.ensure_workspace(choice.workspace) : nullptr;
+  const float alpha = 1.0f, beta = 0.0f;
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatmul(st.cublaslt, desc.d, &alpha, g.A, la.l, g.B, lb.l, &beta, g.D, ld.l, g.D,
+                                      ld.l, &choice.algo, ws, choice.workspace, st.cuda_stream()));
+}
+
+// y[r, o] += b[o] for a row-major [rows, cols] y.
+__global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ b, std::int64_t rows,
+                                std::int64_t cols) {
+  const std::int64_t total = rows * cols;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
+    y[i] += b[i % cols];
+}
+
+constexpr int kColX = 32, kColY = 16;
+
+// db[o] = sum over rows of dy[r, o]. Block (32, 16) owns 32 columns and sums all rows.
+__global__ void column_sum_kernel(const float* __restrict__ dy, float* __restrict__ db, std::int64_t rows,
+                                  std::int64_t cols) {
+  __shared__ float part[kColY][kColX];
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kColX + threadIdx.x;
+  float acc = 0.0f;
+  if (c < cols)
+    for (std::int64_t r = threadIdx.y; r < rows; r += kColY) acc += dy[r * cols + c];
+  part[threadIdx.y][threadIdx.x] = acc;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < cols) {
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kColY; ++j) s += part[j][threadIdx.x];
+    db[c] = s;
+  }
+}
+
+int grid_for(std::int64_t n, int threads) {
+  return static_cast<int>(std::clamp<std::int64_t>((n + threads - 1) / threads, 1, 4096));
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
+  const std::int64_t N = x.dim(0), I = x.dim(1), O = w.dim(0);
+  if (N == 0 || O == 0) return;
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  if (I == 0) {  // empty sum: y = b (or 0)
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(y.data(), 0, y.nbytes(), st.cuda_stream()));
+    if (b != nullptr) {
+      add_bias_kernel<<<grid_for(N * O, 256), 256, 0, st.cuda_stream()>>>(y.data_as<float>(), b->data_as<float>(),
+                                                                         N, O);
+      DSTRAIN_CUDA_CHECK_LAUNCH();
+    }
+    return;
+  }
+  const bool bias_epilogue = b != nullptr && aligned16(b->data());
+  GemmSpec g;
+  g.ta = CUBLAS_OP_T;
+  g.tb = CUBLAS_OP_N;
+  g.m = O;
+  g.n = N;
+  g.k = I;
+  g.A = w.data_as<float>();
+  g.lda = I;
+  g.B = x.data_as<float>();
+  g.ldb = I;
+  g.D = y.data_as<float>();
+  g.ldd = O;
+  g.bias = bias_epilogue ? b->data_as<float>() : nullptr;
+  lt_gemm(st, g);
+  if (b != nullptr && !bias_epilogue) {
+    add_bias_kernel<<<grid_for(N * O, 256), 256, 0, st.cuda_stream()>>>(y.data_as<float>(), b->data_as<float>(), N,
+                                                                       O);
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+  }
+}
+
+void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
+                     Tensor* db) {
+  const std::int64_t N = x.dim(0), I = x.dim(1), O = w.dim(0);
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  cudaStream_t s = st.cuda_stream();
+
+  if (dx != nullptr && N > 0 && I > 0) {
+    if (O == 0) {
+      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dx->data(), 0, dx->nbytes(), s));
+    } else {
+      GemmSpec g;
+      g.ta = CUBLAS_OP_N;
+      g.tb = CUBLAS_OP_N;
+      g.m = I;
+      g.n = N;
+      g.k = O;
+      g.A = w.data_as<float>();
+      g.lda = I;
+      g.B = dy.data_as<float>();
+      g.ldb = O;
+      g.D = dx->data_as<float>();
+      g.ldd = I;
+      lt_gemm(st, g);
+    }
+  }
+
+  if (O > 0 && I > 0) {
+    if (N == 0) {
+      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dw.data(), 0, dw.nbytes(), s));
+    } else {
+      GemmSpec g;
+      g.ta = CUBLAS_OP_N;
+      g.tb = CUBLAS_OP_T;
+      g.m = I;
+      g.n = O;
+      g.k = N;
+      g.A = x.data_as<float>();
+      g.lda = I;
+      g.B = dy.data_as<float>();
+      g.ldb = O;
+      g.D = dw.data_as<float>();
+      g.ldd = I;
+      lt_gemm(st, g);
+    }
+  }
+
+  if (db != nullptr && O > 0) {
+    const dim3 block(kColX, kColY);
+    const std::int64_t blocks = (O + kColX - 1) / kColX;
+    DSTRAIN_CHECK(blocks <= 0x7fffffff, "linear_backward: too many outputs");
+    column_sum_kernel<<<static_cast<unsigned>(blocks), block, 0, s>>>(dy.data_as<float>(), db->data_as<float>(), N,
+                                                                       O);
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace dstrain::kernels::cuda
