@@ -205,8 +205,9 @@ int train(dstrain::Runtime& rt, const Options& opt) {
   auto upload = [&](std::int64_t n) {
     dstrain::Tensor hx = dstrain::Tensor::wrap(host_x.data(), {n, H, W, 1}, dstrain::DType::F32, dstrain::Device::cpu());
     dstrain::Tensor hy = dstrain::Tensor::wrap(host_y.data(), {n}, dstrain::DType::I32, dstrain::Device::cpu());
-    dstrain::Tensor dx = dev_x_store.view({n, H, W, 1});
-    dstrain::Tensor dy = dev_y_store.view({n});
+    // the first n images of the staging tensors
+    dstrain::Tensor dx = dstrain::Tensor::wrap(dev_x_store.data(), {n, H, W, 1}, dstrain::DType::F32, dev);
+    dstrain::Tensor dy = dstrain::Tensor::wrap(dev_y_store.data(), {n}, dstrain::DType::I32, dev);
     dstrain::ops::copy(ctx, hx, dx);
     dstrain::ops::copy(ctx, hy, dy);
     return std::make_pair(std::move(dx), std::move(dy));
