@@ -9,6 +9,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <memory>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -24,7 +26,19 @@ struct Options {
   std::string data = dstrain::data::default_fashion_mnist_dir();
   unsigned long long seed = 0;
   long limit_train = 0;  // 0: all 60000
+  long limit_test = 0;   // 0: all 10000
   double progress_s = 10.0;
+  std::string checkpoint_dir;      // empty: no checkpoints
+  long checkpoint_every_steps = 0;
+  double checkpoint_every_min = 10.0;
+  int keep = 3;
+  bool resume = false;
+  long stop_after_steps = 0;  // 0: run to the end
+  std::string log_losses;     // rank 0 writes "step loss" lines (loss as hex float) here
+  bool deterministic = false;
+  double timeout_s = 0;  // 0: DSTRAIN_TIMEOUT_S or 600
+  double bucket_mb = 25.0;  // 0: one AllReduce after backward
+  std::string grad_compression = "none";
 };
 
 const char* kUsage =
@@ -38,7 +52,21 @@ const char* kUsage =
     "  --data DIR          folder with the Fashion-MNIST .gz files (default /usr/share/datasets/fashion-mnist)\n"
     "  --seed N            seed for initialisation, shuffling and flips (default 0)\n"
     "  --limit-train N     train on the first N training images only (default: all 60000)\n"
+    "  --limit-test N      evaluate on the first N test images only (default: all 10000)\n"
     "  --progress-every S  seconds between progress lines within an epoch (default 10; 0: none)\n"
+    "  --checkpoint-dir D  save checkpoints (atomic, written in the background) into folder D\n"
+    "  --checkpoint-every-steps N   save every N steps (default 0: not by steps)\n"
+    "  --checkpoint-every-min M     save when M minutes have passed since the last save (default 10; 0: off)\n"
+    "  --keep K            keep the newest K checkpoints (default 3)\n"
+    "  --resume            continue from the newest valid checkpoint in --checkpoint-dir (if any)\n"
+    "  --stop-after-steps N  stop after N optimizer steps in total (as if interrupted)\n"
+    "  --log-losses FILE   rank 0 writes each step's loss (its shard's sum, as a hex float) to FILE\n"
+    "  --deterministic     deterministic cuDNN algorithms (bit-identical runs on the GPU)\n"
+    "  --bucket-mb X       gradient buckets of X MiB reduced during backward (default 25; 0: one\n"
+    "                      AllReduce after backward)\n"
+    "  --grad-compression C  none, fp16 or bf16: the precision gradients travel in (default none)\n"
+    "  --timeout S         seconds a collective waits for the other ranks before the job ends with an\n"
+    "                      error naming them (default: DSTRAIN_TIMEOUT_S or 600)\n"
     "  --help              this text\n";
 
 bool parse_number(const char* text, double& out) {
@@ -54,6 +82,14 @@ bool parse(int argc, char** argv, Options& o, bool& help, std::string& error) {
     if (flag == "--help" || flag == "-h") {
       help = true;
       return true;
+    }
+    if (flag == "--resume") {
+      o.resume = true;
+      continue;
+    }
+    if (flag == "--deterministic") {
+      o.deterministic = true;
+      continue;
     }
     if (i + 1 >= argc) {
       error = "missing value after " + flag;
@@ -87,13 +123,48 @@ bool parse(int argc, char** argv, Options& o, bool& help, std::string& error) {
     } else if (flag == "--limit-train") {
       if (!number(0, 1e9)) return false;
       o.limit_train = static_cast<long>(v);
+    } else if (flag == "--limit-test") {
+      if (!number(0, 1e9)) return false;
+      o.limit_test = static_cast<long>(v);
     } else if (flag == "--progress-every") {
       if (!number(0, 1e6)) return false;
       o.progress_s = v;
+    } else if (flag == "--checkpoint-dir") {
+      o.checkpoint_dir = value;
+    } else if (flag == "--checkpoint-every-steps") {
+      if (!number(0, 1e12)) return false;
+      o.checkpoint_every_steps = static_cast<long>(v);
+    } else if (flag == "--checkpoint-every-min") {
+      if (!number(0, 1e6)) return false;
+      o.checkpoint_every_min = v;
+    } else if (flag == "--keep") {
+      if (!number(1, 1e6)) return false;
+      o.keep = static_cast<int>(v);
+    } else if (flag == "--stop-after-steps") {
+      if (!number(1, 1e12)) return false;
+      o.stop_after_steps = static_cast<long>(v);
+    } else if (flag == "--log-losses") {
+      o.log_losses = value;
+    } else if (flag == "--timeout") {
+      if (!number(0.001, 1e7)) return false;
+      o.timeout_s = v;
+    } else if (flag == "--bucket-mb") {
+      if (!number(0, 1e6)) return false;
+      o.bucket_mb = v;
+    } else if (flag == "--grad-compression") {
+      o.grad_compression = value;
+      if (o.grad_compression != "none" && o.grad_compression != "fp16" && o.grad_compression != "bf16") {
+        error = "--grad-compression " + o.grad_compression + ": expected none, fp16 or bf16";
+        return false;
+      }
     } else {
       error = "unknown option " + flag;
       return false;
     }
+  }
+  if (o.resume && o.checkpoint_dir.empty()) {
+    error = "--resume needs --checkpoint-dir";
+    return false;
   }
   return true;
 }
@@ -120,6 +191,7 @@ int run(int argc, char** argv) {
 
   dstrain::RuntimeOptions ropt;
   ropt.device = dstrain::parse_device_preference(opt.device);
+  ropt.timeout_s = opt.timeout_s;
   dstrain::Runtime rt = dstrain::Runtime::init(argc, argv, ropt);
   try {
     return train(rt, opt);
@@ -154,20 +226,28 @@ int train(dstrain::Runtime& rt, const Options& opt) {
 
   const auto t_load = std::chrono::steady_clock::now();
   const auto train = dstrain::data::load_fashion_mnist(opt.data, "train", opt.limit_train);
-  const auto test = dstrain::data::load_fashion_mnist(opt.data, "t10k");
+  const auto test = dstrain::data::load_fashion_mnist(opt.data, "t10k", opt.limit_test);
   if (train.count < opt.batch) {
     if (root)
       std::fprintf(stderr, "train_example: %lld training images are fewer than one batch of %ld\n",
                    static_cast<long long>(train.count), opt.batch);
     return 2;
   }
+  if (opt.deterministic) dstrain::ops::set_deterministic(true);
   say("train_example: %s\n", rt.describe().c_str());
   say("data: %lld train / %lld test images from %s (%.1f s)\n", static_cast<long long>(train.count),
       static_cast<long long>(test.count), opt.data.c_str(), seconds_since(t_load));
 
   auto model = dstrain::models::small_cnn(dev, 10, 1);
   dstrain::nn::init_parameters(*model, opt.seed);
-  dstrain::DataParallel ddp(rt, *model);  // broadcasts rank 0's state, fuses the gradients
+  // Broadcasts rank 0's state; gradients in buckets reduced while backward still runs.
+  dstrain::BucketOptions buckets;
+  const bool overlap = opt.bucket_mb > 0;
+  if (overlap) buckets.bucket_mb = opt.bucket_mb;
+  buckets.compression = opt.grad_compression == "fp16"   ? dstrain::GradCompression::Fp16
+                        : opt.grad_compression == "bf16" ? dstrain::GradCompression::Bf16
+                                                         : dstrain::GradCompression::None;
+  dstrain::DataParallel ddp(rt, *model, buckets);
   dstrain::optim::SgdOptions sgd;
   sgd.lr = opt.lr;
   sgd.momentum = opt.momentum;
@@ -239,15 +319,69 @@ int train(dstrain::Runtime& rt, const Options& opt) {
     return 100.0 * sums[1] / static_cast<double>(test.count);
   };
 
+  // Checkpoints: parameters and optimizer state once (rank 0), BatchNorm statistics and the
+  // epoch's loss accumulators per rank; the data position is the step (the sampler is a function
+  // of seed, epoch and step, whatever the world size).
+  std::unique_ptr<dstrain::Checkpointer> ckpt;
+  std::int64_t start_epoch = 0, start_batch = 0;
+  long step = 0;
+  if (!opt.checkpoint_dir.empty()) {
+    dstrain::CheckpointOptions co;
+    co.dir = opt.checkpoint_dir;
+    co.keep = opt.keep;
+    co.every_steps = opt.checkpoint_every_steps;
+    co.every_minutes = opt.checkpoint_every_min;
+    ckpt = std::make_unique<dstrain::Checkpointer>(rt, co, "train_example small_cnn fashion-mnist 10 classes");
+    ckpt->add_model(*model);
+    ckpt->add_optimizer(optimizer);
+    ckpt->add_per_rank("epoch.step_losses", step_losses, dstrain::OnWorldSizeChange::SumToRankZero);
+    ckpt->add_per_rank("epoch.step_correct", step_correct, dstrain::OnWorldSizeChange::SumToRankZero);
+    char lr_text[32];
+    std::snprintf(lr_text, sizeof(lr_text), "%a", static_cast<double>(opt.lr));
+    ckpt->set_metadata({{"batch", std::to_string(opt.batch)},
+                        {"epochs", std::to_string(opt.epochs)},
+                        {"lr", lr_text},
+                        {"seed", std::to_string(opt.seed)},
+                        {"train_images", std::to_string(train.count)}});
+    if (opt.resume) {
+      if (auto p = ckpt->restore_latest()) {
+        step = static_cast<long>(p->step);
+        start_epoch = p->epoch;
+        start_batch = p->step_in_epoch;
+        say("resumed from %s at step %ld (epoch %lld, batch %lld)\n", opt.checkpoint_dir.c_str(), step,
+            static_cast<long long>(start_epoch + 1), static_cast<long long>(start_batch));
+      } else {
+        say("no checkpoint in %s: starting from the beginning\n", opt.checkpoint_dir.c_str());
+      }
+    }
+  }
+  std::unique_ptr<std::FILE, int (*)(std::FILE*)> loss_log(nullptr, &std::fclose);
+  if (root && !opt.log_losses.empty()) {
+    loss_log.reset(std::fopen(opt.log_losses.c_str(), opt.resume ? "a" : "w"));
+    if (!loss_log) throw std::runtime_error("cannot open --log-losses file " + opt.log_losses);
+  }
+  // Rank 0's per-step losses of batches [from, to) of the current epoch, as exact hex floats.
+  auto log_losses = [&](int epoch, std::int64_t from, std::int64_t to) {
+    if (!loss_log || to <= from) return;
+    const auto l = step_losses.to_host_floats();
+    for (std::int64_t b = from; b < to; ++b)
+      std::fprintf(loss_log.get(), "%lld %a\n", static_cast<long long>(epoch * steps_per_epoch + b),
+                   static_cast<double>(l[static_cast<std::size_t>(b)]));
+    std::fflush(loss_log.get());
+  };
+
   const auto t_train = std::chrono::steady_clock::now();
   double later_epochs_s = 0.0, acc = 0.0, test_loss = 0.0;
-  long step = 0;
-  for (int epoch = 0; epoch < opt.epochs; ++epoch) {
+  long last_saved = -1;
+  bool stopped = false;
+  for (int epoch = static_cast<int>(start_epoch); epoch < opt.epochs && !stopped; ++epoch) {
     ctx.synchronize();
     const auto t_epoch = std::chrono::steady_clock::now();
     auto t_progress = t_epoch;
     dstrain::data::EpochSampler sampler(train.count, opt.batch, opt.seed, static_cast<std::uint64_t>(epoch));
-    for (std::int64_t b = 0; b < steps_per_epoch; ++b, ++step) {
+    const std::int64_t first_batch = epoch == start_epoch ? start_batch : 0;
+    std::int64_t b = first_batch;
+    for (; b < steps_per_epoch; ++b, ++step) {
       const auto idx = sampler.shard(b, rank, world);
       const auto n = static_cast<std::int64_t>(idx.size());
       dstrain::data::gather_batch(train, idx, /*augment=*/true, opt.seed, static_cast<std::uint64_t>(epoch),
@@ -260,10 +394,26 @@ int train(dstrain::Runtime& rt, const Options& opt) {
       dstrain::Tensor loss_slot = dstrain::Tensor::wrap(loss_base, {1}, dstrain::DType::F32, dev);
       dstrain::Tensor correct_slot = dstrain::Tensor::wrap(correct_base, {1}, dstrain::DType::F32, dev);
       dstrain::ops::softmax_cross_entropy(ctx, logits, y, &dlogits, grad_scale, loss_slot, correct_slot);
-      model->backward(ctx, dlogits);
-      ddp.reduce_gradients();
+      if (overlap) {
+        model->backward(ctx, dlogits, ddp.grad_ready_hook());
+        ddp.finish();
+      } else {
+        model->backward(ctx, dlogits);
+        ddp.reduce_gradients();
+      }
       optimizer.set_lr(dstrain::optim::one_cycle_lr(opt.lr, step, total_steps));
       optimizer.step(ctx);
+      const long done = step + 1;
+      if (ckpt && ckpt->due(done)) {
+        ckpt->save({done, epoch, b + 1});
+        last_saved = done;
+      }
+      if (opt.stop_after_steps > 0 && done >= opt.stop_after_steps) {
+        stopped = true;
+        ++b;
+        ++step;
+        break;
+      }
       if (root && opt.progress_s > 0 && seconds_since(t_progress) >= opt.progress_s) {
         ctx.synchronize();
         t_progress = std::chrono::steady_clock::now();
@@ -273,8 +423,14 @@ int train(dstrain::Runtime& rt, const Options& opt) {
       }
     }
     ctx.synchronize();
+    rt.comm().check_health();  // an asynchronous communicator failure surfaces here at the latest
+    log_losses(epoch, first_batch, b);
+    if (stopped) {
+      say("stopped after step %ld, as --stop-after-steps asked\n", step);
+      break;
+    }
     const double epoch_s = seconds_since(t_epoch);
-    if (epoch > 0) later_epochs_s += epoch_s;
+    if (epoch > start_epoch) later_epochs_s += epoch_s;
     double sums[2] = {0.0, 0.0};
     for (float v : step_losses.to_host_floats()) sums[0] += v;
     for (float v : step_correct.to_host_floats()) sums[1] += v;
@@ -286,12 +442,26 @@ int train(dstrain::Runtime& rt, const Options& opt) {
         epoch + 1, opt.epochs, sums[0] / seen, 100.0 * sums[1] / seen, test_loss, acc, seen / epoch_s, epoch_s,
         seconds_since(t_train));
   }
+  if (ckpt) {
+    if (!stopped && last_saved != step && step > 0) {
+      ckpt->save({step, opt.epochs, 0});  // the finished run, for a later --resume to find complete
+      last_saved = step;
+    }
+    ckpt->wait();
+    if (last_saved >= 0) {
+      const dstrain::SaveStats& st = ckpt->last_save_stats();
+      say("checkpoints in %s: last save blocked training %.1f ms, wrote %.1f MB in %.3f s\n",
+          opt.checkpoint_dir.c_str(), st.blocked_ms, st.bytes / 1e6, st.write_s);
+    }
+  }
 
   const std::uint64_t hash = dstrain::nn::parameter_hash(*model);
   const bool same = rt.all_ranks_equal(hash);
   say("parameters %s on all %d rank(s) (hash %016llx)\n", same ? "identical" : "DIFFER", world,
       static_cast<unsigned long long>(hash));
-  const double epoch_s = opt.epochs > 1 ? later_epochs_s / (opt.epochs - 1) : seconds_since(t_train);
+  if (stopped) return same ? 0 : 1;
+  const int timed_epochs = opt.epochs - static_cast<int>(start_epoch) - 1;
+  const double epoch_s = timed_epochs > 0 ? later_epochs_s / timed_epochs : seconds_since(t_train);
   say("train_example device=%s ranks=%d epochs=%d batch=%ld test_acc=%.2f epoch_s=%.3f train_img_per_s=%.0f\n",
       dev.str().c_str(), world, opt.epochs, opt.batch, acc, epoch_s,
       static_cast<double>(steps_per_epoch * opt.batch) / epoch_s);

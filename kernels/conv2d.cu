@@ -81,7 +81,7 @@ struct ConvPlan {
   }
 };
 
-using PlanKey = std::array<std::int64_t, 14>;
+using PlanKey = std::array<std::int64_t, 15>;
 
 std::mutex& plan_mutex() {
   static std::mutex m;
@@ -144,11 +144,14 @@ void build_descriptors(ConvPlan& plan, const ConvShape& s, const ops::Conv2dPara
 
 // Ranked candidates from cuDNN's heuristics: supported, true fp32, workspace within bounds,
 // each algorithm once.
+// With deterministic algorithms on, only those cuDNN reports as deterministic.
 template <class Perf, class WsFn>
-void add_candidates(ConvPlan& plan, const std::vector<Perf>& perf, int returned, WsFn workspace_of) {
+void add_candidates(ConvPlan& plan, const std::vector<Perf>& perf, int returned, WsFn workspace_of,
+                    bool deterministic_only) {
   for (int i = 0; i < returned; ++i) {
     const Perf& r = perf[static_cast<std::size_t>(i)];
     if (r.status != CUDNN_STATUS_SUCCESS || !fp32_math(r.mathType)) continue;
+    if (deterministic_only && r.determinism != CUDNN_DETERMINISTIC) continue;
     const int algo = static_cast<int>(r.algo);
     bool seen = false;
     for (const Candidate& c : plan.candidates) seen = seen || c.algo == algo;
@@ -160,7 +163,8 @@ void add_candidates(ConvPlan& plan, const std::vector<Perf>& perf, int returned,
   }
 }
 
-std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& s, const ops::Conv2dParams& p) {
+std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& s, const ops::Conv2dParams& p,
+                                     bool det) {
   auto plan = std::make_unique<ConvPlan>();
   build_descriptors(*plan, s, p);
   cudnnHandle_t h = st.cudnn;
@@ -175,7 +179,7 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
       add_candidates(*plan, perf, returned, [&](cudnnConvolutionFwdAlgo_t a, std::size_t* ws) {
         return cudnnGetConvolutionForwardWorkspaceSize(h, plan->x, plan->w, plan->conv, plan->y, a, ws) ==
                CUDNN_STATUS_SUCCESS;
-      });
+      }, det);
       break;
     }
     case ConvOp::BackwardData: {
@@ -187,7 +191,7 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
       add_candidates(*plan, perf, returned, [&](cudnnConvolutionBwdDataAlgo_t a, std::size_t* ws) {
         return cudnnGetConvolutionBackwardDataWorkspaceSize(h, plan->w, plan->y, plan->conv, plan->x, a, ws) ==
                CUDNN_STATUS_SUCCESS;
-      });
+      }, det);
       break;
     }
     case ConvOp::BackwardFilter: {
@@ -199,13 +203,13 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
       add_candidates(*plan, perf, returned, [&](cudnnConvolutionBwdFilterAlgo_t a, std::size_t* ws) {
         return cudnnGetConvolutionBackwardFilterWorkspaceSize(h, plan->x, plan->y, plan->conv, plan->w, a, ws) ==
                CUDNN_STATUS_SUCCESS;
-      });
+      }, det);
       break;
     }
   }
   if (plan->candidates.empty())
-    DSTRAIN_THROW(ErrorCode::Cudnn, std::string(op_name(op)) +
-                                        ": cuDNN offers no fp32 (FMA) algorithm for N=" + std::to_string(s.N) +
+    DSTRAIN_THROW(ErrorCode::Cudnn, std::string(op_name(op)) + ": cuDNN offers no fp32 (FMA)" +
+                                        (det ? " deterministic" : "") + " algorithm for N=" + std::to_string(s.N) +
                                         " H=" + std::to_string(s.H) + " W=" + std::to_string(s.W) +
                                         " C=" + std::to_string(s.C) + " K=" + std::to_string(s.K) +
                                         " R=" + std::to_string(s.R) + " S=" + std::to_string(s.S));
@@ -219,13 +223,13 @@ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15
 // algorithm of the common, aligned case.
 ConvPlan& get_plan(CudaState& st, ConvOp op, const ConvShape& s, const ops::Conv2dParams& p, bool aligned) {
   const PlanKey key{st.device, static_cast<int>(op), s.N, s.H, s.W, s.C, s.K, s.R, s.S,
-                    p.stride_h, p.stride_w, p.pad_h, p.pad_w, aligned ? 1 : 0};
+                    p.stride_h, p.stride_w, p.pad_h, p.pad_w, aligned ? 1 : 0, ops::deterministic() ? 1 : 0};
   {
     std::lock_guard<std::mutex> lock(plan_mutex());
     auto it = plan_cache().find(key);
     if (it != plan_cache().end()) return *it->second;
   }
-  std::unique_ptr<ConvPlan> plan = build_plan(st, op, s, p);  // outside the lock: may take a while
+  std::unique_ptr<ConvPlan> plan = build_plan(st, op, s, p, key[14] != 0);  // outside the lock: may take a while
   std::lock_guard<std::mutex> lock(plan_mutex());
   auto ins = plan_cache().emplace(key, std::move(plan));  // another thread may have won: keep its plan
   return *ins.first->second;

@@ -1,6 +1,6 @@
 // Softmax cross-entropy over the rows of [N, K] fp32 logits with int32 labels: one warp per row.
-// loss_sum[0] and correct[0] are zeroed on the stream, then each block adds its rows' sums with
-// one atomicAdd each. A label outside [0, K) makes its row's loss (hence loss_sum) NaN, and its
+// Each block writes its rows' sums to a partial slot and one warp adds the partials in block
+// order, so the loss is bit-identical from run to run (no atomics). A label outside [0, K) makes its row's loss (hence loss_sum) NaN, and its
 // dlogits row NaN, without any host synchronisation.
 #include <cuda_runtime.h>
 
@@ -21,7 +21,7 @@ constexpr int kWarps = kThreads / 32;
 
 __global__ void softmax_ce_kernel(const float* __restrict__ logits, const std::int32_t* __restrict__ labels,
                                   float* __restrict__ dlogits, float grad_scale, std::int64_t N,
-                                  std::int64_t K, float* __restrict__ loss_sum, float* __restrict__ correct) {
+                                  std::int64_t K, float* __restrict__ partials) {
   __shared__ float warp_loss[kWarps];
   __shared__ float warp_correct[kWarps];
   const int lane = threadIdx.x % 32;
@@ -85,8 +85,26 @@ __global__ void softmax_ce_kernel(const float* __restrict__ logits, const std::i
       l += warp_loss[w];
       c += warp_correct[w];
     }
-    atomicAdd(loss_sum, l);
-    atomicAdd(correct, c);
+    partials[2 * blockIdx.x] = l;
+    partials[2 * blockIdx.x + 1] = c;
+  }
+}
+
+// One warp: lane i adds partials i, i + 32, ... in order, then a fixed butterfly.
+__global__ void sum_partials_kernel(const float* __restrict__ partials, int blocks, float* __restrict__ loss_sum,
+                                    float* __restrict__ correct) {
+  float l = 0.0f, c = 0.0f;
+  for (int b = threadIdx.x; b < blocks; b += 32) {
+    l += partials[2 * b];
+    c += partials[2 * b + 1];
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    l += __shfl_xor_sync(0xffffffffu, l, off);
+    c += __shfl_xor_sync(0xffffffffu, c, off);
+  }
+  if (threadIdx.x == 0) {
+    *loss_sum = l;
+    *correct = c;
   }
 }
 
@@ -98,14 +116,19 @@ void softmax_cross_entropy(Context& ctx, const Tensor& logits, const Tensor& lab
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
   cudaStream_t s = st.cuda_stream();
-  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(loss_sum.data(), 0, sizeof(float), s));
-  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(correct.data(), 0, sizeof(float), s));
-  if (N == 0 || K == 0) return;
+  if (N == 0 || K == 0) {
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(loss_sum.data(), 0, sizeof(float), s));
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(correct.data(), 0, sizeof(float), s));
+    return;
+  }
   const std::int64_t blocks = std::clamp<std::int64_t>((N + kWarps - 1) / kWarps, 1, 1024);
+  auto* partials = static_cast<float*>(st.ensure_workspace(static_cast<std::size_t>(blocks) * 2 * sizeof(float)));
   softmax_ce_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, s>>>(
       logits.data_as<float>(), labels.data_as<std::int32_t>(),
-      dlogits != nullptr ? dlogits->data_as<float>() : nullptr, grad_scale, N, K, loss_sum.data_as<float>(),
-      correct.data_as<float>());
+      dlogits != nullptr ? dlogits->data_as<float>() : nullptr, grad_scale, N, K, partials);
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  sum_partials_kernel<<<1, 32, 0, s>>>(partials, static_cast<int>(blocks), loss_sum.data_as<float>(),
+                                       correct.data_as<float>());
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 

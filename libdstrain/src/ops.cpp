@@ -2,6 +2,9 @@
 #include "dstrain/ops.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <string>
 #include <cstring>
 
 #include "dstrain/error.h"
@@ -12,6 +15,19 @@
 #endif
 
 namespace dstrain::ops {
+
+namespace {
+std::atomic<bool>& deterministic_flag() {
+  static std::atomic<bool> flag{[] {
+    const char* env = std::getenv("DSTRAIN_DETERMINISTIC");
+    return env != nullptr && std::string(env) == "1";
+  }()};
+  return flag;
+}
+}  // namespace
+
+void set_deterministic(bool on) { deterministic_flag().store(on); }
+bool deterministic() { return deterministic_flag().load(); }
 
 namespace {
 

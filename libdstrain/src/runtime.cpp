@@ -4,7 +4,9 @@
 #include <sstream>
 
 #include "collectives/collectives.h"
+#include "collectives/dispatch.h"
 #include "dstrain/error.h"
+#include "dstrain/topology.h"
 
 namespace dstrain {
 
@@ -20,7 +22,8 @@ struct Runtime::Impl {
   std::unique_ptr<collectives::MpiSession> mpi;
   collectives::ProcessInfo info;
   Context context = Context::cpu();
-  std::unique_ptr<Communicator> comm;
+  std::unique_ptr<Communicator> host_comm;
+  std::unique_ptr<Communicator> comm;  // gradients: NCCL on GPUs, else a second MPI communicator
 };
 
 namespace {
@@ -58,18 +61,32 @@ Runtime Runtime::init(int& argc, char**& argv, const RuntimeOptions& options) {
   impl->mpi = collectives::start_mpi_session(argc, argv);
   if (impl->mpi) impl->info = impl->mpi->info();
   const Device device = choose_device(options.device, impl->info);
+  // Host threads feeding a GPU run on its NUMA-local cores (DSTRAIN_BIND_CPU=0 turns this off).
+  if (device.is_cuda()) bind_to_gpu_numa_cores(device.index);
   impl->context = Context::for_device(device);
   const int size = impl->info.size;
+  DSTRAIN_CHECK(options.timeout_s >= 0, "timeout must be >= 0 seconds (0: default), got " +
+                                             std::to_string(options.timeout_s));
+  const double timeout_s = options.timeout_s > 0 ? options.timeout_s : default_collective_timeout_s();
+  if (impl->mpi) impl->mpi->set_timeout(timeout_s);
+  // The host communicator first: the NCCL one exchanges its debug fingerprints over it.
+  impl->host_comm = impl->mpi ? impl->mpi->make_host_communicator() : collectives::make_self_communicator(Device::cpu());
+  impl->host_comm->set_timeout(timeout_s);
   if (device.is_cuda()) {
     std::vector<char> id;
     if (impl->info.rank == 0) id = collectives::nccl_unique_id();
     if (impl->mpi) impl->mpi->broadcast_bytes(id, 0);
-    impl->comm = collectives::make_nccl_communicator(id, impl->info.rank, size, device.index);
+    impl->comm = collectives::make_nccl_communicator(id, impl->info.rank, size, device.index, timeout_s,
+                                                     impl->host_comm.get());
   } else if (impl->mpi) {
     impl->comm = impl->mpi->make_host_communicator();
   } else {
     impl->comm = collectives::make_self_communicator(device);
   }
+  // Several GPUs: each AllReduce takes the algorithm the topology plan picks for its size.
+  if (device.is_cuda() && size > 1)
+    impl->comm = collectives::make_gpu_dispatch(std::move(impl->comm), *impl->host_comm, impl->info, device.index);
+  impl->comm->set_timeout(timeout_s);
   return Runtime(std::move(impl));
 }
 
@@ -82,6 +99,7 @@ bool Runtime::launched_by_mpi() const { return impl_->mpi != nullptr; }
 Device Runtime::device() const { return impl_->context.device(); }
 Context& Runtime::context() { return impl_->context; }
 Communicator& Runtime::comm() { return *impl_->comm; }
+Communicator& Runtime::host_comm() { return *impl_->host_comm; }
 
 bool Runtime::all_ranks_equal(std::uint64_t value) { return impl_->mpi ? impl_->mpi->all_equal_u64(value) : true; }
 

@@ -1,5 +1,8 @@
 // Everything a training program needs: #include <dstrain/dstrain.h>.
 #pragma once
+#include "dstrain/allreduce_algo.h"
+#include "dstrain/amp.h"
+#include "dstrain/checkpoint.h"
 #include "dstrain/comm.h"
 #include "dstrain/context.h"
 #include "dstrain/data.h"
@@ -13,4 +16,5 @@
 #include "dstrain/optim.h"
 #include "dstrain/runtime.h"
 #include "dstrain/tensor.h"
+#include "dstrain/topology.h"
 #include "dstrain/version.h"

@@ -9,6 +9,13 @@
 
 namespace dstrain::ops {
 
+// Deterministic algorithms: when on, the CUDA convolutions use only the cuDNN algorithms that
+// give bit-identical results run to run (slower for some shapes), as bit-exact resume from a
+// checkpoint needs. Every other op is deterministic always. Off by default; the environment
+// variable DSTRAIN_DETERMINISTIC=1 turns it on at start. Process-wide.
+void set_deterministic(bool on);
+bool deterministic();
+
 struct Conv2dParams {
   int stride_h = 1, stride_w = 1;
   int pad_h = 0, pad_w = 0;

@@ -21,6 +21,9 @@ struct RuntimeOptions {
   // Auto: the GPU when every rank of a node can have its own, else the CPU. The environment
   // variable DSTRAIN_DEVICE (auto|cpu|cuda) overrides Auto.
   DevicePreference device = DevicePreference::Auto;
+  // Seconds every collective and rendezvous waits for the other ranks before raising
+  // Error(Timeout); 0: DSTRAIN_TIMEOUT_S if set, else 600.
+  double timeout_s = 0;
 };
 
 class Runtime {
@@ -44,6 +47,9 @@ class Runtime {
   Context& context();
   // The gradient communicator: NCCL on GPUs, MPI (or self) on the CPU.
   Communicator& comm();
+  // Host buffers among the same ranks, whatever the device: MPI under a launcher, else self.
+  // Used for bootstrap exchanges (IPC handles, checkpoint agreement) beside a GPU communicator.
+  Communicator& host_comm();
 
   // Host-side helpers over MPI (trivial for one process).
   bool all_ranks_equal(std::uint64_t value);      // true when every rank passed the same value
