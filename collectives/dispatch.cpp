@@ -103,7 +103,12 @@ std::unique_ptr<Communicator> make_gpu_dispatch(std::unique_ptr<Communicator> ba
                                                 const ProcessInfo& info, int device) {
   DispatchParts parts;
   parts.base = std::move(base);
-  parts.plan = make_plan(discover_topology());
+  // Other nodes are taken to look like this one (the usual cluster of identical boxes), so that a
+  // job over several nodes plans Hierarchical where the cost model prefers it.
+  const Topology local = discover_topology();
+  parts.plan = make_plan(info.node_count > 1
+                             ? combine_nodes(std::vector<Topology>(static_cast<std::size_t>(info.node_count), local))
+                             : local);
   if (info.node_count == 1 && info.size > 1 && info.size <= PeerAllreduce::kMaxRanks) {
     try {
       parts.peer = make_peer_allreduce(host, device);

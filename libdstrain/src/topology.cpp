@@ -186,6 +186,22 @@ std::string trim(const std::string& s) {
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
 
+// nvidia-smi underlines the header with terminal escapes (ESC [ 4 m ... ESC [ 0 m) even when its
+// output goes to a file: drop every CSI sequence.
+std::string strip_terminal_escapes(const std::string& line) {
+  std::string out;
+  out.reserve(line.size());
+  for (std::size_t i = 0; i < line.size(); ++i) {
+    if (line[i] == '\x1b' && i + 1 < line.size() && line[i + 1] == '[') {
+      i += 2;
+      while (i < line.size() && !(line[i] >= '@' && line[i] <= '~')) ++i;  // up to the final byte
+      continue;
+    }
+    out += line[i];
+  }
+  return out;
+}
+
 // "GPU12" -> 12, else -1.
 int gpu_column_index(const std::string& name) {
   if (name.size() < 4 || !starts_with(name, "GPU")) return -1;
@@ -292,7 +308,7 @@ Topology parse_one_node(const std::vector<std::string>& lines, int first_line, c
   int last_line = first_line;
   for (std::size_t k = 0; k < lines.size(); ++k) {
     const int line_no = first_line + static_cast<int>(k);
-    const std::string& line = lines[k];
+    const std::string line = strip_terminal_escapes(lines[k]);
     const std::string t = trim(line);
     last_line = line_no;
     if (t.empty() || t[0] == '#') continue;

@@ -477,3 +477,14 @@ TEST_CASE("NVSwitch detection from the NVLink count", "[topology]") {
   CHECK(p.is_available(AllreduceAlgo::OneShot));
   CHECK(p.bottleneck_gbps == Approx(100.0));
 }
+
+TEST_CASE("parse a real capture: one H200, header underlined with terminal escapes, GPU NUMA ID column",
+          "[topology][parse]") {
+  // `nvidia-smi topo -m > file` on the GPU machine (driver 580): the header line is wrapped in
+  // ESC[4m ... ESC[0m and the last column is "GPU NUMA ID".
+  const Topology t = load("h200_single_nvidia_smi.txt");
+  REQUIRE(t.gpu_count() == 1);
+  CHECK(t.link(0, 0).kind == LinkKind::Self);
+  CHECK(t.gpu(0).cpu_affinity == "0-15");
+  CHECK(t.gpu(0).numa_node == 0);
+}
