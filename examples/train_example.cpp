@@ -39,6 +39,7 @@ struct Options {
   double timeout_s = 0;  // 0: DSTRAIN_TIMEOUT_S or 600
   double bucket_mb = 25.0;  // 0: one AllReduce after backward
   std::string grad_compression = "none";
+  std::string precision = "fp32";
 };
 
 const char* kUsage =
@@ -65,6 +66,9 @@ const char* kUsage =
     "  --bucket-mb X       gradient buckets of X MiB reduced during backward (default 25; 0: one\n"
     "                      AllReduce after backward)\n"
     "  --grad-compression C  none, fp16 or bf16: the precision gradients travel in (default none)\n"
+    "  --precision P       fp32, fp16 or bf16: the precision of convolutions, activations and the\n"
+    "                      linear layer (fp32 accumulation, fp32 master weights, BatchNorm and loss;\n"
+    "                      fp16 adds dynamic loss scaling). Default fp32. fp8: not yet available\n"
     "  --timeout S         seconds a collective waits for the other ranks before the job ends with an\n"
     "                      error naming them (default: DSTRAIN_TIMEOUT_S or 600)\n"
     "  --help              this text\n";
@@ -157,6 +161,16 @@ bool parse(int argc, char** argv, Options& o, bool& help, std::string& error) {
         error = "--grad-compression " + o.grad_compression + ": expected none, fp16 or bf16";
         return false;
       }
+    } else if (flag == "--precision") {
+      o.precision = value;
+      if (o.precision.rfind("fp8", 0) == 0) {
+        error = "--precision " + o.precision + ": fp8 training is not yet available (use fp32, fp16 or bf16)";
+        return false;
+      }
+      if (o.precision != "fp32" && o.precision != "fp16" && o.precision != "bf16") {
+        error = "--precision " + o.precision + ": expected fp32, fp16 or bf16";
+        return false;
+      }
     } else {
       error = "unknown option " + flag;
       return false;
@@ -238,7 +252,8 @@ int train(dstrain::Runtime& rt, const Options& opt) {
   say("data: %lld train / %lld test images from %s (%.1f s)\n", static_cast<long long>(train.count),
       static_cast<long long>(test.count), opt.data.c_str(), seconds_since(t_load));
 
-  auto model = dstrain::models::small_cnn(dev, 10, 1);
+  const dstrain::amp::Policy policy = dstrain::amp::Policy::parse(opt.precision);
+  auto model = dstrain::models::small_cnn(dev, 10, 1, policy);
   dstrain::nn::init_parameters(*model, opt.seed);
   // Broadcasts rank 0's state; gradients in buckets reduced while backward still runs.
   dstrain::BucketOptions buckets;
@@ -254,10 +269,28 @@ int train(dstrain::Runtime& rt, const Options& opt) {
   sgd.weight_decay = opt.weight_decay;
   sgd.nesterov = true;
   dstrain::optim::SGD optimizer(model->parameters(), sgd);
+  // Low precision: the same SGD as one multi-tensor launch over the fp32 master weights, which
+  // skips a step on the device when the loss scaler found an inf/NaN gradient (fp16).
+  std::vector<dstrain::Tensor*> master_values, master_grads;
+  for (dstrain::nn::Parameter* p : model->parameters()) {
+    master_values.push_back(&p->value);
+    master_grads.push_back(&p->grad);
+  }
+  std::unique_ptr<dstrain::amp::FusedSGD> fused_sgd;
+  std::unique_ptr<dstrain::amp::GradScaler> scaler;
+  if (policy.low_precision()) {
+    dstrain::amp::FusedSGDOptions fo;
+    fo.lr = opt.lr;
+    fo.momentum = opt.momentum;
+    fo.weight_decay = opt.weight_decay;
+    fo.nesterov = true;
+    fused_sgd = std::make_unique<dstrain::amp::FusedSGD>(master_values, fo);
+  }
+  if (policy.needs_loss_scaling()) scaler = std::make_unique<dstrain::amp::GradScaler>(dev);
   model->set_needs_input_grad(false);
-  say("model: %lld parameters, global batch %ld (%ld per rank), %d epoch(s), one-cycle peak lr %g\n%s",
+  say("model: %lld parameters, global batch %ld (%ld per rank), %d epoch(s), one-cycle peak lr %g, precision %s%s\n%s",
       static_cast<long long>(dstrain::nn::parameter_count(*model)), opt.batch, opt.batch / world, opt.epochs,
-      opt.lr, model->summary().c_str());
+      opt.lr, opt.precision.c_str(), scaler ? " (dynamic loss scaling)" : "", model->summary().c_str());
 
   const int H = train.height, W = train.width;
   const std::int64_t steps_per_epoch = train.count / opt.batch;
@@ -333,7 +366,17 @@ int train(dstrain::Runtime& rt, const Options& opt) {
     co.every_minutes = opt.checkpoint_every_min;
     ckpt = std::make_unique<dstrain::Checkpointer>(rt, co, "train_example small_cnn fashion-mnist 10 classes");
     ckpt->add_model(*model);
-    ckpt->add_optimizer(optimizer);
+    if (fused_sgd) {
+      std::vector<dstrain::Tensor>& momentum = fused_sgd->momentum_buffers();
+      for (std::size_t i = 0; i < momentum.size(); ++i)
+        ckpt->add_replicated("optimizer.fused_sgd.momentum." + std::to_string(i), momentum[i]);
+    } else {
+      ckpt->add_optimizer(optimizer);
+    }
+    if (scaler)
+      ckpt->add_blob(
+          "amp.grad_scaler", [&scaler] { return scaler->state(); },
+          [&scaler](const std::vector<char>& bytes) { scaler->load_state(bytes); });
     ckpt->add_per_rank("epoch.step_losses", step_losses, dstrain::OnWorldSizeChange::SumToRankZero);
     ckpt->add_per_rank("epoch.step_correct", step_correct, dstrain::OnWorldSizeChange::SumToRankZero);
     char lr_text[32];
@@ -341,6 +384,7 @@ int train(dstrain::Runtime& rt, const Options& opt) {
     ckpt->set_metadata({{"batch", std::to_string(opt.batch)},
                         {"epochs", std::to_string(opt.epochs)},
                         {"lr", lr_text},
+                        {"precision", opt.precision},
                         {"seed", std::to_string(opt.seed)},
                         {"train_images", std::to_string(train.count)}});
     if (opt.resume) {
@@ -394,6 +438,7 @@ int train(dstrain::Runtime& rt, const Options& opt) {
       dstrain::Tensor loss_slot = dstrain::Tensor::wrap(loss_base, {1}, dstrain::DType::F32, dev);
       dstrain::Tensor correct_slot = dstrain::Tensor::wrap(correct_base, {1}, dstrain::DType::F32, dev);
       dstrain::ops::softmax_cross_entropy(ctx, logits, y, &dlogits, grad_scale, loss_slot, correct_slot);
+      if (scaler) scaler->scale_gradient(ctx, dlogits);  // by the device-side loss scale
       if (overlap) {
         model->backward(ctx, dlogits, ddp.grad_ready_hook());
         ddp.finish();
@@ -401,8 +446,21 @@ int train(dstrain::Runtime& rt, const Options& opt) {
         model->backward(ctx, dlogits);
         ddp.reduce_gradients();
       }
-      optimizer.set_lr(dstrain::optim::one_cycle_lr(opt.lr, step, total_steps));
-      optimizer.step(ctx);
+      const float lr = dstrain::optim::one_cycle_lr(opt.lr, step, total_steps);
+      if (fused_sgd) {
+        const dstrain::Tensor* found_inf = nullptr;
+        if (scaler) {
+          scaler->unscale_and_check(ctx, master_grads);
+          scaler->agree_found_inf(rt.comm(), ctx);  // every rank skips the same steps
+          found_inf = &scaler->found_inf();
+        }
+        fused_sgd->set_lr(lr);
+        fused_sgd->step(ctx, master_grads, found_inf);
+        if (scaler) scaler->update(ctx);
+      } else {
+        optimizer.set_lr(lr);
+        optimizer.step(ctx);
+      }
       const long done = step + 1;
       if (ckpt && ckpt->due(done)) {
         ckpt->save({done, epoch, b + 1});
@@ -462,8 +520,10 @@ int train(dstrain::Runtime& rt, const Options& opt) {
   if (stopped) return same ? 0 : 1;
   const int timed_epochs = opt.epochs - static_cast<int>(start_epoch) - 1;
   const double epoch_s = timed_epochs > 0 ? later_epochs_s / timed_epochs : seconds_since(t_train);
-  say("train_example device=%s ranks=%d epochs=%d batch=%ld test_acc=%.2f epoch_s=%.3f train_img_per_s=%.0f\n",
-      dev.str().c_str(), world, opt.epochs, opt.batch, acc, epoch_s,
+  if (scaler) say("loss scale at the end: %g\n", static_cast<double>(scaler->scale(ctx)));
+  say("train_example device=%s ranks=%d epochs=%d batch=%ld precision=%s test_acc=%.2f epoch_s=%.3f "
+      "train_img_per_s=%.0f\n",
+      dev.str().c_str(), world, opt.epochs, opt.batch, opt.precision.c_str(), acc, epoch_s,
       static_cast<double>(steps_per_epoch * opt.batch) / epoch_s);
   return same ? 0 : 1;
 }

@@ -395,7 +395,24 @@ __global__ void fp8_update_scale_kernel(float* state, int len, bool use_max, flo
   state[2] = 0.0f;
 }
 
+__global__ void scale_by_kernel(float* __restrict__ t, const float* __restrict__ scale, std::int64_t n) {
+  const float s = *scale;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    t[i] *= s;
+}
+
 }  // namespace
+
+void amp_scale_by_loss_scale(Context& ctx, Tensor& t, const Tensor& scaler_state) {
+  const std::int64_t n = t.numel();
+  if (n == 0) return;
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  const int blocks = static_cast<int>(std::clamp<std::int64_t>((n + 255) / 256, 1, 1024));
+  scale_by_kernel<<<blocks, 256, 0, st.cuda_stream()>>>(t.data_as<float>(), scaler_state.data_as<float>(), n);
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
 
 void amp_unscale_and_check(Context& ctx, const std::vector<Tensor*>& grads, Tensor& scaler_state) {
   CudaState& st = ctx.cuda_state();

@@ -1,6 +1,7 @@
-// Batch normalisation over the last dimension (C) of a contiguous fp32 tensor: the tensor is
+// Batch normalisation over the last dimension (C) of a contiguous tensor: the tensor is
 // viewed as a [M, C] matrix (M = numel / C rows) and every per-channel statistic is a column
-// reduction of it.
+// reduction of it. x, y, dy and dx are fp32, fp16 or bf16 (one dtype); every statistic,
+// parameter and accumulator is fp32.
 //
 // Reductions are two-level and deterministic: a 2-D grid of (channels x row chunks) blocks
 // writes one partial sum per (row chunk, channel) into the context's workspace, then one block
@@ -15,6 +16,7 @@
 
 #include "cuda_check.h"
 #include "cuda_state.h"
+#include "elem_types.cuh"
 #include "ops_cuda.h"
 
 namespace dstrain::kernels::cuda {
@@ -57,8 +59,8 @@ enum class Reduce { Sum, SqDev, Backward };
 // Block (bx, by), grid (gx, chunks). Thread (tx, ty) of block (bxi, byi) handles channel
 // c = bxi*bx + tx and rows byi*by + ty + k*chunks*by. Writes partial1[byi*C + c] (and partial2
 // for Backward): Sum: sum x; SqDev: sum (x - mean)^2; Backward: sum dy, sum dy * (x - mean).
-template <Reduce kMode>
-__global__ void column_partials_kernel(const float* __restrict__ x, const float* __restrict__ dy,
+template <Reduce kMode, class T>
+__global__ void column_partials_kernel(const T* __restrict__ x, const T* __restrict__ dy,
                                        const float* __restrict__ mean, std::int64_t M, std::int64_t C,
                                        float* __restrict__ partial1, float* __restrict__ partial2) {
   __shared__ float s1[kThreads];
@@ -72,14 +74,14 @@ __global__ void column_partials_kernel(const float* __restrict__ x, const float*
     for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * by + ty; r < M; r += row_step) {
       const std::int64_t i = r * C + c;
       if (kMode == Reduce::Sum) {
-        a1 += x[i];
+        a1 += load_f(x[i]);
       } else if (kMode == Reduce::SqDev) {
-        const float d = x[i] - mu;
+        const float d = load_f(x[i]) - mu;
         a1 += d * d;
       } else {
-        const float g = dy[i];
+        const float g = load_f(dy[i]);
         a1 += g;
-        a2 += g * (x[i] - mu);
+        a2 += g * (load_f(x[i]) - mu);
       }
     }
   }
@@ -156,11 +158,11 @@ __global__ void finalize_backward_kernel(const float* __restrict__ partial1,
 }
 
 // y = (x - mean) * invstd * gamma + beta. With running stats (eval), invstd = 1/sqrt(var + eps).
-template <bool kFromVar>
-__global__ void normalize_kernel(const float* x, const float* __restrict__ mean,
+template <bool kFromVar, class T>
+__global__ void normalize_kernel(const T* x, const float* __restrict__ mean,
                                  const float* __restrict__ invstd_or_var, const float* __restrict__ gamma,
                                  const float* __restrict__ beta, float eps, std::int64_t M, std::int64_t C,
-                                 float* y) {
+                                 T* y) {
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * bx + tx;
   if (c >= C) return;
@@ -171,15 +173,16 @@ __global__ void normalize_kernel(const float* x, const float* __restrict__ mean,
   const std::int64_t row_step = static_cast<std::int64_t>(gridDim.y) * by;
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * by + ty; r < M; r += row_step) {
     const std::int64_t i = r * C + c;
-    y[i] = (x[i] - mu) * scale + shift;
+    y[i] = store_f<T>((load_f(x[i]) - mu) * scale + shift);
   }
 }
 
 // dx = gamma * invstd / M * (M * dy - dbeta - xhat * dgamma), xhat = (x - mean) * invstd.
-__global__ void backward_dx_kernel(const float* dy, const float* x, const float* __restrict__ gamma,
+template <class T>
+__global__ void backward_dx_kernel(const T* dy, const T* x, const float* __restrict__ gamma,
                                    const float* __restrict__ mean, const float* __restrict__ invstd,
                                    const float* __restrict__ dgamma, const float* __restrict__ dbeta,
-                                   std::int64_t M, std::int64_t C, float* dx) {
+                                   std::int64_t M, std::int64_t C, T* dx) {
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * bx + tx;
   if (c >= C) return;
@@ -192,8 +195,8 @@ __global__ void backward_dx_kernel(const float* dy, const float* x, const float*
   const std::int64_t row_step = static_cast<std::int64_t>(gridDim.y) * by;
   for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * by + ty; r < M; r += row_step) {
     const std::int64_t i = r * C + c;
-    const float xhat = (x[i] - mu) * is;
-    dx[i] = k * (m * dy[i] - db - xhat * dg);
+    const float xhat = (load_f(x[i]) - mu) * is;
+    dx[i] = store_f<T>(k * (m * load_f(dy[i]) - db - xhat * dg));
   }
 }
 
@@ -240,26 +243,27 @@ void batchnorm_forward_train(Context& ctx, const Tensor& x, const Tensor& gamma,
   const int chunks = row_chunks(l, 1024, kMaxReduceChunks);
   const Partials part = reserve_partials(st, l, chunks, 1);
   const dim3 grid(static_cast<unsigned>(l.gx), static_cast<unsigned>(chunks));
-  const float* xp = x.data_as<float>();
   float* mean = save_mean.data_as<float>();
   float* invstd = save_invstd.data_as<float>();
-
-  column_partials_kernel<Reduce::Sum><<<grid, block_of(l), 0, s>>>(xp, nullptr, nullptr, l.M, l.C, part.p1,
-                                                                    nullptr);
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  finalize_mean_kernel<<<static_cast<unsigned>(l.C), kFinalThreads, 0, s>>>(part.p1, chunks, l.M, l.C, mean);
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  column_partials_kernel<Reduce::SqDev><<<grid, block_of(l), 0, s>>>(xp, nullptr, mean, l.M, l.C, part.p1,
-                                                                      nullptr);
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  finalize_var_kernel<<<static_cast<unsigned>(l.C), kFinalThreads, 0, s>>>(
-      part.p1, chunks, l.M, l.C, p.eps, p.momentum, mean, invstd, running_mean.data_as<float>(),
-      running_var.data_as<float>());
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  if (l.M == 0) return;
-  normalize_kernel<false><<<elementwise_grid(l), block_of(l), 0, s>>>(
-      xp, mean, invstd, gamma.data_as<float>(), beta.data_as<float>(), p.eps, l.M, l.C, y.data_as<float>());
-  DSTRAIN_CUDA_CHECK_LAUNCH();
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "batchnorm_forward_train", {
+    const T* xp = x.data_as<T>();
+    column_partials_kernel<Reduce::Sum, T><<<grid, block_of(l), 0, s>>>(xp, nullptr, nullptr, l.M, l.C, part.p1,
+                                                                         nullptr);
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    finalize_mean_kernel<<<static_cast<unsigned>(l.C), kFinalThreads, 0, s>>>(part.p1, chunks, l.M, l.C, mean);
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    column_partials_kernel<Reduce::SqDev, T><<<grid, block_of(l), 0, s>>>(xp, nullptr, mean, l.M, l.C, part.p1,
+                                                                           nullptr);
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    finalize_var_kernel<<<static_cast<unsigned>(l.C), kFinalThreads, 0, s>>>(
+        part.p1, chunks, l.M, l.C, p.eps, p.momentum, mean, invstd, running_mean.data_as<float>(),
+        running_var.data_as<float>());
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    if (l.M == 0) return;
+    normalize_kernel<false, T><<<elementwise_grid(l), block_of(l), 0, s>>>(
+        xp, mean, invstd, gamma.data_as<float>(), beta.data_as<float>(), p.eps, l.M, l.C, y.data_as<T>());
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+  });
 }
 
 void batchnorm_forward_eval(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
@@ -269,9 +273,11 @@ void batchnorm_forward_eval(Context& ctx, const Tensor& x, const Tensor& gamma, 
   if (l.C == 0 || l.M == 0) return;
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
-  normalize_kernel<true><<<elementwise_grid(l), block_of(l), 0, st.cuda_stream()>>>(
-      x.data_as<float>(), running_mean.data_as<float>(), running_var.data_as<float>(), gamma.data_as<float>(),
-      beta.data_as<float>(), p.eps, l.M, l.C, y.data_as<float>());
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "batchnorm_forward_eval", {
+    normalize_kernel<true, T><<<elementwise_grid(l), block_of(l), 0, st.cuda_stream()>>>(
+        x.data_as<T>(), running_mean.data_as<float>(), running_var.data_as<float>(), gamma.data_as<float>(),
+        beta.data_as<float>(), p.eps, l.M, l.C, y.data_as<T>());
+  });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 
@@ -289,18 +295,19 @@ void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const T
   const dim3 grid(static_cast<unsigned>(l.gx), static_cast<unsigned>(chunks));
   const float* mean = save_mean.data_as<float>();
   const float* invstd = save_invstd.data_as<float>();
-
-  column_partials_kernel<Reduce::Backward><<<grid, block_of(l), 0, s>>>(
-      x.data_as<float>(), dy.data_as<float>(), mean, l.M, l.C, part.p1, part.p2);
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  finalize_backward_kernel<<<static_cast<unsigned>(l.C), kFinalThreads, 0, s>>>(
-      part.p1, part.p2, chunks, l.C, invstd, dgamma.data_as<float>(), dbeta.data_as<float>());
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  if (l.M == 0) return;
-  backward_dx_kernel<<<elementwise_grid(l), block_of(l), 0, s>>>(
-      dy.data_as<float>(), x.data_as<float>(), gamma.data_as<float>(), mean, invstd, dgamma.data_as<float>(),
-      dbeta.data_as<float>(), l.M, l.C, dx.data_as<float>());
-  DSTRAIN_CUDA_CHECK_LAUNCH();
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "batchnorm_backward", {
+    column_partials_kernel<Reduce::Backward, T><<<grid, block_of(l), 0, s>>>(
+        x.data_as<T>(), dy.data_as<T>(), mean, l.M, l.C, part.p1, part.p2);
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    finalize_backward_kernel<<<static_cast<unsigned>(l.C), kFinalThreads, 0, s>>>(
+        part.p1, part.p2, chunks, l.C, invstd, dgamma.data_as<float>(), dbeta.data_as<float>());
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    if (l.M == 0) return;
+    backward_dx_kernel<T><<<elementwise_grid(l), block_of(l), 0, s>>>(
+        dy.data_as<T>(), x.data_as<T>(), gamma.data_as<float>(), mean, invstd, dgamma.data_as<float>(),
+        dbeta.data_as<float>(), l.M, l.C, dx.data_as<T>());
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+  });
 }
 
 }  // namespace dstrain::kernels::cuda

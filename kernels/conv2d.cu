@@ -1,10 +1,13 @@
-// 2-D convolution (cross-correlation) on NHWC fp32 activations and KRSC fp32 filters through
+// 2-D convolution (cross-correlation) on NHWC activations and KRSC filters (all fp32, or all
+// fp16, or all bf16) through
 // cuDNN's legacy convolution API (cudnnConvolutionForward / BackwardData / BackwardFilter),
 // which cuDNN 9 still ships (deprecated, hence the local warning suppression).
 //
 // Math: CUDNN_FMA_MATH. On Ampere and later, CUDNN_DEFAULT_MATH lets fp32 convolutions run on
 // TF32 tensor cores (10-bit mantissa inputs); FMA_MATH restricts cuDNN to true fp32 kernels,
 // which is what PyTorch selects when TF32 is disabled, so results match the CPU reference.
+// fp16 and bf16 use CUDNN_TENSOR_OP_MATH with fp32 accumulation (compute type FLOAT), as
+// PyTorch's autocast does.
 //
 // Algorithms come from cuDNN's heuristics (cudnnGet*Algorithm_v7: no benchmarking, no host
 // synchronisation), once per (device, op, shape, params). The plan (descriptors + the ranked
@@ -81,7 +84,7 @@ struct ConvPlan {
   }
 };
 
-using PlanKey = std::array<std::int64_t, 15>;
+using PlanKey = std::array<std::int64_t, 16>;
 
 std::mutex& plan_mutex() {
   static std::mutex m;
@@ -102,6 +105,19 @@ bool worth_another_algorithm(cudnnStatus_t s) {
 
 bool fp32_math(cudnnMathType_t m) { return m == CUDNN_FMA_MATH || m == CUDNN_DEFAULT_MATH; }
 
+// fp16 / bf16 data may use tensor cores; fp32 data only true fp32 kernels (no TF32).
+bool math_allowed(cudnnMathType_t m, DType dt) { return dt != DType::F32 || fp32_math(m); }
+
+cudnnDataType_t cudnn_type(DType dt) {
+  switch (dt) {
+    case DType::F32: return CUDNN_DATA_FLOAT;
+    case DType::F16: return CUDNN_DATA_HALF;
+    case DType::BF16: return CUDNN_DATA_BFLOAT16;
+    default:
+      DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string("conv2d: dtype ") + dtype_name(dt) + " is not supported");
+  }
+}
+
 int to_int(std::int64_t v, const char* what) {
   DSTRAIN_CHECK(v >= 0 && v <= 0x7fffffff, std::string("conv2d: ") + what + " does not fit in an int");
   return static_cast<int>(v);
@@ -121,20 +137,22 @@ ConvShape shape_of(const Tensor& x_or_dx, const Tensor& w_or_dw, const Tensor& y
   return s;
 }
 
-void build_descriptors(ConvPlan& plan, const ConvShape& s, const ops::Conv2dParams& p) {
+void build_descriptors(ConvPlan& plan, const ConvShape& s, const ops::Conv2dParams& p, DType dt) {
+  const cudnnDataType_t data = cudnn_type(dt);
   DSTRAIN_CUDNN_CHECK(cudnnCreateTensorDescriptor(&plan.x));
   DSTRAIN_CUDNN_CHECK(cudnnCreateTensorDescriptor(&plan.y));
   DSTRAIN_CUDNN_CHECK(cudnnCreateFilterDescriptor(&plan.w));
   DSTRAIN_CUDNN_CHECK(cudnnCreateConvolutionDescriptor(&plan.conv));
   DSTRAIN_CUDNN_CHECK(
-      cudnnSetTensor4dDescriptor(plan.x, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, s.N, s.C, s.H, s.W));
+      cudnnSetTensor4dDescriptor(plan.x, CUDNN_TENSOR_NHWC, data, s.N, s.C, s.H, s.W));
   DSTRAIN_CUDNN_CHECK(
-      cudnnSetTensor4dDescriptor(plan.y, CUDNN_TENSOR_NHWC, CUDNN_DATA_FLOAT, s.N, s.K, s.Ho, s.Wo));
+      cudnnSetTensor4dDescriptor(plan.y, CUDNN_TENSOR_NHWC, data, s.N, s.K, s.Ho, s.Wo));
   DSTRAIN_CUDNN_CHECK(
-      cudnnSetFilter4dDescriptor(plan.w, CUDNN_DATA_FLOAT, CUDNN_TENSOR_NHWC, s.K, s.C, s.R, s.S));
+      cudnnSetFilter4dDescriptor(plan.w, data, CUDNN_TENSOR_NHWC, s.K, s.C, s.R, s.S));
   DSTRAIN_CUDNN_CHECK(cudnnSetConvolution2dDescriptor(plan.conv, p.pad_h, p.pad_w, p.stride_h, p.stride_w, 1, 1,
                                                       CUDNN_CROSS_CORRELATION, CUDNN_DATA_FLOAT));
-  DSTRAIN_CUDNN_CHECK(cudnnSetConvolutionMathType(plan.conv, CUDNN_FMA_MATH));
+  DSTRAIN_CUDNN_CHECK(
+      cudnnSetConvolutionMathType(plan.conv, dt == DType::F32 ? CUDNN_FMA_MATH : CUDNN_TENSOR_OP_MATH));
   int n = 0, c = 0, h = 0, w = 0;
   DSTRAIN_CUDNN_CHECK(cudnnGetConvolution2dForwardOutputDim(plan.conv, plan.x, plan.w, &n, &c, &h, &w));
   DSTRAIN_CHECK(n == s.N && c == s.K && h == s.Ho && w == s.Wo,
@@ -147,10 +165,10 @@ void build_descriptors(ConvPlan& plan, const ConvShape& s, const ops::Conv2dPara
 // With deterministic algorithms on, only those cuDNN reports as deterministic.
 template <class Perf, class WsFn>
 void add_candidates(ConvPlan& plan, const std::vector<Perf>& perf, int returned, WsFn workspace_of,
-                    bool deterministic_only) {
+                    bool deterministic_only, DType dt) {
   for (int i = 0; i < returned; ++i) {
     const Perf& r = perf[static_cast<std::size_t>(i)];
-    if (r.status != CUDNN_STATUS_SUCCESS || !fp32_math(r.mathType)) continue;
+    if (r.status != CUDNN_STATUS_SUCCESS || !math_allowed(r.mathType, dt)) continue;
     if (deterministic_only && r.determinism != CUDNN_DETERMINISTIC) continue;
     const int algo = static_cast<int>(r.algo);
     bool seen = false;
@@ -164,9 +182,9 @@ void add_candidates(ConvPlan& plan, const std::vector<Perf>& perf, int returned,
 }
 
 std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& s, const ops::Conv2dParams& p,
-                                     bool det) {
+                                     bool det, DType dt) {
   auto plan = std::make_unique<ConvPlan>();
-  build_descriptors(*plan, s, p);
+  build_descriptors(*plan, s, p, dt);
   cudnnHandle_t h = st.cudnn;
   int max_count = 0, returned = 0;
   switch (op) {
@@ -179,7 +197,7 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
       add_candidates(*plan, perf, returned, [&](cudnnConvolutionFwdAlgo_t a, std::size_t* ws) {
         return cudnnGetConvolutionForwardWorkspaceSize(h, plan->x, plan->w, plan->conv, plan->y, a, ws) ==
                CUDNN_STATUS_SUCCESS;
-      }, det);
+      }, det, dt);
       break;
     }
     case ConvOp::BackwardData: {
@@ -191,7 +209,7 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
       add_candidates(*plan, perf, returned, [&](cudnnConvolutionBwdDataAlgo_t a, std::size_t* ws) {
         return cudnnGetConvolutionBackwardDataWorkspaceSize(h, plan->w, plan->y, plan->conv, plan->x, a, ws) ==
                CUDNN_STATUS_SUCCESS;
-      }, det);
+      }, det, dt);
       break;
     }
     case ConvOp::BackwardFilter: {
@@ -203,12 +221,13 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
       add_candidates(*plan, perf, returned, [&](cudnnConvolutionBwdFilterAlgo_t a, std::size_t* ws) {
         return cudnnGetConvolutionBackwardFilterWorkspaceSize(h, plan->x, plan->y, plan->conv, plan->w, a, ws) ==
                CUDNN_STATUS_SUCCESS;
-      }, det);
+      }, det, dt);
       break;
     }
   }
   if (plan->candidates.empty())
-    DSTRAIN_THROW(ErrorCode::Cudnn, std::string(op_name(op)) + ": cuDNN offers no fp32 (FMA)" +
+    DSTRAIN_THROW(ErrorCode::Cudnn, std::string(op_name(op)) + ": cuDNN offers no " + dtype_name(dt) +
+                                        (dt == DType::F32 ? " (FMA)" : "") +
                                         (det ? " deterministic" : "") + " algorithm for N=" + std::to_string(s.N) +
                                         " H=" + std::to_string(s.H) + " W=" + std::to_string(s.W) +
                                         " C=" + std::to_string(s.C) + " K=" + std::to_string(s.K) +
@@ -221,15 +240,17 @@ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15
 // `aligned`: whether every tensor is 16-byte aligned. Views into flat buffers (DataParallel's
 // gradients) may not be, and some cuDNN engines refuse such pointers: separate plans keep the
 // algorithm of the common, aligned case.
-ConvPlan& get_plan(CudaState& st, ConvOp op, const ConvShape& s, const ops::Conv2dParams& p, bool aligned) {
+ConvPlan& get_plan(CudaState& st, ConvOp op, const ConvShape& s, const ops::Conv2dParams& p, bool aligned,
+                   DType dt) {
   const PlanKey key{st.device, static_cast<int>(op), s.N, s.H, s.W, s.C, s.K, s.R, s.S,
-                    p.stride_h, p.stride_w, p.pad_h, p.pad_w, aligned ? 1 : 0, ops::deterministic() ? 1 : 0};
+                    p.stride_h, p.stride_w, p.pad_h, p.pad_w, aligned ? 1 : 0, ops::deterministic() ? 1 : 0,
+                    static_cast<std::int64_t>(dt)};
   {
     std::lock_guard<std::mutex> lock(plan_mutex());
     auto it = plan_cache().find(key);
     if (it != plan_cache().end()) return *it->second;
   }
-  std::unique_ptr<ConvPlan> plan = build_plan(st, op, s, p, key[14] != 0);  // outside the lock: may take a while
+  std::unique_ptr<ConvPlan> plan = build_plan(st, op, s, p, key[14] != 0, dt);  // outside the lock: may take a while
   std::lock_guard<std::mutex> lock(plan_mutex());
   auto ins = plan_cache().emplace(key, std::move(plan));  // another thread may have won: keep its plan
   return *ins.first->second;
@@ -266,7 +287,8 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
   }
   const ConvShape s = shape_of(x, w, y);
   ConvPlan& plan =
-      get_plan(st, ConvOp::Forward, s, p, aligned16(x.data()) && aligned16(w.data()) && aligned16(y.data()));
+      get_plan(st, ConvOp::Forward, s, p, aligned16(x.data()) && aligned16(w.data()) && aligned16(y.data()),
+               x.dtype());
   const float alpha = 1.0f, beta = 0.0f;
   run_plan(st, plan, ConvOp::Forward, [&](int algo, void* ws, std::size_t bytes) {
     return cudnnConvolutionForward(st.cudnn, &alpha, plan.x, x.data(), plan.w, w.data(), plan.conv,
@@ -286,7 +308,8 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
   }
   const ConvShape s = shape_of(dx, w, dy);
   ConvPlan& plan =
-      get_plan(st, ConvOp::BackwardData, s, p, aligned16(dy.data()) && aligned16(w.data()) && aligned16(dx.data()));
+      get_plan(st, ConvOp::BackwardData, s, p, aligned16(dy.data()) && aligned16(w.data()) && aligned16(dx.data()),
+               dy.dtype());
   const float alpha = 1.0f, beta = 0.0f;
   run_plan(st, plan, ConvOp::BackwardData, [&](int algo, void* ws, std::size_t bytes) {
     return cudnnConvolutionBackwardData(st.cudnn, &alpha, plan.w, w.data(), plan.y, dy.data(), plan.conv,
@@ -306,7 +329,8 @@ void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Ten
   }
   const ConvShape s = shape_of(x, dw, dy);
   ConvPlan& plan =
-      get_plan(st, ConvOp::BackwardFilter, s, p, aligned16(x.data()) && aligned16(dy.data()) && aligned16(dw.data()));
+      get_plan(st, ConvOp::BackwardFilter, s, p, aligned16(x.data()) && aligned16(dy.data()) && aligned16(dw.data()),
+               x.dtype());
   const float alpha = 1.0f, beta = 0.0f;
   run_plan(st, plan, ConvOp::BackwardFilter, [&](int algo, void* ws, std::size_t bytes) {
     return cudnnConvolutionBackwardFilter(st.cudnn, &alpha, plan.x, x.data(), plan.y, dy.data(), plan.conv,

@@ -1,5 +1,6 @@
-// Global average pooling over H and W of an NHWC fp32 tensor: [N,H,W,C] -> [N,C], and its
-// backward (each dy[n,c] spread evenly over the H*W positions of channel c).
+// Global average pooling over H and W of an NHWC tensor: [N,H,W,C] -> [N,C], and its backward
+// (each dy[n,c] spread evenly over the H*W positions of channel c). x/dx are fp32, fp16 or bf16,
+// y/dy fp32 or the dtype of x; sums are accumulated in fp32.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 
 #include "cuda_check.h"
 #include "cuda_state.h"
+#include "elem_types.cuh"
 #include "ops_cuda.h"
 
 namespace dstrain::kernels::cuda {
@@ -24,15 +26,16 @@ int grid_for(std::int64_t n) {
 
 // grid (N, ceil(C/32)); block (32, 8). Thread (tx, ty) sums channel c over positions
 // ty, ty+8, ...; the block then reduces over ty.
-__global__ void avgpool_forward_kernel(const float* __restrict__ x, float* __restrict__ y,
+template <class TX, class TY>
+__global__ void avgpool_forward_kernel(const TX* __restrict__ x, TY* __restrict__ y,
                                        std::int64_t hw, std::int64_t C, float inv_hw) {
   __shared__ float partial[kRowsPerBlock][kChannelsPerBlock];
   const std::int64_t n = blockIdx.x;
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.y) * kChannelsPerBlock + threadIdx.x;
   float acc = 0.0f;
   if (c < C) {
-    const float* base = x + n * hw * C + c;
-    for (std::int64_t p = threadIdx.y; p < hw; p += kRowsPerBlock) acc += base[p * C];
+    const TX* base = x + n * hw * C + c;
+    for (std::int64_t p = threadIdx.y; p < hw; p += kRowsPerBlock) acc += load_f(base[p * C]);
   }
   partial[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
@@ -40,11 +43,12 @@ __global__ void avgpool_forward_kernel(const float* __restrict__ x, float* __res
     float s = 0.0f;
 #pragma unroll
     for (int r = 0; r < kRowsPerBlock; ++r) s += partial[r][threadIdx.x];
-    y[n * C + c] = s * inv_hw;
+    y[n * C + c] = store_f<TY>(s * inv_hw);
   }
 }
 
-__global__ void avgpool_backward_kernel(const float* __restrict__ dy, float* __restrict__ dx,
+template <class TY, class TX>
+__global__ void avgpool_backward_kernel(const TY* __restrict__ dy, TX* __restrict__ dx,
                                         std::int64_t total, std::int64_t hw, std::int64_t C,
                                         float inv_hw) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -52,7 +56,7 @@ __global__ void avgpool_backward_kernel(const float* __restrict__ dy, float* __r
        i += stride) {
     const std::int64_t c = i % C;
     const std::int64_t n = i / (hw * C);
-    dx[i] = dy[n * C + c] * inv_hw;
+    dx[i] = store_f<TX>(load_f(dy[n * C + c]) * inv_hw);
   }
 }
 
@@ -69,8 +73,13 @@ void global_avgpool_forward(Context& ctx, const Tensor& x, Tensor& y) {
   DSTRAIN_CHECK(gx <= 65535, "global_avgpool_forward: too many channels for one grid dimension");
   const dim3 grid(static_cast<unsigned>(N), static_cast<unsigned>(gx));
   const dim3 block(kChannelsPerBlock, kRowsPerBlock);
-  avgpool_forward_kernel<<<grid, block, 0, st.cuda_stream()>>>(x.data_as<float>(), y.data_as<float>(),
-                                                               hw, C, inv_hw);
+  cudaStream_t s = st.cuda_stream();
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "global_avgpool_forward", {
+    if (y.dtype() == DType::F32)
+      avgpool_forward_kernel<T, float><<<grid, block, 0, s>>>(x.data_as<T>(), y.data_as<float>(), hw, C, inv_hw);
+    else
+      avgpool_forward_kernel<T, T><<<grid, block, 0, s>>>(x.data_as<T>(), y.data_as<T>(), hw, C, inv_hw);
+  });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 
@@ -82,8 +91,15 @@ void global_avgpool_backward(Context& ctx, const Tensor& dy, Tensor& dx) {
   const std::int64_t H = dx.dim(1), W = dx.dim(2), C = dx.dim(3);
   const std::int64_t hw = H * W;
   const float inv_hw = 1.0f / static_cast<float>(hw);
-  avgpool_backward_kernel<<<grid_for(total), kThreads, 0, st.cuda_stream()>>>(
-      dy.data_as<float>(), dx.data_as<float>(), total, hw, C, inv_hw);
+  cudaStream_t s = st.cuda_stream();
+  DSTRAIN_DISPATCH_ACT_DTYPE(dx.dtype(), "global_avgpool_backward", {
+    if (dy.dtype() == DType::F32)
+      avgpool_backward_kernel<float, T><<<grid_for(total), kThreads, 0, s>>>(dy.data_as<float>(), dx.data_as<T>(),
+                                                                            total, hw, C, inv_hw);
+    else
+      avgpool_backward_kernel<T, T><<<grid_for(total), kThreads, 0, s>>>(dy.data_as<T>(), dx.data_as<T>(), total, hw,
+                                                                        C, inv_hw);
+  });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 

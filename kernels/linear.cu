@@ -1,5 +1,7 @@
-// Linear layer on fp32 row-major tensors through cuBLASLt (CUBLAS_COMPUTE_32F: true fp32, no
-// TF32), and a small column-sum kernel for the bias gradient.
+// Linear layer on row-major tensors through cuBLASLt (CUBLAS_COMPUTE_32F: fp32 accumulation; fp32
+// operands get true fp32, no TF32), and a small column-sum kernel for the bias gradient.
+// Operands x, w, dy (and dx) are all fp32, or all fp16, or all bf16; y and dw may be fp32 with
+// fp16/bf16 operands (logits and master-weight gradients stay fp32); biases are fp32.
 //
 // cuBLASLt is column-major. A row-major [R, C] matrix is, read column-major, its transpose
 // [C, R] with leading dimension C, so each product is computed transposed:
@@ -20,6 +22,7 @@
 
 #include "cuda_check.h"
 #include "cuda_state.h"
+#include "elem_types.cuh"
 #include "ops_cuda.h"
 
 namespace dstrain::kernels::cuda {
@@ -59,13 +62,25 @@ struct GemmSpec {
   cublasOperation_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
   std::int64_t m = 0, n = 0, k = 0;
   std::int64_t lda = 0, ldb = 0, ldd = 0;
-  const float* A = nullptr;
-  const float* B = nullptr;
-  float* D = nullptr;
+  const void* A = nullptr;
+  const void* B = nullptr;
+  void* D = nullptr;
   const float* bias = nullptr;  // length m, via the BIAS epilogue
+  cudaDataType_t ab_type = CUDA_R_32F;  // A and B
+  cudaDataType_t d_type = CUDA_R_32F;
 };
 
-using AlgoKey = std::tuple<int, int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int>;
+using AlgoKey =
+    std::tuple<int, int, int, std::int64_t, std::int64_t, std::int64_t, int, int, int, int, int, int, int>;
+
+cudaDataType_t lt_type(DType dt) {
+  switch (dt) {
+    case DType::F32: return CUDA_R_32F;
+    case DType::F16: return CUDA_R_16F;
+    case DType::BF16: return CUDA_R_16BF;
+    default: unsupported_activation_dtype(dt, "linear");
+  }
+}
 struct AlgoChoice {
   cublasLtMatmulAlgo_t algo;
   std::size_t workspace = 0;
@@ -80,7 +95,7 @@ std::map<AlgoKey, AlgoChoice>& algo_cache() {
   return *cache;
 }
 
-// D = op(A) * op(B) (+ bias), fp32 in and out, fp32 compute, beta = 0 (D is not read).
+// D = op(A) * op(B) (+ bias), fp32 compute, beta = 0 (D is not read).
 void lt_gemm(CudaState& st, const GemmSpec& g) {
   LtMatmulDesc desc;
   DSTRAIN_CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc.d, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -101,13 +116,14 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
   const std::uint64_t a_rows = g.ta == CUBLAS_OP_N ? g.m : g.k, a_cols = g.ta == CUBLAS_OP_N ? g.k : g.m;
   const std::uint64_t b_rows = g.tb == CUBLAS_OP_N ? g.k : g.n, b_cols = g.tb == CUBLAS_OP_N ? g.n : g.k;
   LtLayout la, lb, ld;
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.l, CUDA_R_32F, a_rows, a_cols, g.lda));
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.l, CUDA_R_32F, b_rows, b_cols, g.ldb));
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld.l, CUDA_R_32F, g.m, g.n, g.ldd));
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la.l, g.ab_type, a_rows, a_cols, g.lda));
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.l, g.ab_type, b_rows, b_cols, g.ldb));
+  DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld.l, g.d_type, g.m, g.n, g.ldd));
 
   const int al_a = alignment_of(g.A), al_b = alignment_of(g.B), al_d = alignment_of(g.D);
   const AlgoKey key{st.device, static_cast<int>(g.ta), static_cast<int>(g.tb), g.m, g.n, g.k,
-                    static_cast<int>(epilogue), al_a, al_b, al_d, g.bias != nullptr ? alignment_of(g.bias) : 0};
+                    static_cast<int>(epilogue), al_a, al_b, al_d, g.bias != nullptr ? alignment_of(g.bias) : 0,
+                    static_cast<int>(g.ab_type), static_cast<int>(g.d_type)};
   AlgoChoice choice{};
   bool found = false;
   {
@@ -139,7 +155,7 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
     DSTRAIN_CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(st.cublaslt, desc.d, la.l, lb.l, ld.l, ld.l, pref.p, 1,
                                                         &result, &returned));
     if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS)
-      DSTRAIN_THROW(ErrorCode::Cublas, "cuBLASLt found no fp32 algorithm for a " + std::to_string(g.m) + "x" +
+      DSTRAIN_THROW(ErrorCode::Cublas, "cuBLASLt found no algorithm for a " + std::to_string(g.m) + "x" +
                                            std::to_string(g.n) + "x" + std::to_string(g.k) + " product");
     choice.algo = result.algo;
     choice.workspace = result.workspaceSize;
@@ -154,24 +170,26 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
 }
 
 // y[r, o] += b[o] for a row-major [rows, cols] y.
-__global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ b, std::int64_t rows,
+template <class T>
+__global__ void add_bias_kernel(T* __restrict__ y, const float* __restrict__ b, std::int64_t rows,
                                 std::int64_t cols) {
   const std::int64_t total = rows * cols;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride)
-    y[i] += b[i % cols];
+    y[i] = store_f<T>(load_f(y[i]) + b[i % cols]);
 }
 
 constexpr int kColX = 32, kColY = 16;
 
 // db[o] = sum over rows of dy[r, o]. Block (32, 16) owns 32 columns and sums all rows.
-__global__ void column_sum_kernel(const float* __restrict__ dy, float* __restrict__ db, std::int64_t rows,
+template <class T>
+__global__ void column_sum_kernel(const T* __restrict__ dy, float* __restrict__ db, std::int64_t rows,
                                   std::int64_t cols) {
   __shared__ float part[kColY][kColX];
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * kColX + threadIdx.x;
   float acc = 0.0f;
   if (c < cols)
-    for (std::int64_t r = threadIdx.y; r < rows; r += kColY) acc += dy[r * cols + c];
+    for (std::int64_t r = threadIdx.y; r < rows; r += kColY) acc += load_f(dy[r * cols + c]);
   part[threadIdx.y][threadIdx.x] = acc;
   __syncthreads();
   if (threadIdx.y == 0 && c < cols) {
@@ -188,6 +206,13 @@ int grid_for(std::int64_t n, int threads) {
 
 bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
+void add_bias(const Tensor& b, Tensor& y, std::int64_t rows, std::int64_t cols, cudaStream_t s) {
+  DSTRAIN_DISPATCH_ACT_DTYPE(y.dtype(), "linear bias", {
+    add_bias_kernel<T><<<grid_for(rows * cols, 256), 256, 0, s>>>(y.data_as<T>(), b.data_as<float>(), rows, cols);
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
@@ -197,33 +222,28 @@ void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor
   DeviceGuard guard(st.device);
   if (I == 0) {  // empty sum: y = b (or 0)
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(y.data(), 0, y.nbytes(), st.cuda_stream()));
-    if (b != nullptr) {
-      add_bias_kernel<<<grid_for(N * O, 256), 256, 0, st.cuda_stream()>>>(y.data_as<float>(), b->data_as<float>(),
-                                                                         N, O);
-      DSTRAIN_CUDA_CHECK_LAUNCH();
-    }
+    if (b != nullptr) add_bias(*b, y, N, O, st.cuda_stream());
     return;
   }
-  const bool bias_epilogue = b != nullptr && aligned16(b->data());
+  // The epilogue's bias has D's dtype: an fp32 bias fits an fp32 y only.
+  const bool bias_epilogue = b != nullptr && aligned16(b->data()) && y.dtype() == DType::F32;
   GemmSpec g;
   g.ta = CUBLAS_OP_T;
   g.tb = CUBLAS_OP_N;
   g.m = O;
   g.n = N;
   g.k = I;
-  g.A = w.data_as<float>();
+  g.A = w.data();
   g.lda = I;
-  g.B = x.data_as<float>();
+  g.B = x.data();
   g.ldb = I;
-  g.D = y.data_as<float>();
+  g.D = y.data();
   g.ldd = O;
+  g.ab_type = lt_type(x.dtype());
+  g.d_type = lt_type(y.dtype());
   g.bias = bias_epilogue ? b->data_as<float>() : nullptr;
   lt_gemm(st, g);
-  if (b != nullptr && !bias_epilogue) {
-    add_bias_kernel<<<grid_for(N * O, 256), 256, 0, st.cuda_stream()>>>(y.data_as<float>(), b->data_as<float>(), N,
-                                                                       O);
-    DSTRAIN_CUDA_CHECK_LAUNCH();
-  }
+  if (b != nullptr && !bias_epilogue) add_bias(*b, y, N, O, st.cuda_stream());
 }
 
 void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
@@ -243,12 +263,14 @@ void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tens
       g.m = I;
       g.n = N;
       g.k = O;
-      g.A = w.data_as<float>();
+      g.A = w.data();
       g.lda = I;
-      g.B = dy.data_as<float>();
+      g.B = dy.data();
       g.ldb = O;
-      g.D = dx->data_as<float>();
+      g.D = dx->data();
       g.ldd = I;
+      g.ab_type = lt_type(dy.dtype());
+      g.d_type = lt_type(dx->dtype());
       lt_gemm(st, g);
     }
   }
@@ -263,12 +285,14 @@ void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tens
       g.m = I;
       g.n = O;
       g.k = N;
-      g.A = x.data_as<float>();
+      g.A = x.data();
       g.lda = I;
-      g.B = dy.data_as<float>();
+      g.B = dy.data();
       g.ldb = O;
-      g.D = dw.data_as<float>();
+      g.D = dw.data();
       g.ldd = I;
+      g.ab_type = lt_type(x.dtype());
+      g.d_type = lt_type(dw.dtype());
       lt_gemm(st, g);
     }
   }
@@ -277,8 +301,10 @@ void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tens
     const dim3 block(kColX, kColY);
     const std::int64_t blocks = (O + kColX - 1) / kColX;
     DSTRAIN_CHECK(blocks <= 0x7fffffff, "linear_backward: too many outputs");
-    column_sum_kernel<<<static_cast<unsigned>(blocks), block, 0, s>>>(dy.data_as<float>(), db->data_as<float>(), N,
-                                                                       O);
+    DSTRAIN_DISPATCH_ACT_DTYPE(dy.dtype(), "linear_backward", {
+      column_sum_kernel<T><<<static_cast<unsigned>(blocks), block, 0, s>>>(dy.data_as<T>(), db->data_as<float>(), N,
+                                                                           O);
+    });
     DSTRAIN_CUDA_CHECK_LAUNCH();
   }
 }

@@ -1,4 +1,4 @@
-// 2x2 max pooling with stride 2 on NHWC fp32 (odd trailing row/column dropped), and its
+// 2x2 max pooling with stride 2 on NHWC fp32, fp16 or bf16 (odd trailing row/column dropped), and its
 // backward: each dy goes to the first maximum of its window in row-major order
 // ((0,0), (0,1), (1,0), (1,1)); every other dx element, the dropped ones included, is 0.
 // Backward recomputes the window's argmax from x, so y is not read.
@@ -9,6 +9,7 @@
 
 #include "cuda_check.h"
 #include "cuda_state.h"
+#include "elem_types.cuh"
 #include "ops_cuda.h"
 
 namespace dstrain::kernels::cuda {
@@ -27,9 +28,10 @@ struct PoolDims {
 };
 
 // Index (0..3) of the first maximum of the window whose top-left element is at `p`.
-__device__ __forceinline__ int first_max_in_window(const float* __restrict__ p, std::int64_t C,
+template <class T>
+__device__ __forceinline__ int first_max_in_window(const T* __restrict__ p, std::int64_t C,
                                                    std::int64_t row, float* max_out) {
-  const float v0 = p[0], v1 = p[C], v2 = p[row], v3 = p[row + C];
+  const float v0 = load_f(p[0]), v1 = load_f(p[C]), v2 = load_f(p[row]), v3 = load_f(p[row + C]);
   float m = v0;
   int k = 0;
   if (v1 > m) { m = v1; k = 1; }
@@ -39,7 +41,8 @@ __device__ __forceinline__ int first_max_in_window(const float* __restrict__ p, 
   return k;
 }
 
-__global__ void maxpool_forward_kernel(const float* __restrict__ x, float* __restrict__ y, PoolDims d,
+template <class T>
+__global__ void maxpool_forward_kernel(const T* __restrict__ x, T* __restrict__ y, PoolDims d,
                                        std::int64_t total) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   const std::int64_t row = d.W * d.C;
@@ -51,16 +54,17 @@ __global__ void maxpool_forward_kernel(const float* __restrict__ x, float* __res
     t /= d.Wo;
     const std::int64_t ho = t % d.Ho;
     const std::int64_t n = t / d.Ho;
-    const float* p = x + ((n * d.H + 2 * ho) * d.W + 2 * wo) * d.C + c;
+    const T* p = x + ((n * d.H + 2 * ho) * d.W + 2 * wo) * d.C + c;
     float m;
     first_max_in_window(p, d.C, row, &m);
-    y[i] = m;
+    y[i] = store_f<T>(m);  // exact: m is one of the inputs
   }
 }
 
 // One thread per dx element.
-__global__ void maxpool_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
-                                        float* __restrict__ dx, PoolDims d, std::int64_t total) {
+template <class T>
+__global__ void maxpool_backward_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                        T* __restrict__ dx, PoolDims d, std::int64_t total) {
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   const std::int64_t row = d.W * d.C;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
@@ -72,9 +76,9 @@ __global__ void maxpool_backward_kernel(const float* __restrict__ dy, const floa
     const std::int64_t h = t % d.H;
     const std::int64_t n = t / d.H;
     const std::int64_t ho = h >> 1, wo = w >> 1;
-    float g = 0.0f;
+    T g = store_f<T>(0.0f);
     if (ho < d.Ho && wo < d.Wo) {
-      const float* p = x + ((n * d.H + 2 * ho) * d.W + 2 * wo) * d.C + c;
+      const T* p = x + ((n * d.H + 2 * ho) * d.W + 2 * wo) * d.C + c;
       float m;
       const int k = first_max_in_window(p, d.C, row, &m);
       const int mine = static_cast<int>((h & 1) * 2 + (w & 1));
@@ -103,8 +107,10 @@ void maxpool2x2_forward(Context& ctx, const Tensor& x, Tensor& y) {
   if (total == 0) return;
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
-  maxpool_forward_kernel<<<grid_for(total), kThreads, 0, st.cuda_stream()>>>(x.data_as<float>(),
-                                                                            y.data_as<float>(), d, total);
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "maxpool2x2_forward", {
+    maxpool_forward_kernel<T><<<grid_for(total), kThreads, 0, st.cuda_stream()>>>(x.data_as<T>(), y.data_as<T>(),
+                                                                                  d, total);
+  });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 
@@ -115,8 +121,10 @@ void maxpool2x2_backward(Context& ctx, const Tensor& dy, const Tensor& x, const 
   if (total == 0) return;
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
-  maxpool_backward_kernel<<<grid_for(total), kThreads, 0, st.cuda_stream()>>>(
-      dy.data_as<float>(), x.data_as<float>(), dx.data_as<float>(), d, total);
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "maxpool2x2_backward", {
+    maxpool_backward_kernel<T><<<grid_for(total), kThreads, 0, st.cuda_stream()>>>(
+        dy.data_as<T>(), x.data_as<T>(), dx.data_as<T>(), d, total);
+  });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 

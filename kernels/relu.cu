@@ -1,5 +1,6 @@
-// ReLU forward and backward on fp32 tensors of any shape (elementwise, 16-byte vector loads
-// when every pointer allows them). In-place use (y aliasing x, dx aliasing dy) is allowed.
+// ReLU forward and backward on fp32, fp16 or bf16 tensors of any shape (elementwise; fp32 uses
+// 16-byte vector loads when every pointer allows them). In-place use (y aliasing x, dx aliasing
+// dy) is allowed.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -7,6 +8,7 @@
 
 #include "cuda_check.h"
 #include "cuda_state.h"
+#include "elem_types.cuh"
 #include "ops_cuda.h"
 
 namespace dstrain::kernels::cuda {
@@ -62,6 +64,21 @@ __global__ void relu_backward_kernel(const float* dy, const float* y, float* dx,
   for (std::int64_t i = 4 * n4 + tid; i < n; i += stride) dx[i] = relu_grad1(dy[i], y[i]);
 }
 
+// fp16 / bf16: one element per thread and iteration, compared in fp32.
+template <class T>
+__global__ void relu_forward_lowp_kernel(const T* x, T* y, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    y[i] = store_f<T>(relu1(load_f(x[i])));
+}
+
+template <class T>
+__global__ void relu_backward_lowp_kernel(const T* dy, const T* y, T* dx, std::int64_t n) {
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    dx[i] = store_f<T>(relu_grad1(load_f(dy[i]), load_f(y[i])));
+}
+
 }  // namespace
 
 void relu_forward(Context& ctx, const Tensor& x, Tensor& y) {
@@ -69,6 +86,13 @@ void relu_forward(Context& ctx, const Tensor& x, Tensor& y) {
   if (n == 0) return;
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
+  if (x.dtype() != DType::F32) {
+    DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "relu_forward", {
+      relu_forward_lowp_kernel<T><<<grid_for(n), kThreads, 0, st.cuda_stream()>>>(x.data_as<T>(), y.data_as<T>(), n);
+    });
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    return;
+  }
   const float* xp = x.data_as<float>();
   float* yp = y.data_as<float>();
   const std::int64_t n4 = (aligned16(xp) && aligned16(yp)) ? n / 4 : 0;
@@ -82,6 +106,14 @@ void relu_backward(Context& ctx, const Tensor& dy, const Tensor& y, Tensor& dx) 
   if (n == 0) return;
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
+  if (dy.dtype() != DType::F32) {
+    DSTRAIN_DISPATCH_ACT_DTYPE(dy.dtype(), "relu_backward", {
+      relu_backward_lowp_kernel<T><<<grid_for(n), kThreads, 0, st.cuda_stream()>>>(dy.data_as<T>(), y.data_as<T>(),
+                                                                                    dx.data_as<T>(), n);
+    });
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+    return;
+  }
   const float* dyp = dy.data_as<float>();
   const float* yp = y.data_as<float>();
   float* dxp = dx.data_as<float>();

@@ -35,6 +35,12 @@ float bits_float(std::uint32_t u) {
 
 }  // namespace
 
+void amp_scale_by_loss_scale(Context&, Tensor& t, const Tensor& scaler_state) {
+  const float scale = scaler_state.data_as<float>()[0];
+  float* p = t.data_as<float>();
+  for (std::int64_t i = 0; i < t.numel(); ++i) p[i] *= scale;
+}
+
 void amp_unscale_and_check(Context&, const std::vector<Tensor*>& grads, Tensor& scaler_state) {
   float* st = scaler_state.data_as<float>();
   const float inv_scale = 1.0f / st[0];

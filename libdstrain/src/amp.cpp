@@ -1,6 +1,7 @@
 // dstrain::amp: argument checks and state handling, then dispatch to kernels::cpu or
 // kernels::cuda on the context's device.
 #include "dstrain/amp.h"
+#include "dstrain/amp_policy.h"
 
 #include <cmath>
 #include <cstdint>
@@ -133,6 +134,12 @@ void GradScaler::unscale_and_check(Context& ctx, const std::vector<Tensor*>& gra
   check_on(ctx, state_, "grad scaler state");
   check_list(ctx, grads, "gradient");
   DSTRAIN_AMP_DISPATCH(amp_unscale_and_check, grads, state_);
+}
+
+void GradScaler::scale_gradient(Context& ctx, Tensor& grad) const {
+  check_on(ctx, state_, "grad scaler state");
+  check_f32_on(ctx, grad, "scaled gradient");
+  DSTRAIN_AMP_DISPATCH(amp_scale_by_loss_scale, grad, state_);
 }
 
 void GradScaler::agree_found_inf(Communicator& comm, Context& ctx) {
@@ -292,6 +299,32 @@ void gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, const Ge
   if (M == 0 || N == 0) return;
   DSTRAIN_CHECK(K > 0, "gemm needs K > 0");
   DSTRAIN_AMP_DISPATCH(amp_gemm_nt, a, b, d, options);
+}
+
+}  // namespace dstrain::amp
+
+// ---- Policy ---------------------------------------------------------------------------------
+
+namespace dstrain::amp {
+
+Policy Policy::parse(const std::string& name) {
+  if (name == "fp32") return fp32();
+  if (name == "fp16") return fp16();
+  if (name == "bf16") return bf16();
+  DSTRAIN_THROW(ErrorCode::InvalidArgument, "precision '" + name + "': expected fp32, fp16 or bf16");
+}
+
+DType Policy::compute_dtype(OpKind kind) const {
+  switch (kind) {
+    case OpKind::Conv:
+    case OpKind::Linear:
+    case OpKind::Activation: return low_;
+    case OpKind::BatchNorm:
+    case OpKind::Loss:
+    case OpKind::Reduction:
+    case OpKind::Optimizer: return DType::F32;
+  }
+  return DType::F32;
 }
 
 }  // namespace dstrain::amp

@@ -21,10 +21,16 @@ Parameter make_parameter(std::string name, const Shape& shape, Device device, Pa
 }
 
 // Sizes `t` like `shape` on the context's device (reusing its memory when possible).
-Tensor& ensure(Tensor& t, const Shape& shape, const Context& ctx) {
-  if (t.shape() != shape || t.device() != ctx.device() || t.dtype() != DType::F32)
-    t.resize(shape, DType::F32, ctx.device());
+Tensor& ensure(Tensor& t, const Shape& shape, const Context& ctx, DType dtype = DType::F32) {
+  if (t.shape() != shape || t.device() != ctx.device() || t.dtype() != dtype) t.resize(shape, dtype, ctx.device());
   return t;
+}
+
+// `t` itself when it already has `dtype`, else `t` converted into `scratch`.
+const Tensor& as_dtype(Context& ctx, const Tensor& t, DType dtype, Tensor& scratch) {
+  if (t.dtype() == dtype) return t;
+  ops::convert(ctx, t, ensure(scratch, t.shape(), ctx, dtype));
+  return scratch;
 }
 
 const Tensor& require_input(const Tensor* x, const std::string& layer) {
@@ -33,8 +39,10 @@ const Tensor& require_input(const Tensor* x, const std::string& layer) {
 }
 }  // namespace
 
-Conv2d::Conv2d(Device device, int in_channels, int out_channels, int kernel, int stride, int padding, bool bias)
-    : in_(in_channels), out_(out_channels), kernel_(kernel), has_bias_(bias) {
+Conv2d::Conv2d(Device device, int in_channels, int out_channels, int kernel, int stride, int padding, bool bias,
+               amp::Policy policy)
+    : in_(in_channels), out_(out_channels), kernel_(kernel), has_bias_(bias),
+      dtype_(policy.compute_dtype(amp::OpKind::Conv)) {
   DSTRAIN_CHECK(in_channels > 0 && out_channels > 0 && kernel > 0 && stride > 0 && padding >= 0,
                 "Conv2d needs positive channels, kernel and stride");
   DSTRAIN_CHECK(!bias, "Conv2d with bias is not supported yet; follow it with BatchNorm2d");
@@ -54,22 +62,33 @@ std::string Conv2d::name() const {
 std::vector<Parameter*> Conv2d::parameters() { return {&weight_}; }
 
 const Tensor& Conv2d::forward(Context& ctx, const Tensor& x, bool) {
-  x_ = &x;
-  ensure(y_, ops::conv2d_output_shape(x.shape(), weight_.value.shape(), params_), ctx);
-  ops::conv2d_forward(ctx, x, weight_.value, y_, params_);
+  input_dtype_ = x.dtype();
+  x_ = &as_dtype(ctx, x, dtype_, x_cast_);
+  // The working copy follows the master weight, whatever updated it since the last forward.
+  const Tensor& w = as_dtype(ctx, weight_.value, dtype_, w_low_);
+  ensure(y_, ops::conv2d_output_shape(x.shape(), weight_.value.shape(), params_), ctx, dtype_);
+  ops::conv2d_forward(ctx, *x_, w, y_, params_);
   return y_;
 }
 
 const Tensor& Conv2d::backward(Context& ctx, const Tensor& dy) {
   const Tensor& x = require_input(x_, name());
-  ops::conv2d_backward_filter(ctx, x, dy, weight_.grad, params_);
+  const Tensor& g = as_dtype(ctx, dy, dtype_, dy_cast_);
+  if (dtype_ == DType::F32) {
+    ops::conv2d_backward_filter(ctx, x, g, weight_.grad, params_);
+  } else {
+    ops::conv2d_backward_filter(ctx, x, g, ensure(dw_low_, weight_.value.shape(), ctx, dtype_), params_);
+    ops::convert(ctx, dw_low_, weight_.grad);
+  }
   if (!needs_input_grad_) {
     dx_ = Tensor();
     return dx_;
   }
-  ensure(dx_, x.shape(), ctx);
-  ops::conv2d_backward_data(ctx, dy, weight_.value, dx_, params_);
-  return dx_;
+  ensure(dx_, x.shape(), ctx, dtype_);
+  ops::conv2d_backward_data(ctx, g, dtype_ == DType::F32 ? weight_.value : w_low_, dx_, params_);
+  if (input_dtype_ == dtype_) return dx_;
+  ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));
+  return dx_input_;
 }
 
 BatchNorm2d::BatchNorm2d(Device device, int channels, float momentum, float eps) : channels_(channels) {
@@ -88,7 +107,7 @@ std::string BatchNorm2d::name() const { return "BatchNorm2d(" + std::to_string(c
 
 const Tensor& BatchNorm2d::forward(Context& ctx, const Tensor& x, bool training) {
   x_ = &x;
-  ensure(y_, x.shape(), ctx);
+  ensure(y_, x.shape(), ctx, x.dtype());
   if (training)
     ops::batchnorm_forward_train(ctx, x, gamma_.value, beta_.value, running_mean_, running_var_, y_, save_mean_,
                                  save_invstd_, params_);
@@ -99,19 +118,19 @@ const Tensor& BatchNorm2d::forward(Context& ctx, const Tensor& x, bool training)
 
 const Tensor& BatchNorm2d::backward(Context& ctx, const Tensor& dy) {
   const Tensor& x = require_input(x_, name());
-  ensure(dx_, x.shape(), ctx);
+  ensure(dx_, x.shape(), ctx, x.dtype());
   ops::batchnorm_backward(ctx, dy, x, gamma_.value, save_mean_, save_invstd_, dx_, gamma_.grad, beta_.grad);
   return dx_;
 }
 
 const Tensor& ReLU::forward(Context& ctx, const Tensor& x, bool) {
-  ensure(y_, x.shape(), ctx);
+  ensure(y_, x.shape(), ctx, x.dtype());
   ops::relu_forward(ctx, x, y_);
   return y_;
 }
 
 const Tensor& ReLU::backward(Context& ctx, const Tensor& dy) {
-  ensure(dx_, y_.shape(), ctx);
+  ensure(dx_, y_.shape(), ctx, y_.dtype());
   ops::relu_backward(ctx, dy, y_, dx_);
   return dx_;
 }
@@ -119,14 +138,14 @@ const Tensor& ReLU::backward(Context& ctx, const Tensor& dy) {
 const Tensor& MaxPool2x2::forward(Context& ctx, const Tensor& x, bool) {
   x_ = &x;
   DSTRAIN_CHECK(x.ndim() == 4, "MaxPool2x2 takes [N,H,W,C], got " + shape_str(x.shape()));
-  ensure(y_, {x.dim(0), x.dim(1) / 2, x.dim(2) / 2, x.dim(3)}, ctx);
+  ensure(y_, {x.dim(0), x.dim(1) / 2, x.dim(2) / 2, x.dim(3)}, ctx, x.dtype());
   ops::maxpool2x2_forward(ctx, x, y_);
   return y_;
 }
 
 const Tensor& MaxPool2x2::backward(Context& ctx, const Tensor& dy) {
   const Tensor& x = require_input(x_, name());
-  ensure(dx_, x.shape(), ctx);
+  ensure(dx_, x.shape(), ctx, x.dtype());
   ops::maxpool2x2_backward(ctx, dy, x, y_, dx_);
   return dx_;
 }
@@ -134,20 +153,20 @@ const Tensor& MaxPool2x2::backward(Context& ctx, const Tensor& dy) {
 const Tensor& GlobalAvgPool::forward(Context& ctx, const Tensor& x, bool) {
   DSTRAIN_CHECK(x.ndim() == 4, "GlobalAvgPool takes [N,H,W,C], got " + shape_str(x.shape()));
   x_shape_ = x.shape();
-  ensure(y_, {x.dim(0), x.dim(3)}, ctx);
+  ensure(y_, {x.dim(0), x.dim(3)}, ctx, x.dtype());
   ops::global_avgpool_forward(ctx, x, y_);
   return y_;
 }
 
 const Tensor& GlobalAvgPool::backward(Context& ctx, const Tensor& dy) {
   DSTRAIN_CHECK(!x_shape_.empty(), "GlobalAvgPool: backward called before forward");
-  ensure(dx_, x_shape_, ctx);
+  ensure(dx_, x_shape_, ctx, y_.dtype());
   ops::global_avgpool_backward(ctx, dy, dx_);
   return dx_;
 }
 
-Linear::Linear(Device device, int in_features, int out_features, bool bias)
-    : in_(in_features), out_(out_features), has_bias_(bias) {
+Linear::Linear(Device device, int in_features, int out_features, bool bias, amp::Policy policy)
+    : in_(in_features), out_(out_features), has_bias_(bias), dtype_(policy.compute_dtype(amp::OpKind::Linear)) {
   DSTRAIN_CHECK(in_features > 0 && out_features > 0, "Linear needs positive feature counts");
   weight_ = make_parameter(name() + ".weight", {out_, in_}, device, Parameter::Init::UniformFanIn, in_);
   if (has_bias_) bias_ = make_parameter(name() + ".bias", {out_}, device, Parameter::Init::UniformFanIn, in_);
@@ -161,20 +180,27 @@ std::vector<Parameter*> Linear::parameters() {
 }
 
 const Tensor& Linear::forward(Context& ctx, const Tensor& x, bool) {
-  x_ = &x;
   DSTRAIN_CHECK(x.ndim() == 2, "Linear takes [N,features], got " + shape_str(x.shape()));
-  ensure(y_, {x.dim(0), out_}, ctx);
-  ops::linear_forward(ctx, x, weight_.value, has_bias_ ? &bias_.value : nullptr, y_);
+  input_dtype_ = x.dtype();
+  x_ = &as_dtype(ctx, x, dtype_, x_cast_);
+  const Tensor& w = as_dtype(ctx, weight_.value, dtype_, w_low_);
+  ensure(y_, {x.dim(0), out_}, ctx);  // fp32 logits in every policy
+  ops::linear_forward(ctx, *x_, w, has_bias_ ? &bias_.value : nullptr, y_);
   return y_;
 }
 
 const Tensor& Linear::backward(Context& ctx, const Tensor& dy) {
   const Tensor& x = require_input(x_, name());
+  const Tensor& g = as_dtype(ctx, dy, dtype_, dy_low_);
   Tensor* dx = nullptr;
-  if (needs_input_grad_) dx = &ensure(dx_, x.shape(), ctx);
+  if (needs_input_grad_) dx = &ensure(dx_, x.shape(), ctx, dtype_);
   else dx_ = Tensor();
-  ops::linear_backward(ctx, dy, x, weight_.value, dx, weight_.grad, has_bias_ ? &bias_.grad : nullptr);
-  return dx_;
+  // The weight gradient goes straight into the fp32 master gradient (fp32 GEMM output).
+  ops::linear_backward(ctx, g, x, dtype_ == DType::F32 ? weight_.value : w_low_, dx, weight_.grad,
+                       has_bias_ ? &bias_.grad : nullptr);
+  if (dx == nullptr || input_dtype_ == dtype_) return dx_;
+  ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));
+  return dx_input_;
 }
 
 Layer& Sequential::add(std::unique_ptr<Layer> layer) {

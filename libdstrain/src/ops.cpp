@@ -44,6 +44,59 @@ void check_f32(const Context& ctx, const Tensor& t, const char* what) {
   check_dtype(t, DType::F32, what);
 }
 
+bool is_activation_dtype(DType dt) { return dt == DType::F32 || dt == DType::F16 || dt == DType::BF16; }
+
+// An activation: fp32, fp16 or bf16.
+void check_act(const Context& ctx, const Tensor& t, const char* what) {
+  check_on(ctx, t, what);
+  if (!is_activation_dtype(t.dtype()))
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " has dtype " + dtype_name(t.dtype()) +
+                                                  ", expected fp32, fp16 or bf16");
+}
+
+// Same dtype as `ref` (the op's activation dtype).
+void check_like(const Context& ctx, const Tensor& t, const Tensor& ref, const char* what) {
+  check_on(ctx, t, what);
+  check_dtype(t, ref.dtype(), what);
+}
+
+// `ref`'s dtype, or fp32 (outputs that may stay in full precision: logits, pooled features,
+// master-weight gradients).
+void check_like_or_f32(const Context& ctx, const Tensor& t, const Tensor& ref, const char* what) {
+  check_on(ctx, t, what);
+  if (t.dtype() != DType::F32 && t.dtype() != ref.dtype())
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " has dtype " + dtype_name(t.dtype()) +
+                                                  ", expected fp32 or " + dtype_name(ref.dtype()));
+}
+
+// ---- CPU path of fp16 / bf16: widen to fp32, run the fp32 reference, round the outputs once.
+
+bool any_low(std::initializer_list<const Tensor*> ts) {
+  for (const Tensor* t : ts)
+    if (t != nullptr && t->dtype() != DType::F32) return true;
+  return false;
+}
+
+// An fp32 tensor with t's values: a view when t is fp32 already.
+Tensor widened(const Tensor& t) {
+  if (t.dtype() == DType::F32) return Tensor::wrap(const_cast<void*>(t.data()), t.shape(), DType::F32, t.device());
+  Tensor f = Tensor::empty(t.shape(), DType::F32, t.device());
+  convert_host(t.data(), t.dtype(), f.data(), DType::F32, static_cast<std::size_t>(t.numel()));
+  return f;
+}
+
+// Where the fp32 reference writes an output: t itself when fp32, else a scratch tensor that
+// narrow_into() rounds into t.
+Tensor f32_output(Tensor& t) {
+  if (t.dtype() == DType::F32) return Tensor::wrap(t.data(), t.shape(), DType::F32, t.device());
+  return Tensor::empty(t.shape(), DType::F32, t.device());
+}
+
+void narrow_into(const Tensor& f, Tensor& t) {
+  if (t.dtype() == DType::F32) return;  // written in place
+  convert_host(f.data(), DType::F32, t.data(), t.dtype(), static_cast<std::size_t>(t.numel()));
+}
+
 void check_rank(const Tensor& t, int rank, const char* what) {
   if (t.ndim() != rank)
     DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(what) + " must have " + std::to_string(rank) +
@@ -96,26 +149,44 @@ Shape conv2d_output_shape(const Shape& x, const Shape& w, const Conv2dParams& p)
 }
 
 void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, const Conv2dParams& p) {
-  check_f32(ctx, x, "conv2d x");
-  check_f32(ctx, w, "conv2d w");
-  check_f32(ctx, y, "conv2d y");
+  check_act(ctx, x, "conv2d x");
+  check_like(ctx, w, x, "conv2d w");
+  check_like(ctx, y, x, "conv2d y");
   check_shape(y, conv2d_output_shape(x.shape(), w.shape(), p), "conv2d y");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::conv2d_forward(ctx, widened(x), widened(w), yf, p);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(conv2d_forward, x, w, y, p);
 }
 
 void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tensor& dx, const Conv2dParams& p) {
-  check_f32(ctx, dy, "conv2d dy");
-  check_f32(ctx, w, "conv2d w");
-  check_f32(ctx, dx, "conv2d dx");
+  check_act(ctx, dy, "conv2d dy");
+  check_like(ctx, w, dy, "conv2d w");
+  check_like(ctx, dx, dy, "conv2d dx");
   check_shape(dy, conv2d_output_shape(dx.shape(), w.shape(), p), "conv2d dy");
+  if (!ctx.is_cuda() && any_low({&dy})) {
+    Tensor dxf = f32_output(dx);
+    kernels::cpu::conv2d_backward_data(ctx, widened(dy), widened(w), dxf, p);
+    narrow_into(dxf, dx);
+    return;
+  }
   DSTRAIN_DISPATCH(conv2d_backward_data, dy, w, dx, p);
 }
 
 void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw, const Conv2dParams& p) {
-  check_f32(ctx, x, "conv2d x");
-  check_f32(ctx, dy, "conv2d dy");
-  check_f32(ctx, dw, "conv2d dw");
+  check_act(ctx, x, "conv2d x");
+  check_like(ctx, dy, x, "conv2d dy");
+  check_like(ctx, dw, x, "conv2d dw");
   check_shape(dy, conv2d_output_shape(x.shape(), dw.shape(), p), "conv2d dy");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor dwf = f32_output(dw);
+    kernels::cpu::conv2d_backward_filter(ctx, widened(x), widened(dy), dwf, p);
+    narrow_into(dwf, dw);
+    return;
+  }
   DSTRAIN_DISPATCH(conv2d_backward_filter, x, dy, dw, p);
 }
 
@@ -129,7 +200,7 @@ void check_channel_vector(const Context& ctx, const Tensor& t, std::int64_t c, c
 void batchnorm_forward_train(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                              Tensor& running_mean, Tensor& running_var, Tensor& y, Tensor& save_mean,
                              Tensor& save_invstd, const BatchNormParams& p) {
-  check_f32(ctx, x, "batchnorm x");
+  check_act(ctx, x, "batchnorm x");
   const std::int64_t c = channels(x, "batchnorm x");
   DSTRAIN_CHECK(x.numel() / std::max<std::int64_t>(c, 1) > 1,
                 "batchnorm in training needs more than one value per channel, x has shape " + shape_str(x.shape()));
@@ -139,57 +210,88 @@ void batchnorm_forward_train(Context& ctx, const Tensor& x, const Tensor& gamma,
   check_channel_vector(ctx, running_var, c, "batchnorm running_var");
   check_channel_vector(ctx, save_mean, c, "batchnorm save_mean");
   check_channel_vector(ctx, save_invstd, c, "batchnorm save_invstd");
-  check_f32(ctx, y, "batchnorm y");
+  check_like(ctx, y, x, "batchnorm y");
   check_shape(y, x.shape(), "batchnorm y");
   DSTRAIN_CHECK(p.eps > 0.0f && p.momentum >= 0.0f && p.momentum <= 1.0f, "batchnorm eps > 0, momentum in [0,1]");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::batchnorm_forward_train(ctx, widened(x), gamma, beta, running_mean, running_var, yf, save_mean,
+                                          save_invstd, p);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(batchnorm_forward_train, x, gamma, beta, running_mean, running_var, y, save_mean, save_invstd, p);
 }
 
 void batchnorm_forward_eval(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
                             const Tensor& running_mean, const Tensor& running_var, Tensor& y,
                             const BatchNormParams& p) {
-  check_f32(ctx, x, "batchnorm x");
+  check_act(ctx, x, "batchnorm x");
   const std::int64_t c = channels(x, "batchnorm x");
   check_channel_vector(ctx, gamma, c, "batchnorm gamma");
   check_channel_vector(ctx, beta, c, "batchnorm beta");
   check_channel_vector(ctx, running_mean, c, "batchnorm running_mean");
   check_channel_vector(ctx, running_var, c, "batchnorm running_var");
-  check_f32(ctx, y, "batchnorm y");
+  check_like(ctx, y, x, "batchnorm y");
   check_shape(y, x.shape(), "batchnorm y");
   DSTRAIN_CHECK(p.eps > 0.0f, "batchnorm eps must be positive");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::batchnorm_forward_eval(ctx, widened(x), gamma, beta, running_mean, running_var, yf, p);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(batchnorm_forward_eval, x, gamma, beta, running_mean, running_var, y, p);
 }
 
 void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& gamma,
                         const Tensor& save_mean, const Tensor& save_invstd, Tensor& dx, Tensor& dgamma,
                         Tensor& dbeta) {
-  check_f32(ctx, x, "batchnorm x");
+  check_act(ctx, x, "batchnorm x");
   const std::int64_t c = channels(x, "batchnorm x");
-  check_f32(ctx, dy, "batchnorm dy");
+  check_like(ctx, dy, x, "batchnorm dy");
   check_shape(dy, x.shape(), "batchnorm dy");
-  check_f32(ctx, dx, "batchnorm dx");
+  check_like(ctx, dx, x, "batchnorm dx");
   check_shape(dx, x.shape(), "batchnorm dx");
   check_channel_vector(ctx, gamma, c, "batchnorm gamma");
   check_channel_vector(ctx, save_mean, c, "batchnorm save_mean");
   check_channel_vector(ctx, save_invstd, c, "batchnorm save_invstd");
   check_channel_vector(ctx, dgamma, c, "batchnorm dgamma");
   check_channel_vector(ctx, dbeta, c, "batchnorm dbeta");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor dxf = f32_output(dx);
+    kernels::cpu::batchnorm_backward(ctx, widened(dy), widened(x), gamma, save_mean, save_invstd, dxf, dgamma, dbeta);
+    narrow_into(dxf, dx);
+    return;
+  }
   DSTRAIN_DISPATCH(batchnorm_backward, dy, x, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
 }
 
 void relu_forward(Context& ctx, const Tensor& x, Tensor& y) {
-  check_f32(ctx, x, "relu x");
-  check_f32(ctx, y, "relu y");
+  check_act(ctx, x, "relu x");
+  check_like(ctx, y, x, "relu y");
   check_shape(y, x.shape(), "relu y");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::relu_forward(ctx, widened(x), yf);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(relu_forward, x, y);
 }
 
 void relu_backward(Context& ctx, const Tensor& dy, const Tensor& y, Tensor& dx) {
-  check_f32(ctx, dy, "relu dy");
-  check_f32(ctx, y, "relu y");
-  check_f32(ctx, dx, "relu dx");
+  check_act(ctx, dy, "relu dy");
+  check_like(ctx, y, dy, "relu y");
+  check_like(ctx, dx, dy, "relu dx");
   check_shape(dy, y.shape(), "relu dy");
   check_shape(dx, y.shape(), "relu dx");
+  if (!ctx.is_cuda() && any_low({&dy})) {
+    Tensor dxf = f32_output(dx);
+    kernels::cpu::relu_backward(ctx, widened(dy), widened(y), dxf);
+    narrow_into(dxf, dx);
+    return;
+  }
   DSTRAIN_DISPATCH(relu_backward, dy, y, dx);
 }
 
@@ -201,43 +303,67 @@ Shape pooled_shape(const Tensor& x) {
 }  // namespace
 
 void maxpool2x2_forward(Context& ctx, const Tensor& x, Tensor& y) {
-  check_f32(ctx, x, "maxpool x");
-  check_f32(ctx, y, "maxpool y");
+  check_act(ctx, x, "maxpool x");
+  check_like(ctx, y, x, "maxpool y");
   check_shape(y, pooled_shape(x), "maxpool y");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::maxpool2x2_forward(ctx, widened(x), yf);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(maxpool2x2_forward, x, y);
 }
 
 void maxpool2x2_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& y, Tensor& dx) {
-  check_f32(ctx, x, "maxpool x");
-  check_f32(ctx, y, "maxpool y");
-  check_f32(ctx, dy, "maxpool dy");
-  check_f32(ctx, dx, "maxpool dx");
+  check_act(ctx, x, "maxpool x");
+  check_like(ctx, y, x, "maxpool y");
+  check_like(ctx, dy, x, "maxpool dy");
+  check_like(ctx, dx, x, "maxpool dx");
   check_shape(y, pooled_shape(x), "maxpool y");
   check_shape(dy, y.shape(), "maxpool dy");
   check_shape(dx, x.shape(), "maxpool dx");
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor dxf = f32_output(dx);
+    kernels::cpu::maxpool2x2_backward(ctx, widened(dy), widened(x), widened(y), dxf);
+    narrow_into(dxf, dx);
+    return;
+  }
   DSTRAIN_DISPATCH(maxpool2x2_backward, dy, x, y, dx);
 }
 
 void global_avgpool_forward(Context& ctx, const Tensor& x, Tensor& y) {
-  check_f32(ctx, x, "avgpool x");
+  check_act(ctx, x, "avgpool x");
   check_rank(x, 4, "avgpool x");
-  check_f32(ctx, y, "avgpool y");
+  check_like_or_f32(ctx, y, x, "avgpool y");
   check_shape(y, {x.dim(0), x.dim(3)}, "avgpool y");
+  if (!ctx.is_cuda() && any_low({&x, &y})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::global_avgpool_forward(ctx, widened(x), yf);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(global_avgpool_forward, x, y);
 }
 
 void global_avgpool_backward(Context& ctx, const Tensor& dy, Tensor& dx) {
-  check_f32(ctx, dx, "avgpool dx");
+  check_act(ctx, dx, "avgpool dx");
   check_rank(dx, 4, "avgpool dx");
-  check_f32(ctx, dy, "avgpool dy");
+  check_like_or_f32(ctx, dy, dx, "avgpool dy");
   check_shape(dy, {dx.dim(0), dx.dim(3)}, "avgpool dy");
+  if (!ctx.is_cuda() && any_low({&dx, &dy})) {
+    Tensor dxf = f32_output(dx);
+    kernels::cpu::global_avgpool_backward(ctx, widened(dy), dxf);
+    narrow_into(dxf, dx);
+    return;
+  }
   DSTRAIN_DISPATCH(global_avgpool_backward, dy, dx);
 }
 
 void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
-  check_f32(ctx, x, "linear x");
-  check_f32(ctx, w, "linear w");
-  check_f32(ctx, y, "linear y");
+  check_act(ctx, x, "linear x");
+  check_like(ctx, w, x, "linear w");
+  check_like_or_f32(ctx, y, x, "linear y");
   check_rank(x, 2, "linear x");
   check_rank(w, 2, "linear w");
   DSTRAIN_CHECK(x.dim(1) == w.dim(1), "linear x " + shape_str(x.shape()) + " does not match w " + shape_str(w.shape()));
@@ -246,27 +372,41 @@ void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor
     check_shape(*b, {w.dim(0)}, "linear b");
   }
   check_shape(y, {x.dim(0), w.dim(0)}, "linear y");
+  if (!ctx.is_cuda() && any_low({&x, &y})) {
+    Tensor yf = f32_output(y);
+    kernels::cpu::linear_forward(ctx, widened(x), widened(w), b, yf);
+    narrow_into(yf, y);
+    return;
+  }
   DSTRAIN_DISPATCH(linear_forward, x, w, b, y);
 }
 
 void linear_backward(Context& ctx, const Tensor& dy, const Tensor& x, const Tensor& w, Tensor* dx, Tensor& dw,
                      Tensor* db) {
-  check_f32(ctx, x, "linear x");
-  check_f32(ctx, w, "linear w");
-  check_f32(ctx, dy, "linear dy");
+  check_act(ctx, x, "linear x");
+  check_like(ctx, w, x, "linear w");
+  check_like(ctx, dy, x, "linear dy");
   check_rank(x, 2, "linear x");
   check_rank(w, 2, "linear w");
   DSTRAIN_CHECK(x.dim(1) == w.dim(1), "linear x " + shape_str(x.shape()) + " does not match w " + shape_str(w.shape()));
   check_shape(dy, {x.dim(0), w.dim(0)}, "linear dy");
-  check_f32(ctx, dw, "linear dw");
+  check_like_or_f32(ctx, dw, x, "linear dw");
   check_shape(dw, w.shape(), "linear dw");
   if (dx) {
-    check_f32(ctx, *dx, "linear dx");
+    check_like(ctx, *dx, x, "linear dx");
     check_shape(*dx, x.shape(), "linear dx");
   }
   if (db) {
     check_f32(ctx, *db, "linear db");
     check_shape(*db, {w.dim(0)}, "linear db");
+  }
+  if (!ctx.is_cuda() && any_low({&x})) {
+    Tensor dwf = f32_output(dw);
+    Tensor dxf = dx ? f32_output(*dx) : Tensor();
+    kernels::cpu::linear_backward(ctx, widened(dy), widened(x), widened(w), dx ? &dxf : nullptr, dwf, db);
+    narrow_into(dwf, dw);
+    if (dx) narrow_into(dxf, *dx);
+    return;
   }
   DSTRAIN_DISPATCH(linear_backward, dy, x, w, dx, dw, db);
 }

@@ -43,6 +43,9 @@ class GradScaler {
   // found-inf flag when any of them holds an inf or NaN. One fused launch for up to 198 tensors.
   // The flag is only ever set here; update() clears it.
   void unscale_and_check(Context& ctx, const std::vector<Tensor*>& grads);
+  // Multiplies an fp32 tensor (the loss gradient, on the context's device) by the current scale
+  // in place, read on the device: no host synchronisation.
+  void scale_gradient(Context& ctx, Tensor& grad) const;
   // Allreduce (Max) of the found-inf flag over `comm`, on the device, so that all ranks skip the
   // same steps. `comm` must work on this scaler's device.
   void agree_found_inf(Communicator& comm, Context& ctx);

@@ -2,6 +2,14 @@
 // A layer owns its output and input-gradient buffers and returns references to them; they stay
 // valid until the layer's next forward/backward. Sequential runs backward in reverse order and
 // reports each layer's parameters as soon as their gradients are final.
+//
+// Precision: Conv2d and Linear take an amp::Policy (default fp32). Under fp16/bf16 they convert
+// their input to the low type when it is not already, compute in it from a low-precision working
+// copy of their fp32 weight (refreshed from the master at every forward, so it always follows the
+// optimizer), write their weight gradient into the fp32 Parameter::grad, and return dL/dx in the
+// dtype their input had. BatchNorm2d, ReLU, MaxPool2x2 and GlobalAvgPool keep the dtype of their
+// input (BatchNorm's statistics and parameters are fp32 always). Linear's output (the logits) is
+// fp32 in every policy.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -10,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "dstrain/amp_policy.h"
 #include "dstrain/context.h"
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
@@ -48,20 +57,26 @@ class Layer {
 // No bias by default (followed by BatchNorm in the reference model). Weight [out, k, k, in].
 class Conv2d final : public Layer {
  public:
-  Conv2d(Device device, int in_channels, int out_channels, int kernel, int stride, int padding, bool bias = false);
+  Conv2d(Device device, int in_channels, int out_channels, int kernel, int stride, int padding, bool bias = false,
+         amp::Policy policy = {});
   const Tensor& forward(Context& ctx, const Tensor& x, bool training) override;
   const Tensor& backward(Context& ctx, const Tensor& dy) override;
   std::vector<Parameter*> parameters() override;
   std::string name() const override;
   Parameter& weight() { return weight_; }
+  DType compute_dtype() const { return dtype_; }
 
  private:
   int in_, out_, kernel_;
   ops::Conv2dParams params_;
   Parameter weight_;
   bool has_bias_;
-  const Tensor* x_ = nullptr;
+  DType dtype_;
+  const Tensor* x_ = nullptr;  // in dtype_ (the input itself or x_cast_)
+  DType input_dtype_ = DType::F32;
   Tensor y_, dx_;
+  Tensor x_cast_, dy_cast_, dx_input_;  // dtype conversions at the layer's edges
+  Tensor w_low_, dw_low_;               // low-precision working weight and its gradient
 };
 
 class BatchNorm2d final : public Layer {
@@ -117,19 +132,24 @@ class GlobalAvgPool final : public Layer {
 
 class Linear final : public Layer {
  public:
-  Linear(Device device, int in_features, int out_features, bool bias = true);
+  Linear(Device device, int in_features, int out_features, bool bias = true, amp::Policy policy = {});
   const Tensor& forward(Context& ctx, const Tensor& x, bool training) override;
   const Tensor& backward(Context& ctx, const Tensor& dy) override;
   std::vector<Parameter*> parameters() override;
   std::string name() const override;
   Parameter& weight() { return weight_; }
+  DType compute_dtype() const { return dtype_; }
 
  private:
   int in_, out_;
   Parameter weight_, bias_;
   bool has_bias_;
-  const Tensor* x_ = nullptr;
-  Tensor y_, dx_;
+  DType dtype_;
+  const Tensor* x_ = nullptr;  // in dtype_
+  DType input_dtype_ = DType::F32;
+  Tensor y_, dx_;  // y_ fp32
+  Tensor x_cast_, dy_low_, dx_input_;
+  Tensor w_low_;
 };
 
 class Sequential final : public Layer {

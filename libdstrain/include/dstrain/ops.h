@@ -3,6 +3,17 @@
 // Shapes follow tensor.h: activations NHWC, filters KRSC, linear weights [out, in].
 // Outputs are overwritten, never accumulated into, and must already have the right shape,
 // dtype and device (layers own and size them); a mismatch raises InvalidArgument.
+//
+// Dtypes: every op takes fp32. Convolution, BatchNorm, ReLU, max and average pooling and linear
+// also take fp16 or bf16 activations (computed with fp32 accumulation; the CPU widens to fp32,
+// runs the fp32 reference and rounds each output once):
+//  - conv2d: x, w, y (dy, dx, dw) all of one dtype.
+//  - batchnorm: x, y, dy, dx of one dtype; gamma, beta, running and saved statistics, dgamma,
+//    dbeta fp32 always.
+//  - relu, maxpool2x2: every tensor of one dtype.
+//  - global_avgpool: y (dy) fp32 or x's (dx's) dtype.
+//  - linear: x, w, dy, dx of one dtype; y and dw fp32 or that dtype; b, db fp32.
+// softmax_cross_entropy and sgd_step are fp32 only. Any other combination raises InvalidArgument.
 #pragma once
 #include "dstrain/context.h"
 #include "dstrain/tensor.h"
