@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cctype>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
@@ -124,11 +125,22 @@ std::string normalise_bus_id(const std::string& id) {
   return s;
 }
 
+// The kernel reports -1 for a device without NUMA affinity, as on a machine (or VM) with a single
+// NUMA node: there the GPU is on node 0, which is what nvidia-smi prints too.
 int sysfs_numa_node(const std::string& bus_id) {
   std::ifstream in("/sys/bus/pci/devices/" + bus_id + "/numa_node");
   int node = -1;
-  if (in >> node) return node < 0 ? -1 : node;
-  return -1;
+  if (!(in >> node)) return -1;
+  if (node >= 0) return node;
+  std::error_code ec;
+  int nodes = 0;
+  for (const auto& e : std::filesystem::directory_iterator("/sys/devices/system/node", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.size() > 4 && name.compare(0, 4, "node") == 0 &&
+        std::all_of(name.begin() + 4, name.end(), [](char c) { return std::isdigit(static_cast<unsigned char>(c)); }))
+      ++nodes;
+  }
+  return nodes == 1 ? 0 : -1;
 }
 
 std::string cpu_list_text(const std::vector<int>& cpus) {

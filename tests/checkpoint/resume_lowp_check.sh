@@ -3,14 +3,15 @@
 # momentum in the checkpoint) or bf16:
 #   resume_lowp_check.sh PRECISION TRAIN_EXAMPLE DATA_DIR NP MPIRUN [MPIRUN ARGS...]
 # A run stopped at step 5 (a checkpoint at step 3) and resumed ends with parameters bit-identical to an uninterrupted run,
-# and resuming with another --precision is refused.
+# and resuming with another --precision is refused. DEVICE (environment, default cpu) selects the device.
 set -euo pipefail
 precision=$1 exe=$2 data=$3 np=$4
 shift 4
 mpirun=("$@")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-args=(--device cpu --epochs 2 --limit-train 512 --limit-test 200 --batch 128 --progress-every 0 --data "$data")
+args=(--device "${DEVICE:-cpu}" --epochs 2 --limit-train 512 --limit-test 200 --batch 128 --progress-every 0
+      --data "$data" --deterministic)
 run() { "${mpirun[@]}" -np "$np" "$exe" "${args[@]}" "$@"; }
 fail() {
   echo "FAIL: $*"

@@ -9,7 +9,7 @@ case_name=$1
 fault_main=$2
 mpiexec=$3
 
-timeout_s=4          # the collectives' timeout given to fault_main
+timeout_s=8          # the collectives' timeout given to fault_main (generous: 4 ranks share 2 busy cores in CI)
 margin_s=25          # start-up, the peers' answers, MPI_Abort and teardown on a busy 2-core machine
 guard_s=$((timeout_s + margin_s + 60))  # wall-clock guard: the job must never get this far
 tag="fault-$case_name-$$-$RANDOM"       # marks this job's processes for pgrep
@@ -33,7 +33,7 @@ case "$case_name" in
   stall)  # rank 1 sleeps far beyond the timeout inside step 5
     args+=(--stall-rank 1)
     patterns=("allreduce sum of 1000 fp32 \\(call #6\\) on mpi communicator \\(rank [023] of 4\\) timed out"
-              "waited [0-9.]+ s \\(timeout 4.00 s\\)"
+              "waited [0-9.]+ s \\(timeout ${timeout_s}.00 s\\)"
               "ranks that did not arrive: rank 1 \\(no answer")
     ;;
   kill)  # rank 3 dies by SIGKILL: the launcher reports it and ends the job
