@@ -66,9 +66,11 @@ const char* kUsage =
     "  --bucket-mb X       gradient buckets of X MiB reduced during backward (default 25; 0: one\n"
     "                      AllReduce after backward)\n"
     "  --grad-compression C  none, fp16 or bf16: the precision gradients travel in (default none)\n"
-    "  --precision P       fp32, fp16 or bf16: the precision of convolutions, activations and the\n"
-    "                      linear layer (fp32 accumulation, fp32 master weights, BatchNorm and loss;\n"
-    "                      fp16 adds dynamic loss scaling). Default fp32. fp8: not yet available\n"
+    "  --precision P       fp32, fp16, bf16 or fp8: the precision of convolutions, activations and\n"
+    "                      the linear layer (fp32 accumulation, fp32 master weights, BatchNorm and\n"
+    "                      loss; fp16 adds dynamic loss scaling; fp8 is bf16 with the linear layer's\n"
+    "                      GEMMs in FP8: E4M3 forward, E5M2 gradients, delayed per-tensor scaling).\n"
+    "                      Default fp32\n"
     "  --timeout S         seconds a collective waits for the other ranks before the job ends with an\n"
     "                      error naming them (default: DSTRAIN_TIMEOUT_S or 600)\n"
     "  --help              this text\n";
@@ -163,12 +165,8 @@ bool parse(int argc, char** argv, Options& o, bool& help, std::string& error) {
       }
     } else if (flag == "--precision") {
       o.precision = value;
-      if (o.precision.rfind("fp8", 0) == 0) {
-        error = "--precision " + o.precision + ": fp8 training is not yet available (use fp32, fp16 or bf16)";
-        return false;
-      }
-      if (o.precision != "fp32" && o.precision != "fp16" && o.precision != "bf16") {
-        error = "--precision " + o.precision + ": expected fp32, fp16 or bf16";
+      if (o.precision != "fp32" && o.precision != "fp16" && o.precision != "bf16" && o.precision != "fp8") {
+        error = "--precision " + o.precision + ": expected fp32, fp16, bf16 or fp8";
         return false;
       }
     } else {
@@ -287,6 +285,8 @@ int train(dstrain::Runtime& rt, const Options& opt) {
     fused_sgd = std::make_unique<dstrain::amp::FusedSGD>(master_values, fo);
   }
   if (policy.needs_loss_scaling()) scaler = std::make_unique<dstrain::amp::GradScaler>(dev);
+  // FP8 delayed scaling: the linear layer's amax states, agreed over the ranks each step.
+  const std::vector<dstrain::amp::Fp8Meta*> fp8_metas = model->fp8_metas();
   model->set_needs_input_grad(false);
   say("model: %lld parameters, global batch %ld (%ld per rank), %d epoch(s), one-cycle peak lr %g, precision %s%s\n%s",
       static_cast<long long>(dstrain::nn::parameter_count(*model)), opt.batch, opt.batch / world, opt.epochs,
@@ -377,6 +377,8 @@ int train(dstrain::Runtime& rt, const Options& opt) {
       ckpt->add_blob(
           "amp.grad_scaler", [&scaler] { return scaler->state(); },
           [&scaler](const std::vector<char>& bytes) { scaler->load_state(bytes); });
+    for (std::size_t i = 0; i < fp8_metas.size(); ++i)
+      ckpt->add_replicated("amp.fp8_meta." + std::to_string(i), fp8_metas[i]->state());
     ckpt->add_per_rank("epoch.step_losses", step_losses, dstrain::OnWorldSizeChange::SumToRankZero);
     ckpt->add_per_rank("epoch.step_correct", step_correct, dstrain::OnWorldSizeChange::SumToRankZero);
     char lr_text[32];
@@ -457,6 +459,7 @@ int train(dstrain::Runtime& rt, const Options& opt) {
         fused_sgd->set_lr(lr);
         fused_sgd->step(ctx, master_grads, found_inf);
         if (scaler) scaler->update(ctx);
+        if (!fp8_metas.empty()) dstrain::amp::update_fp8_scales(ctx, fp8_metas, &rt.comm());
       } else {
         optimizer.set_lr(lr);
         optimizer.step(ctx);

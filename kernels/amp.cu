@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "amp_cuda.h"
@@ -523,6 +524,132 @@ void amp_fp8_update_scale(Context& ctx, Tensor& fp8_state, const amp::Fp8MetaOpt
   fp8_update_scale_kernel<<<1, 1, 0, st.cuda_stream()>>>(fp8_state.data_as<float>(), o.history_len,
                                                          o.algo == amp::AmaxAlgo::Max, amp::fp8_max(o.format),
                                                          ldexpf(1.0f, o.margin));
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+namespace {
+
+// Raises state[2] (the amax, as bits) to the block's max of `amax` (256 threads).
+__device__ __forceinline__ void block_amax_into_state(unsigned amax, float* state) {
+  amax = __reduce_max_sync(0xFFFFFFFFu, amax);
+  __shared__ unsigned warp_max[8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = amax;
+  __syncthreads();
+  if (warp == 0) {
+    amax = lane < static_cast<int>(blockDim.x >> 5) ? warp_max[lane] : 0u;
+    amax = __reduce_max_sync(0xFFFFFFFFu, amax);
+    if (lane == 0 && amax != 0u) atomicMax(reinterpret_cast<unsigned*>(state + 2), amax);
+  }
+}
+
+// One thread per dst element (grid-stride); padding elements are written as zero.
+template <class Src, bool kE4M3>
+__global__ void __launch_bounds__(256)
+    cast_fp8_padded_kernel(const Src* __restrict__ src, std::int64_t rows, std::int64_t cols,
+                           __nv_fp8_storage_t* __restrict__ dst, std::int64_t dst_rows, std::int64_t dst_cols,
+                           bool transpose, float* state) {
+  const float scale = state[0];
+  const float limit = kE4M3 ? 448.0f : 57344.0f;
+  unsigned amax = 0;
+  const std::int64_t n = dst_rows * dst_cols;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const std::int64_t di = i / dst_cols, dj = i % dst_cols;
+    const std::int64_t r = transpose ? dj : di, c = transpose ? di : dj;
+    __nv_fp8_storage_t out = 0;
+    if (r < rows && c < cols) {
+      const float x = load_float(src, r * cols + c);
+      amax = max(amax, abs_bits(x));
+      float v = x * scale;
+      if (!isnan(v)) v = fminf(fmaxf(v, -limit), limit);
+      out = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2);
+    }
+    dst[i] = out;
+  }
+  block_amax_into_state(amax, state);
+}
+
+template <class Dst>
+__global__ void crop_padded_kernel(const float* __restrict__ src, std::int64_t src_cols, Dst* __restrict__ dst,
+                                   std::int64_t rows, std::int64_t cols, const float* __restrict__ bias) {
+  const std::int64_t n = rows * cols;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
+    const std::int64_t r = i / cols, c = i % cols;
+    float v = src[r * src_cols + c];
+    if (bias) v = __fadd_rn(v, bias[c]);
+    if constexpr (std::is_same_v<Dst, float>)
+      dst[i] = v;
+    else
+      dst[i] = __float2bfloat16_rn(v);
+  }
+}
+
+// One thread per column, rows in order: the CPU reference's sum, bit for bit.
+__global__ void column_sums_kernel(const float* __restrict__ src, std::int64_t rows, std::int64_t cols,
+                                   float* __restrict__ dst) {
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float sum = 0.0f;
+  for (std::int64_t r = 0; r < rows; ++r) sum = __fadd_rn(sum, src[r * cols + c]);
+  dst[c] = sum;
+}
+
+int grid_for_elements(std::int64_t n, int device) {
+  return static_cast<int>(std::clamp<std::int64_t>((n + 255) / 256, 1, sm_count(device) * 8));
+}
+
+}  // namespace
+
+void amp_cast_to_fp8_padded(Context& ctx, const Tensor& src, Tensor& dst, Tensor& fp8_state, bool transpose) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  const int grid = grid_for_elements(dst.numel(), st.device);
+  auto* out = static_cast<__nv_fp8_storage_t*>(dst.data());
+  float* state = fp8_state.data_as<float>();
+  cudaStream_t s = st.cuda_stream();
+  const std::int64_t rows = src.dim(0), cols = src.dim(1), dr = dst.dim(0), dc = dst.dim(1);
+  const bool e4m3 = dst.dtype() == DType::F8E4M3;
+  if (src.dtype() == DType::F32) {
+    const float* in = src.data_as<float>();
+    if (e4m3)
+      cast_fp8_padded_kernel<float, true><<<grid, 256, 0, s>>>(in, rows, cols, out, dr, dc, transpose, state);
+    else
+      cast_fp8_padded_kernel<float, false><<<grid, 256, 0, s>>>(in, rows, cols, out, dr, dc, transpose, state);
+  } else {
+    const auto* in = static_cast<const __nv_bfloat16*>(src.data());
+    if (e4m3)
+      cast_fp8_padded_kernel<__nv_bfloat16, true><<<grid, 256, 0, s>>>(in, rows, cols, out, dr, dc, transpose, state);
+    else
+      cast_fp8_padded_kernel<__nv_bfloat16, false><<<grid, 256, 0, s>>>(in, rows, cols, out, dr, dc, transpose, state);
+  }
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+void amp_crop_padded(Context& ctx, const Tensor& src, Tensor& dst, const Tensor* bias) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  const int grid = grid_for_elements(dst.numel(), st.device);
+  const float* b = bias ? bias->data_as<float>() : nullptr;
+  cudaStream_t s = st.cuda_stream();
+  if (dst.dtype() == DType::F32)
+    crop_padded_kernel<float><<<grid, 256, 0, s>>>(src.data_as<float>(), src.dim(1), dst.data_as<float>(), dst.dim(0),
+                                                   dst.dim(1), b);
+  else
+    crop_padded_kernel<__nv_bfloat16><<<grid, 256, 0, s>>>(src.data_as<float>(), src.dim(1),
+                                                           static_cast<__nv_bfloat16*>(dst.data()), dst.dim(0),
+                                                           dst.dim(1), b);
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+void amp_column_sums(Context& ctx, const Tensor& src, Tensor& dst) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  const std::int64_t cols = src.dim(1);
+  const int grid = static_cast<int>((cols + 255) / 256);
+  column_sums_kernel<<<grid, 256, 0, st.cuda_stream()>>>(src.data_as<float>(), src.dim(0), cols,
+                                                         dst.data_as<float>());
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 

@@ -187,4 +187,56 @@ void amp_gemm_nt(Context&, const Tensor& a, const Tensor& b, Tensor& d, const am
   if (o.d_amax) o.d_amax->data_as<float>()[0] = amax;
 }
 
+void amp_cast_to_fp8_padded(Context&, const Tensor& src, Tensor& dst, Tensor& fp8_state, bool transpose) {
+  float* st = fp8_state.data_as<float>();
+  const float scale = st[0];
+  const float limit = amp::fp8_max(dst.dtype());
+  const bool e4m3 = dst.dtype() == DType::F8E4M3;
+  const std::int64_t rows = src.dim(0), cols = src.dim(1);
+  const std::int64_t dst_cols = dst.dim(1);
+  auto* out = dst.data_as<std::uint8_t>();
+  std::memset(out, 0, static_cast<std::size_t>(dst.numel()));  // fp8 zero is all-zero bits
+  std::uint32_t amax_bits = float_bits(st[2]);
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t c = 0; c < cols; ++c) {
+      const std::int64_t i = r * cols + c;
+      const float x = src.dtype() == DType::F32 ? src.data_as<float>()[i]
+                                                : bf16_to_float(src.data_as<std::uint16_t>()[i]);
+      const std::uint32_t bits = float_bits(x) & 0x7FFFFFFFu;
+      if (bits > amax_bits) amax_bits = bits;
+      float v = x * scale;
+      if (!std::isnan(v)) v = std::fmin(std::fmax(v, -limit), limit);
+      out[transpose ? c * dst_cols + r : r * dst_cols + c] = e4m3 ? float_to_fp8_e4m3(v) : float_to_fp8_e5m2(v);
+    }
+  }
+  st[2] = bits_float(amax_bits);
+}
+
+void amp_crop_padded(Context&, const Tensor& src, Tensor& dst, const Tensor* bias) {
+  const std::int64_t rows = dst.dim(0), cols = dst.dim(1), src_cols = src.dim(1);
+  const float* in = src.data_as<float>();
+  const float* b = bias ? bias->data_as<float>() : nullptr;
+  for (std::int64_t r = 0; r < rows; ++r) {
+    for (std::int64_t c = 0; c < cols; ++c) {
+      float v = in[r * src_cols + c];
+      if (b) v += b[c];
+      if (dst.dtype() == DType::F32)
+        dst.data_as<float>()[r * cols + c] = v;
+      else
+        dst.data_as<std::uint16_t>()[r * cols + c] = float_to_bf16(v);
+    }
+  }
+}
+
+void amp_column_sums(Context&, const Tensor& src, Tensor& dst) {
+  const std::int64_t rows = src.dim(0), cols = src.dim(1);
+  const float* in = src.data_as<float>();
+  float* out = dst.data_as<float>();
+  for (std::int64_t c = 0; c < cols; ++c) {
+    float sum = 0.0f;
+    for (std::int64_t r = 0; r < rows; ++r) sum += in[r * cols + c];
+    out[c] = sum;
+  }
+}
+
 }  // namespace dstrain::kernels::cpu

@@ -265,6 +265,59 @@ void cast_to_fp8(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta) {
   DSTRAIN_AMP_DISPATCH(amp_cast_to_fp8, src, dst, meta.state());
 }
 
+void update_fp8_scales(Context& ctx, const std::vector<Fp8Meta*>& metas, Communicator* comm) {
+  for (Fp8Meta* meta : metas) {
+    DSTRAIN_CHECK(meta != nullptr, "update_fp8_scales: null Fp8Meta");
+    check_on(ctx, meta->state(), "fp8 meta state");
+    if (comm != nullptr && comm->size() > 1) {
+      DSTRAIN_CHECK(comm->device() == meta->state().device(), "the communicator works on " + comm->device().str() +
+                                                                  ", the fp8 meta on " + meta->state().device().str());
+      Tensor amax = Tensor::wrap(meta->state().data_as<float>() + 2, {1}, DType::F32, meta->state().device());
+      comm->allreduce(amax, ReduceOp::Max, ctx);
+    }
+    meta->update_scale(ctx);
+  }
+}
+
+void cast_to_fp8_padded(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta, Fp8Layout layout) {
+  check_on(ctx, src, "cast_to_fp8_padded src");
+  check_on(ctx, dst, "cast_to_fp8_padded dst");
+  check_on(ctx, meta.state(), "fp8 meta state");
+  DSTRAIN_CHECK(src.ndim() == 2, "cast_to_fp8_padded takes a 2-d src, got " + shape_str(src.shape()));
+  const std::int64_t rows = round_up_to_16(src.dim(0)), cols = round_up_to_16(src.dim(1));
+  const bool transpose = layout == Fp8Layout::Transposed;
+  check_shape(dst, transpose ? Shape{cols, rows} : Shape{rows, cols}, "cast_to_fp8_padded dst");
+  DSTRAIN_CHECK(src.dtype() == DType::F32 || src.dtype() == DType::BF16, "cast_to_fp8_padded reads fp32 or bf16");
+  DSTRAIN_CHECK(dst.dtype() == meta.options().format, std::string("cast_to_fp8_padded dst must be ") +
+                                                          dtype_name(meta.options().format) + " (the meta's format)");
+  if (dst.numel() == 0) return;
+  DSTRAIN_AMP_DISPATCH(amp_cast_to_fp8_padded, src, dst, meta.state(), transpose);
+}
+
+void crop_padded(Context& ctx, const Tensor& src, Tensor& dst, const Tensor* bias) {
+  check_f32_on(ctx, src, "crop_padded src");
+  check_on(ctx, dst, "crop_padded dst");
+  DSTRAIN_CHECK(src.ndim() == 2 && dst.ndim() == 2, "crop_padded takes 2-d tensors");
+  DSTRAIN_CHECK(src.dim(0) >= dst.dim(0) && src.dim(1) >= dst.dim(1),
+                "crop_padded: src " + shape_str(src.shape()) + " is smaller than dst " + shape_str(dst.shape()));
+  DSTRAIN_CHECK(dst.dtype() == DType::F32 || dst.dtype() == DType::BF16, "crop_padded writes fp32 or bf16");
+  if (bias != nullptr) {
+    check_f32_on(ctx, *bias, "crop_padded bias");
+    check_shape(*bias, {dst.dim(1)}, "crop_padded bias");
+  }
+  if (dst.numel() == 0) return;
+  DSTRAIN_AMP_DISPATCH(amp_crop_padded, src, dst, bias);
+}
+
+void column_sums(Context& ctx, const Tensor& src, Tensor& dst) {
+  check_f32_on(ctx, src, "column_sums src");
+  check_f32_on(ctx, dst, "column_sums dst");
+  DSTRAIN_CHECK(src.ndim() == 2, "column_sums takes a 2-d src, got " + shape_str(src.shape()));
+  check_shape(dst, {src.dim(1)}, "column_sums dst");
+  if (dst.numel() == 0) return;
+  DSTRAIN_AMP_DISPATCH(amp_column_sums, src, dst);
+}
+
 // ---- GEMM ----
 
 void gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, const GemmOptions& options) {
@@ -311,13 +364,14 @@ Policy Policy::parse(const std::string& name) {
   if (name == "fp32") return fp32();
   if (name == "fp16") return fp16();
   if (name == "bf16") return bf16();
-  DSTRAIN_THROW(ErrorCode::InvalidArgument, "precision '" + name + "': expected fp32, fp16 or bf16");
+  if (name == "fp8") return fp8_hybrid();
+  DSTRAIN_THROW(ErrorCode::InvalidArgument, "precision '" + name + "': expected fp32, fp16, bf16 or fp8");
 }
 
 DType Policy::compute_dtype(OpKind kind) const {
   switch (kind) {
+    case OpKind::Linear: return fp8_linear_ ? DType::F8E4M3 : low_;
     case OpKind::Conv:
-    case OpKind::Linear:
     case OpKind::Activation: return low_;
     case OpKind::BatchNorm:
     case OpKind::Loss:

@@ -166,10 +166,24 @@ const Tensor& GlobalAvgPool::backward(Context& ctx, const Tensor& dy) {
 }
 
 Linear::Linear(Device device, int in_features, int out_features, bool bias, amp::Policy policy)
-    : in_(in_features), out_(out_features), has_bias_(bias), dtype_(policy.compute_dtype(amp::OpKind::Linear)) {
+    : in_(in_features), out_(out_features), has_bias_(bias), fp8_(policy.fp8_linear()),
+      dtype_(fp8_ ? policy.activation_dtype() : policy.compute_dtype(amp::OpKind::Linear)) {
   DSTRAIN_CHECK(in_features > 0 && out_features > 0, "Linear needs positive feature counts");
   weight_ = make_parameter(name() + ".weight", {out_, in_}, device, Parameter::Init::UniformFanIn, in_);
   if (has_bias_) bias_ = make_parameter(name() + ".bias", {out_}, device, Parameter::Init::UniformFanIn, in_);
+  if (fp8_) {
+    amp::Fp8MetaOptions forward_options;  // E4M3
+    amp::Fp8MetaOptions gradient_options;
+    gradient_options.format = DType::F8E5M2;
+    x_meta_ = std::make_unique<amp::Fp8Meta>(device, forward_options);
+    w_meta_ = std::make_unique<amp::Fp8Meta>(device, forward_options);
+    dy_meta_ = std::make_unique<amp::Fp8Meta>(device, gradient_options);
+  }
+}
+
+std::vector<amp::Fp8Meta*> Linear::fp8_metas() {
+  if (!fp8_) return {};
+  return {x_meta_.get(), w_meta_.get(), dy_meta_.get()};
 }
 
 std::string Linear::name() const { return "Linear(" + std::to_string(in_) + "->" + std::to_string(out_) + ")"; }
@@ -182,6 +196,7 @@ std::vector<Parameter*> Linear::parameters() {
 const Tensor& Linear::forward(Context& ctx, const Tensor& x, bool) {
   DSTRAIN_CHECK(x.ndim() == 2, "Linear takes [N,features], got " + shape_str(x.shape()));
   input_dtype_ = x.dtype();
+  if (fp8_) return forward_fp8(ctx, x);
   x_ = &as_dtype(ctx, x, dtype_, x_cast_);
   const Tensor& w = as_dtype(ctx, weight_.value, dtype_, w_low_);
   ensure(y_, {x.dim(0), out_}, ctx);  // fp32 logits in every policy
@@ -190,6 +205,7 @@ const Tensor& Linear::forward(Context& ctx, const Tensor& x, bool) {
 }
 
 const Tensor& Linear::backward(Context& ctx, const Tensor& dy) {
+  if (fp8_) return backward_fp8(ctx, dy);
   const Tensor& x = require_input(x_, name());
   const Tensor& g = as_dtype(ctx, dy, dtype_, dy_low_);
   Tensor* dx = nullptr;
@@ -199,6 +215,62 @@ const Tensor& Linear::backward(Context& ctx, const Tensor& dy) {
   ops::linear_backward(ctx, g, x, dtype_ == DType::F32 ? weight_.value : w_low_, dx, weight_.grad,
                        has_bias_ ? &bias_.grad : nullptr);
   if (dx == nullptr || input_dtype_ == dtype_) return dx_;
+  ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));
+  return dx_input_;
+}
+
+// The padded operands: n rows of x and dy rounded up to np, in_ to kp, out_ to op.
+const Tensor& Linear::forward_fp8(Context& ctx, const Tensor& x) {
+  DSTRAIN_CHECK(x.dim(1) == in_, name() + " takes " + std::to_string(in_) + " features, got " + shape_str(x.shape()));
+  // The fp8 casts read fp32 or bf16 directly; any other input goes through the activation dtype.
+  x_ = (x.dtype() == DType::F32 || x.dtype() == DType::BF16) ? &x : &as_dtype(ctx, x, dtype_, x_cast_);
+  const std::int64_t n = x.dim(0);
+  const std::int64_t np = amp::round_up_to_16(n), kp = amp::round_up_to_16(in_), op = amp::round_up_to_16(out_);
+  amp::cast_to_fp8_padded(ctx, *x_, ensure(x_fp8_, {np, kp}, ctx, DType::F8E4M3), *x_meta_, amp::Fp8Layout::AsIs);
+  amp::cast_to_fp8_padded(ctx, weight_.value, ensure(w_fp8_, {op, kp}, ctx, DType::F8E4M3), *w_meta_,
+                          amp::Fp8Layout::AsIs);
+  amp::GemmOptions gemm;
+  gemm.a_scale_inv = &x_meta_->scale_inv();
+  gemm.b_scale_inv = &w_meta_->scale_inv();
+  amp::gemm_nt(ctx, x_fp8_, w_fp8_, ensure(gemm_out_, {np, op}, ctx), gemm);
+  amp::crop_padded(ctx, gemm_out_, ensure(y_, {n, out_}, ctx), has_bias_ ? &bias_.value : nullptr);
+  return y_;
+}
+
+const Tensor& Linear::backward_fp8(Context& ctx, const Tensor& dy) {
+  const Tensor& x = require_input(x_, name());
+  const std::int64_t n = x.dim(0);
+  check_shape(dy, {n, out_}, (name() + " dy").c_str());
+  // fp32 for the bias gradient's column sums (the logits' gradient is fp32 already).
+  const Tensor& g = as_dtype(ctx, dy, DType::F32, dy_low_);
+  const std::int64_t np = amp::round_up_to_16(n), kp = amp::round_up_to_16(in_), op = amp::round_up_to_16(out_);
+
+  // dw[out, in] = dy^T x: both operands K-contiguous over the batch, so transposed copies.
+  amp::cast_to_fp8_padded(ctx, g, ensure(dy_t_fp8_, {op, np}, ctx, DType::F8E5M2), *dy_meta_,
+                          amp::Fp8Layout::Transposed);
+  amp::cast_to_fp8_padded(ctx, x, ensure(x_t_fp8_, {kp, np}, ctx, DType::F8E4M3), *x_meta_,
+                          amp::Fp8Layout::Transposed);
+  amp::GemmOptions wgrad;
+  wgrad.a_scale_inv = &dy_meta_->scale_inv();
+  wgrad.b_scale_inv = &x_meta_->scale_inv();
+  amp::gemm_nt(ctx, dy_t_fp8_, x_t_fp8_, ensure(gemm_out_, {op, kp}, ctx), wgrad);
+  amp::crop_padded(ctx, gemm_out_, weight_.grad);
+  if (has_bias_) amp::column_sums(ctx, g, bias_.grad);
+
+  if (!needs_input_grad_) {
+    dx_ = Tensor();
+    return dx_;
+  }
+  // dx[n, in] = dy w: K runs over out_, so w goes in transposed.
+  amp::cast_to_fp8_padded(ctx, g, ensure(dy_fp8_, {np, op}, ctx, DType::F8E5M2), *dy_meta_, amp::Fp8Layout::AsIs);
+  amp::cast_to_fp8_padded(ctx, weight_.value, ensure(w_t_fp8_, {kp, op}, ctx, DType::F8E4M3), *w_meta_,
+                          amp::Fp8Layout::Transposed);
+  amp::GemmOptions dgrad;
+  dgrad.a_scale_inv = &dy_meta_->scale_inv();
+  dgrad.b_scale_inv = &w_meta_->scale_inv();
+  amp::gemm_nt(ctx, dy_fp8_, w_t_fp8_, ensure(gemm_out_, {np, kp}, ctx), dgrad);
+  amp::crop_padded(ctx, gemm_out_, ensure(dx_, x.shape(), ctx, x.dtype()));
+  if (input_dtype_ == x.dtype()) return dx_;
   ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));
   return dx_input_;
 }
@@ -243,6 +315,13 @@ std::vector<Tensor*> Sequential::buffers() {
   std::vector<Tensor*> all;
   for (auto& layer : layers_)
     for (Tensor* b : layer->buffers()) all.push_back(b);
+  return all;
+}
+
+std::vector<amp::Fp8Meta*> Sequential::fp8_metas() {
+  std::vector<amp::Fp8Meta*> all;
+  for (auto& layer : layers_)
+    for (amp::Fp8Meta* m : layer->fp8_metas()) all.push_back(m);
   return all;
 }
 

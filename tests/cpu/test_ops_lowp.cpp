@@ -353,3 +353,255 @@ TEST_CASE("small_cnn under fp16 and bf16 policies tracks fp32 and the fp32 polic
     }
   }
 }
+
+// ---- FP8 (amp::Policy::fp8_hybrid) ---------------------------------------------------------
+
+TEST_CASE("amp::Policy::fp8_hybrid is bf16 with the linear layer in fp8", "[amp][lowp][fp8]") {
+  using amp::OpKind;
+  const amp::Policy p = amp::Policy::fp8_hybrid();
+  CHECK(std::string(p.name()) == "fp8");
+  CHECK(amp::Policy::parse("fp8") == p);
+  CHECK(p != amp::Policy::bf16());
+  CHECK(p.fp8_linear());
+  CHECK_FALSE(amp::Policy::bf16().fp8_linear());
+  CHECK(p.low_precision());
+  CHECK_FALSE(p.needs_loss_scaling());
+  CHECK(p.activation_dtype() == DType::BF16);
+  CHECK(p.compute_dtype(OpKind::Linear) == DType::F8E4M3);
+  CHECK(p.compute_dtype(OpKind::Conv) == DType::BF16);
+  CHECK(p.compute_dtype(OpKind::Activation) == DType::BF16);
+  CHECK(p.compute_dtype(OpKind::BatchNorm) == DType::F32);
+  CHECK(p.compute_dtype(OpKind::Loss) == DType::F32);
+}
+
+namespace {
+void set_fp8_scale(amp::Fp8Meta& meta, float scale) {
+  std::vector<float> st = meta.state().to_host_floats();
+  st[0] = scale;
+  st[1] = 1.0f / scale;
+  meta.state().copy_from(Tensor::from_vector(meta.state().shape(), st));
+}
+float fp8_amax(const amp::Fp8Meta& meta) { return meta.state().to_host_floats()[2]; }
+}  // namespace
+
+TEST_CASE("cast_to_fp8_padded is cast_to_fp8 laid out padded (and transposed)", "[amp][lowp][fp8]") {
+  Context ctx = Context::cpu();
+  std::mt19937 rng(11);
+  for (DType src_dt : {DType::F32, DType::BF16}) {
+    for (DType fmt : {DType::F8E4M3, DType::F8E5M2}) {
+      DYNAMIC_SECTION(dstrain::dtype_name(src_dt) << " -> " << dstrain::dtype_name(fmt)) {
+        const std::int64_t R = 37, C = 10, Rp = 48, Cp = 16;
+        const Tensor src = converted(random_f32({R, C}, rng, -3.0f, 3.0f), src_dt);
+        amp::Fp8MetaOptions o;
+        o.format = fmt;
+        amp::Fp8Meta plain_meta(Device::cpu(), o), padded_meta(Device::cpu(), o), t_meta(Device::cpu(), o);
+        for (amp::Fp8Meta* m : {&plain_meta, &padded_meta, &t_meta}) set_fp8_scale(*m, 100.0f);  // some saturate
+        Tensor plain = poisoned({R, C}, fmt);
+        amp::cast_to_fp8(ctx, src, plain, plain_meta);
+        Tensor padded = poisoned({Rp, Cp}, fmt), transposed = poisoned({Cp, Rp}, fmt);
+        amp::cast_to_fp8_padded(ctx, src, padded, padded_meta, amp::Fp8Layout::AsIs);
+        amp::cast_to_fp8_padded(ctx, src, transposed, t_meta, amp::Fp8Layout::Transposed);
+        const auto* p = plain.data_as<std::uint8_t>();
+        const auto* a = padded.data_as<std::uint8_t>();
+        const auto* t = transposed.data_as<std::uint8_t>();
+        int mismatches = 0;
+        for (std::int64_t r = 0; r < Rp; ++r)
+          for (std::int64_t c = 0; c < Cp; ++c) {
+            const bool valid = r < R && c < C;
+            const std::uint8_t want = valid ? p[r * C + c] : 0;
+            mismatches += a[r * Cp + c] != want;
+            mismatches += t[c * Rp + r] != want;
+          }
+        CHECK(mismatches == 0);
+        const std::vector<float> v = src.to_host_floats();
+        float amax = 0.0f;
+        for (float x : v) amax = std::max(amax, std::abs(x));
+        CHECK(fp8_amax(plain_meta) == amax);
+        CHECK(fp8_amax(padded_meta) == amax);
+        CHECK(fp8_amax(t_meta) == amax);
+        Tensor wrong = poisoned({R, C}, fmt);
+        CHECK(code_of([&] { amp::cast_to_fp8_padded(ctx, src, wrong, t_meta, amp::Fp8Layout::AsIs); }) ==
+              dstrain::ErrorCode::InvalidArgument);
+      }
+    }
+  }
+}
+
+TEST_CASE("crop_padded and column_sums", "[amp][lowp][fp8]") {
+  Context ctx = Context::cpu();
+  std::mt19937 rng(12);
+  const Tensor src = random_f32({48, 16}, rng);
+  const Tensor bias = random_f32({10}, rng);
+  Tensor y = poisoned({37, 10}, DType::F32), y16 = poisoned({37, 10}, DType::BF16);
+  amp::crop_padded(ctx, src, y, &bias);
+  amp::crop_padded(ctx, src, y16);
+  const std::vector<float> s = src.to_host_floats(), b = bias.to_host_floats(), yv = y.to_host_floats(),
+                           y16v = y16.to_host_floats();
+  int bad = 0;
+  for (int r = 0; r < 37; ++r)
+    for (int c = 0; c < 10; ++c) {
+      bad += yv[r * 10 + c] != s[r * 16 + c] + b[c];
+      bad += y16v[r * 10 + c] != dstrain::bf16_to_float(dstrain::float_to_bf16(s[r * 16 + c]));
+    }
+  CHECK(bad == 0);
+  Tensor sums = poisoned({16}, DType::F32);
+  amp::column_sums(ctx, src, sums);
+  const std::vector<float> sv = sums.to_host_floats();
+  for (int c = 0; c < 16; ++c) {
+    double ref = 0.0;
+    for (int r = 0; r < 48; ++r) ref += s[r * 16 + c];
+    CHECK(std::abs(sv[c] - ref) <= 1e-5 * 48 * 2.0);
+  }
+  Tensor too_big = poisoned({49, 10}, DType::F32);
+  CHECK(code_of([&] { amp::crop_padded(ctx, src, too_big); }) == dstrain::ErrorCode::InvalidArgument);
+}
+
+namespace {
+// x * scale saturated and rounded to the fp8 format, then divided back: what the fp8 GEMM sees.
+float fp8_roundtrip(float x, float scale, DType fmt) {
+  const float limit = amp::fp8_max(fmt);
+  const float v = std::fmin(std::fmax(x * scale, -limit), limit);
+  const float q = fmt == DType::F8E4M3 ? dstrain::fp8_e4m3_to_float(dstrain::float_to_fp8_e4m3(v))
+                                       : dstrain::fp8_e5m2_to_float(dstrain::float_to_fp8_e5m2(v));
+  return q;
+}
+
+// out[i][j] = sum_k a[i][k] * b[j][k] with a, b quantised (a_scale / b_scale, formats) then
+// multiplied back by 1/scale each, in double; `bound` gets sum_k |a||b| of the unquantised values.
+void quantised_matmul_nt(const std::vector<float>& a, const std::vector<float>& b, std::int64_t M, std::int64_t N,
+                         std::int64_t K, float a_scale, DType a_fmt, float b_scale, DType b_fmt,
+                         std::vector<double>& out, std::vector<double>& bound) {
+  out.assign(static_cast<std::size_t>(M * N), 0.0);
+  bound.assign(static_cast<std::size_t>(M * N), 0.0);
+  for (std::int64_t i = 0; i < M; ++i)
+    for (std::int64_t j = 0; j < N; ++j) {
+      double acc = 0.0, mag = 0.0;
+      for (std::int64_t k = 0; k < K; ++k) {
+        const float av = a[i * K + k], bv = b[j * K + k];
+        acc += static_cast<double>(fp8_roundtrip(av, a_scale, a_fmt)) * fp8_roundtrip(bv, b_scale, b_fmt);
+        mag += std::abs(static_cast<double>(av) * bv);
+      }
+      out[i * N + j] = acc * (1.0 / a_scale) * (1.0 / b_scale);
+      bound[i * N + j] = mag;
+    }
+}
+
+std::vector<float> transposed(const std::vector<float>& v, std::int64_t rows, std::int64_t cols) {
+  std::vector<float> t(v.size());
+  for (std::int64_t r = 0; r < rows; ++r)
+    for (std::int64_t c = 0; c < cols; ++c) t[c * rows + r] = v[r * cols + c];
+  return t;
+}
+
+// Checks got against the dequantised-operand reference (tight) and against the fp32 layer
+// (within rel * sum|a||b|: the fp8 roundings of both operands), and that fp8 changed something.
+void check_fp8_result(const char* what, const std::vector<float>& got, const std::vector<double>& quantised_ref,
+                      const std::vector<double>& bound, const std::vector<float>& fp32_ref, double rel) {
+  INFO(what);
+  REQUIRE(got.size() == quantised_ref.size());
+  REQUIRE(got.size() == fp32_ref.size());
+  int far_from_quantised = 0, far_from_fp32 = 0, differs = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) {
+    far_from_quantised += !(std::abs(got[i] - quantised_ref[i]) <= 1e-5 * bound[i] + 1e-7);
+    far_from_fp32 += !(std::abs(got[i] - fp32_ref[i]) <= rel * bound[i] + 1e-6);
+    differs += got[i] != fp32_ref[i];
+  }
+  CHECK(far_from_quantised == 0);
+  CHECK(far_from_fp32 == 0);
+  CHECK(differs > 0);
+}
+}  // namespace
+
+TEST_CASE("FP8 Linear forward and backward track the fp32 Linear through padding", "[nn][lowp][fp8]") {
+  Context ctx = Context::cpu();
+  std::mt19937 rng(13);
+  const int in = 24, out = 10;  // neither a multiple of 16
+  const std::int64_t n = 37;
+  dstrain::nn::Linear ref(Device::cpu(), in, out, true);
+  dstrain::nn::Linear fp8(Device::cpu(), in, out, true, amp::Policy::fp8_hybrid());
+  REQUIRE(fp8.fp8());
+  REQUIRE(fp8.fp8_metas().size() == 3);
+  CHECK(ref.fp8_metas().empty());
+  dstrain::nn::init_parameters(ref, 5);
+  dstrain::nn::init_parameters(fp8, 5);
+  const Tensor x = random_f32({n, in}, rng, -2.0f, 2.0f);
+  const Tensor dy = random_f32({n, out}, rng, -0.01f, 0.01f);
+
+  // A first step from scale 1, then scales from its amaxes: the delayed-scaling steady state.
+  fp8.forward(ctx, x, true);
+  fp8.backward(ctx, dy);
+  amp::Fp8Meta& xm = *fp8.fp8_metas()[0];
+  amp::Fp8Meta& wm = *fp8.fp8_metas()[1];
+  amp::Fp8Meta& gm = *fp8.fp8_metas()[2];
+  const std::vector<float> xv = x.to_host_floats(), dyv = dy.to_host_floats();
+  float x_amax = 0.0f, dy_amax = 0.0f;
+  for (float v : xv) x_amax = std::max(x_amax, std::abs(v));
+  for (float v : dyv) dy_amax = std::max(dy_amax, std::abs(v));
+  CHECK(fp8_amax(xm) == x_amax);
+  CHECK(fp8_amax(gm) == dy_amax);
+  amp::update_fp8_scales(ctx, fp8.fp8_metas(), nullptr);
+  CHECK(fp8_amax(xm) == 0.0f);
+  const float sx = xm.scale().to_host_floats()[0], sw = wm.scale().to_host_floats()[0],
+              sg = gm.scale().to_host_floats()[0];
+  CHECK(sx == 448.0f / x_amax);
+  CHECK(sg == 57344.0f / dy_amax);
+
+  fp8.weight().grad.fill_bytes(0xFF);
+  fp8.bias().grad.fill_bytes(0xFF);
+  const std::vector<float> y8 = fp8.forward(ctx, x, true).to_host_floats();
+  const Tensor& dx8_t = fp8.backward(ctx, dy);
+  REQUIRE(dx8_t.dtype() == DType::F32);
+  REQUIRE(dx8_t.shape() == Shape{n, in});
+  const std::vector<float> dx8 = dx8_t.to_host_floats();
+  const std::vector<float> dw8 = fp8.weight().grad.to_host_floats(), db8 = fp8.bias().grad.to_host_floats();
+
+  const std::vector<float> y32 = ref.forward(ctx, x, true).to_host_floats();
+  const std::vector<float> dx32 = ref.backward(ctx, dy).to_host_floats();
+  const std::vector<float> dw32 = ref.weight().grad.to_host_floats(), db32 = ref.bias().grad.to_host_floats();
+
+  const std::vector<float> w = ref.weight().value.to_host_floats(), b = ref.bias().value.to_host_floats();
+  std::vector<double> q, bound;
+  // E4M3 rounds to within 2^-4 relative, E5M2 to within 2^-3: a product of two rounded values is
+  // within about their sum (plus subnormal steps, covered by the margin).
+  quantised_matmul_nt(xv, w, n, out, in, sx, DType::F8E4M3, sw, DType::F8E4M3, q, bound);
+  for (std::int64_t i = 0; i < n; ++i)
+    for (int j = 0; j < out; ++j) q[i * out + j] += b[j];
+  check_fp8_result("y", y8, q, bound, y32, 0.15);
+  quantised_matmul_nt(dyv, transposed(w, out, in), n, in, out, sg, DType::F8E5M2, sw, DType::F8E4M3, q, bound);
+  check_fp8_result("dx", dx8, q, bound, dx32, 0.25);
+  quantised_matmul_nt(transposed(dyv, n, out), transposed(xv, n, in), out, in, n, sg, DType::F8E5M2, sx,
+                      DType::F8E4M3, q, bound);
+  check_fp8_result("dw", dw8, q, bound, dw32, 0.25);
+  for (int j = 0; j < out; ++j) CHECK(std::abs(db8[j] - db32[j]) <= 1e-6);  // fp32 column sums
+
+  // The first layer of a network skips dx.
+  fp8.set_needs_input_grad(false);
+  fp8.forward(ctx, x, true);
+  CHECK(fp8.backward(ctx, dy).numel() == 0);
+}
+
+TEST_CASE("small_cnn under fp8_hybrid tracks fp32", "[nn][lowp][fp8]") {
+  const StepResult plain = one_step(amp::Policy::fp32(), false);
+  const StepResult low = one_step(amp::Policy::fp8_hybrid(), true);
+  REQUIRE(low.logits.size() == plain.logits.size());
+  // Scale 1 on the first step: E4M3 at unit scale still holds these O(1) logits' inputs well.
+  bool any_diff = false;
+  for (std::size_t i = 0; i < low.logits.size(); ++i) {
+    INFO("logit " << i);
+    CHECK(std::abs(low.logits[i] - plain.logits[i]) <= 0.25 * (1.0 + std::abs(plain.logits[i])));
+    any_diff = any_diff || low.logits[i] != plain.logits[i];
+  }
+  CHECK(any_diff);
+  REQUIRE(low.grads.size() == plain.grads.size());
+  for (std::size_t t = 0; t < low.grads.size(); ++t) {
+    CHECK(low.grad_dtypes[t] == DType::F32);
+    double num = 0.0, den = 0.0;
+    for (std::size_t i = 0; i < low.grads[t].size(); ++i) {
+      const double d = low.grads[t][i] - plain.grads[t][i];
+      num += d * d;
+      den += static_cast<double>(plain.grads[t][i]) * plain.grads[t][i];
+    }
+    INFO("parameter " << t << ": relative L2 error " << std::sqrt(num / std::max(den, 1e-30)));
+    CHECK(std::sqrt(num) <= 0.4 * std::sqrt(den) + 1e-6);
+  }
+}

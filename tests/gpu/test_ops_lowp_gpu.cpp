@@ -291,3 +291,114 @@ TEST_CASE("small_cnn under fp16/bf16 on the GPU tracks the CPU network", "[gpu][
     }
   }
 }
+
+// ---- FP8 (amp::Policy::fp8_hybrid) ---------------------------------------------------------
+
+namespace {
+void set_fp8_scale(amp::Fp8Meta& meta, float scale) {
+  std::vector<float> st = meta.state().to(Device::cpu()).to_host_floats();
+  st[0] = scale;
+  st[1] = 1.0f / scale;
+  meta.state().copy_from(Tensor::from_vector(meta.state().shape(), st));
+}
+std::vector<unsigned char> bytes_of(const Tensor& t) {
+  const Tensor h = t.to(Device::cpu());
+  const auto* p = static_cast<const unsigned char*>(h.data());
+  return std::vector<unsigned char>(p, p + h.nbytes());
+}
+}  // namespace
+
+TEST_CASE("CUDA cast_to_fp8_padded matches the CPU bit for bit", "[gpu][lowp][fp8]") {
+  Context g = Context::cuda(0), c = Context::cpu();
+  for (DType src_dt : {DType::F32, DType::BF16}) {
+    for (DType fmt : {DType::F8E4M3, DType::F8E5M2}) {
+      for (amp::Fp8Layout layout : {amp::Fp8Layout::AsIs, amp::Fp8Layout::Transposed}) {
+        DYNAMIC_SECTION(dtype_name(src_dt) << " -> " << dtype_name(fmt)
+                                           << (layout == amp::Fp8Layout::Transposed ? " transposed" : "")) {
+          LOWP_SEEDED_RNG(rng);
+          const std::int64_t R = 85, C = 120, Rp = 96, Cp = 128;
+          const Tensor src = random_low({R, C}, src_dt, rng, -4.0f, 4.0f);
+          amp::Fp8MetaOptions o;
+          o.format = fmt;
+          amp::Fp8Meta meta_c(Device::cpu(), o), meta_g(gpu(), o);
+          // Scale chosen so that the largest values saturate.
+          const float scale = amp::fp8_max(fmt) / 3.0f;
+          set_fp8_scale(meta_c, scale);
+          set_fp8_scale(meta_g, scale);
+          const Shape shape = layout == amp::Fp8Layout::Transposed ? Shape{Cp, Rp} : Shape{Rp, Cp};
+          Tensor dst_c = poisoned(shape, Device::cpu(), fmt), dst_g = poisoned(shape, gpu(), fmt);
+          amp::cast_to_fp8_padded(c, src, dst_c, meta_c, layout);
+          amp::cast_to_fp8_padded(g, src.to(gpu()), dst_g, meta_g, layout);
+          g.synchronize();
+          const auto bc = bytes_of(dst_c), bg = bytes_of(dst_g);
+          std::size_t mismatches = 0;
+          for (std::size_t i = 0; i < bc.size(); ++i) mismatches += bc[i] != bg[i];
+          CHECK(mismatches == 0);
+          const float amax_c = meta_c.state().to_host_floats()[2];
+          const float amax_g = meta_g.state().to(Device::cpu()).to_host_floats()[2];
+          CHECK(amax_c > 0.0f);
+          CHECK(amax_g == amax_c);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("CUDA crop_padded and column_sums match the CPU bit for bit", "[gpu][lowp][fp8]") {
+  Context g = Context::cuda(0), c = Context::cpu();
+  LOWP_SEEDED_RNG(rng);
+  const Tensor src = random_low({96, 16}, DType::F32, rng), bias = random_low({10}, DType::F32, rng);
+  for (DType out : {DType::F32, DType::BF16}) {
+    Tensor y_c = poisoned({85, 10}, Device::cpu(), out), y_g = poisoned({85, 10}, gpu(), out);
+    amp::crop_padded(c, src, y_c, &bias);
+    const Tensor bias_g = bias.to(gpu());
+    amp::crop_padded(g, src.to(gpu()), y_g, &bias_g);
+    g.synchronize();
+    CHECK(bytes_of(y_c) == bytes_of(y_g));
+  }
+  Tensor s_c = poisoned({16}, Device::cpu(), DType::F32), s_g = poisoned({16}, gpu(), DType::F32);
+  amp::column_sums(c, src, s_c);
+  amp::column_sums(g, src.to(gpu()), s_g);
+  g.synchronize();
+  CHECK(bytes_of(s_c) == bytes_of(s_g));
+}
+
+TEST_CASE("CUDA FP8 Linear matches the CPU FP8 Linear on the same data and scales", "[gpu][lowp][fp8][nn]") {
+  Context g = Context::cuda(0), c = Context::cpu();
+  LOWP_SEEDED_RNG(rng);
+  const int in = 128, out = 10;
+  const std::int64_t n = 85;  // a per-rank shard that is not a multiple of 16
+  dstrain::nn::Linear lc(Device::cpu(), in, out, true, amp::Policy::fp8_hybrid());
+  dstrain::nn::Linear lg(gpu(), in, out, true, amp::Policy::fp8_hybrid());
+  dstrain::nn::init_parameters(lc, 9);
+  dstrain::nn::init_parameters(lg, 9);
+  const Tensor x = random_low({n, in}, DType::BF16, rng, 0.0f, 3.0f);  // bf16 activations
+  const Tensor dy = random_low({n, out}, DType::F32, rng, -0.004f, 0.004f);
+  const Tensor x_g = x.to(gpu()), dy_g = dy.to(gpu());
+  // Scales from one CPU step, given to both layers.
+  lc.forward(c, x, true);
+  lc.backward(c, dy);
+  amp::update_fp8_scales(c, lc.fp8_metas(), nullptr);
+  for (std::size_t i = 0; i < 3; ++i) lg.fp8_metas()[i]->state().copy_from(lc.fp8_metas()[i]->state());
+  lg.weight().grad.fill_bytes(0xFF);
+  lg.bias().grad.fill_bytes(0xFF);
+
+  const Tensor& y_c = lc.forward(c, x, true);
+  const Tensor& y_g = lg.forward(g, x_g, true);
+  REQUIRE(y_g.dtype() == DType::F32);
+  // fp32 accumulation of exact fp8 products against the CPU's double: order differs.
+  require_close(g, y_g, y_c, 1024.0);
+  const Tensor& dx_c = lc.backward(c, dy);
+  const Tensor& dx_g = lg.backward(g, dy_g);
+  REQUIRE(dx_g.dtype() == DType::BF16);
+  require_close(g, dx_g, dx_c, 4.0);
+  require_close(g, lg.weight().grad, lc.weight().grad, 1024.0);
+  require_close(g, lg.bias().grad, lc.bias().grad, 0.0);  // the same fp32 column sums
+  // Each cast raised the same amax on both sides.
+  g.synchronize();
+  for (std::size_t i = 0; i < 3; ++i) {
+    INFO("fp8 meta " << i);
+    CHECK(lg.fp8_metas()[i]->state().to(Device::cpu()).to_host_floats() ==
+          lc.fp8_metas()[i]->state().to_host_floats());
+  }
+}

@@ -187,6 +187,33 @@ class Fp8Meta {
 // data, and a saturated value hurts less than an inf); NaN stays NaN.
 void cast_to_fp8(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta);
 
+// Agrees each meta's step amax over `comm` (allreduce Max, so every rank gets the same scales and
+// data-parallel replicas stay identical; comm may be null or of one rank) and then calls
+// update_scale on each: once per training step, after the step's casts.
+void update_fp8_scales(Context& ctx, const std::vector<Fp8Meta*>& metas, Communicator* comm);
+
+// ---- FP8 operands for gemm_nt --------------------------------------------------------------
+
+// fp8 GEMMs need every dimension a multiple of 16.
+inline std::int64_t round_up_to_16(std::int64_t n) { return (n + 15) / 16 * 16; }
+
+enum class Fp8Layout { AsIs, Transposed };
+
+// The padded fp8 copy of a 2-d src [R,C] (fp32 or bf16) that gemm_nt takes: dst is
+// [round_up_to_16(R), round_up_to_16(C)] with dst[r][c] = fp8(src[r][c]) (AsIs), or
+// [round_up_to_16(C), round_up_to_16(R)] with dst[c][r] = fp8(src[r][c]) (Transposed: the
+// K-contiguous operand the backward GEMMs need). Padding is zero, which adds nothing to a
+// product. Values, saturation and amax as cast_to_fp8, in the same pass.
+void cast_to_fp8_padded(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta, Fp8Layout layout);
+
+// dst [M,N] (fp32 or bf16) = src[0..M, 0..N] (+ bias[N] when given), src fp32 [M', N'] with
+// M' >= M, N' >= N: the valid part of a GEMM output computed on padded operands.
+void crop_padded(Context& ctx, const Tensor& src, Tensor& dst, const Tensor* bias = nullptr);
+
+// dst[c] = sum over r of src[r][c] (fp32 [R,C] -> fp32 [C]), accumulated in row order in fp32
+// (the same bits on the CPU and on CUDA).
+void column_sums(Context& ctx, const Tensor& src, Tensor& dst);
+
 // ---- GEMM ----------------------------------------------------------------------------------
 
 struct GemmOptions {

@@ -5,6 +5,10 @@
 //   and optimizer math stay fp32. Master weights and their gradients (Parameter::value / grad)
 //   are fp32 in every policy: layers keep a low-precision working copy of their weights.
 //   fp16 needs loss scaling (amp::GradScaler); bf16 has fp32's range and does not.
+//   fp8_hybrid() ("fp8"): as bf16 for convolutions, activations and BatchNorm (the cuDNN legacy
+//   convolution API used here has no FP8 convolution), and FP8 for the linear layer's three
+//   GEMMs: forward with input and weight in E4M3, backward with the output gradient in E5M2
+//   ("hybrid"), each tensor scaled per tensor by delayed scaling (amp::Fp8Meta). No loss scaling.
 #pragma once
 #include <string>
 
@@ -20,22 +24,26 @@ class Policy {
   static Policy fp32() { return Policy(DType::F32); }
   static Policy fp16() { return Policy(DType::F16); }
   static Policy bf16() { return Policy(DType::BF16); }
-  // "fp32", "fp16" or "bf16"; anything else raises InvalidArgument.
+  static Policy fp8_hybrid() { return Policy(DType::BF16, /*fp8_linear=*/true); }
+  // "fp32", "fp16", "bf16" or "fp8"; anything else raises InvalidArgument.
   static Policy parse(const std::string& name);
 
+  // F8E4M3 for OpKind::Linear under fp8_hybrid() (its gradients go through E5M2).
   DType compute_dtype(OpKind kind) const;
   // The dtype activations are stored in (fp32 for fp32()).
   DType activation_dtype() const { return low_; }
   bool low_precision() const { return low_ != DType::F32; }
   bool needs_loss_scaling() const { return low_ == DType::F16; }
-  const char* name() const { return dtype_name(low_); }
+  bool fp8_linear() const { return fp8_linear_; }
+  const char* name() const { return fp8_linear_ ? "fp8" : dtype_name(low_); }
 
-  bool operator==(const Policy& o) const { return low_ == o.low_; }
-  bool operator!=(const Policy& o) const { return low_ != o.low_; }
+  bool operator==(const Policy& o) const { return low_ == o.low_ && fp8_linear_ == o.fp8_linear_; }
+  bool operator!=(const Policy& o) const { return !(*this == o); }
 
  private:
-  explicit Policy(DType low) : low_(low) {}
+  explicit Policy(DType low, bool fp8_linear = false) : low_(low), fp8_linear_(fp8_linear) {}
   DType low_ = DType::F32;
+  bool fp8_linear_ = false;
 };
 
 }  // namespace dstrain::amp

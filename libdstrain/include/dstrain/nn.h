@@ -10,6 +10,13 @@
 // dtype their input had. BatchNorm2d, ReLU, MaxPool2x2 and GlobalAvgPool keep the dtype of their
 // input (BatchNorm's statistics and parameters are fp32 always). Linear's output (the logits) is
 // fp32 in every policy.
+//
+// FP8 (amp::Policy::fp8_hybrid()): Linear runs its three GEMMs in FP8 from padded fp8 copies
+// (every dimension rounded up to 16 with zeros): y = x w^T with x and w in E4M3, dx = dy w and
+// dw = dy^T x with dy in E5M2, each tensor with its own amp::Fp8Meta (delayed scaling: the casts
+// use the current scale and raise the step's amax). The training loop calls
+// amp::update_fp8_scales(ctx, model.fp8_metas(), &comm) once per step, after the optimizer.
+// Evaluation forwards raise the amax of x and w too (a larger amax only lowers the next scale).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -18,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "dstrain/amp.h"
 #include "dstrain/amp_policy.h"
 #include "dstrain/context.h"
 #include "dstrain/ops.h"
@@ -45,6 +53,8 @@ class Layer {
   virtual std::vector<Parameter*> parameters() { return {}; }
   // State that is not trained by gradients (BatchNorm running statistics).
   virtual std::vector<Tensor*> buffers() { return {}; }
+  // FP8 scaling states the training loop updates once per step (see amp::update_fp8_scales).
+  virtual std::vector<amp::Fp8Meta*> fp8_metas() { return {}; }
   virtual std::string name() const = 0;
   // The first layer of a network has no use for dL/dx: skip computing it.
   void set_needs_input_grad(bool needed) { needs_input_grad_ = needed; }
@@ -138,18 +148,29 @@ class Linear final : public Layer {
   std::vector<Parameter*> parameters() override;
   std::string name() const override;
   Parameter& weight() { return weight_; }
+  Parameter& bias() { return bias_; }
   DType compute_dtype() const { return dtype_; }
+  bool fp8() const { return fp8_; }
+  // The delayed-scaling states of x, w (E4M3) and dy (E5M2) under FP8; empty otherwise.
+  std::vector<amp::Fp8Meta*> fp8_metas() override;
 
  private:
+  const Tensor& forward_fp8(Context& ctx, const Tensor& x);
+  const Tensor& backward_fp8(Context& ctx, const Tensor& dy);
+
   int in_, out_;
   Parameter weight_, bias_;
   bool has_bias_;
-  DType dtype_;
-  const Tensor* x_ = nullptr;  // in dtype_
+  bool fp8_;
+  DType dtype_;  // the compute dtype (FP8: bf16, what inputs other than fp32/bf16 are cast to first)
+  const Tensor* x_ = nullptr;  // in dtype_ (FP8: fp32 or bf16, as given)
   DType input_dtype_ = DType::F32;
   Tensor y_, dx_;  // y_ fp32
   Tensor x_cast_, dy_low_, dx_input_;
   Tensor w_low_;
+  // FP8: scaling states, padded fp8 operands and the padded GEMM output.
+  std::unique_ptr<amp::Fp8Meta> x_meta_, w_meta_, dy_meta_;
+  Tensor x_fp8_, w_fp8_, x_t_fp8_, w_t_fp8_, dy_fp8_, dy_t_fp8_, gemm_out_;
 };
 
 class Sequential final : public Layer {
@@ -166,6 +187,7 @@ class Sequential final : public Layer {
   const Tensor& backward(Context& ctx, const Tensor& dy, const std::function<void(Parameter&)>& grad_ready);
   std::vector<Parameter*> parameters() override;
   std::vector<Tensor*> buffers() override;
+  std::vector<amp::Fp8Meta*> fp8_metas() override;
   std::string name() const override { return "Sequential"; }
   std::size_t size() const { return layers_.size(); }
   Layer& layer(std::size_t i) { return *layers_.at(i); }
