@@ -284,7 +284,7 @@ void cast_to_fp8_padded(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& m
   check_on(ctx, dst, "cast_to_fp8_padded dst");
   check_on(ctx, meta.state(), "fp8 meta state");
   DSTRAIN_CHECK(src.ndim() == 2, "cast_to_fp8_padded takes a 2-d src, got " + shape_str(src.shape()));
-  const std::int64_t rows = round_up_to_16(src.dim(0)), cols = round_up_to_16(src.dim(1));
+  const std::int64_t rows = fp8_padded_size(src.dim(0)), cols = fp8_padded_size(src.dim(1));
   const bool transpose = layout == Fp8Layout::Transposed;
   check_shape(dst, transpose ? Shape{cols, rows} : Shape{rows, cols}, "cast_to_fp8_padded dst");
   DSTRAIN_CHECK(src.dtype() == DType::F32 || src.dtype() == DType::BF16, "cast_to_fp8_padded reads fp32 or bf16");

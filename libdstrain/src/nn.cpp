@@ -225,7 +225,7 @@ const Tensor& Linear::forward_fp8(Context& ctx, const Tensor& x) {
   // The fp8 casts read fp32 or bf16 directly; any other input goes through the activation dtype.
   x_ = (x.dtype() == DType::F32 || x.dtype() == DType::BF16) ? &x : &as_dtype(ctx, x, dtype_, x_cast_);
   const std::int64_t n = x.dim(0);
-  const std::int64_t np = amp::round_up_to_16(n), kp = amp::round_up_to_16(in_), op = amp::round_up_to_16(out_);
+  const std::int64_t np = amp::fp8_padded_size(n), kp = amp::fp8_padded_size(in_), op = amp::fp8_padded_size(out_);
   amp::cast_to_fp8_padded(ctx, *x_, ensure(x_fp8_, {np, kp}, ctx, DType::F8E4M3), *x_meta_, amp::Fp8Layout::AsIs);
   amp::cast_to_fp8_padded(ctx, weight_.value, ensure(w_fp8_, {op, kp}, ctx, DType::F8E4M3), *w_meta_,
                           amp::Fp8Layout::AsIs);
@@ -243,7 +243,7 @@ const Tensor& Linear::backward_fp8(Context& ctx, const Tensor& dy) {
   check_shape(dy, {n, out_}, (name() + " dy").c_str());
   // fp32 for the bias gradient's column sums (the logits' gradient is fp32 already).
   const Tensor& g = as_dtype(ctx, dy, DType::F32, dy_low_);
-  const std::int64_t np = amp::round_up_to_16(n), kp = amp::round_up_to_16(in_), op = amp::round_up_to_16(out_);
+  const std::int64_t np = amp::fp8_padded_size(n), kp = amp::fp8_padded_size(in_), op = amp::fp8_padded_size(out_);
 
   // dw[out, in] = dy^T x: both operands K-contiguous over the batch, so transposed copies.
   amp::cast_to_fp8_padded(ctx, g, ensure(dy_t_fp8_, {op, np}, ctx, DType::F8E5M2), *dy_meta_,

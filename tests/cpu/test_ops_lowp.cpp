@@ -390,7 +390,7 @@ TEST_CASE("cast_to_fp8_padded is cast_to_fp8 laid out padded (and transposed)", 
   for (DType src_dt : {DType::F32, DType::BF16}) {
     for (DType fmt : {DType::F8E4M3, DType::F8E5M2}) {
       DYNAMIC_SECTION(dstrain::dtype_name(src_dt) << " -> " << dstrain::dtype_name(fmt)) {
-        const std::int64_t R = 37, C = 10, Rp = 48, Cp = 16;
+        const std::int64_t R = 37, C = 10, Rp = 64, Cp = 32;
         const Tensor src = converted(random_f32({R, C}, rng, -3.0f, 3.0f), src_dt);
         amp::Fp8MetaOptions o;
         o.format = fmt;

@@ -194,14 +194,16 @@ void update_fp8_scales(Context& ctx, const std::vector<Fp8Meta*>& metas, Communi
 
 // ---- FP8 operands for gemm_nt --------------------------------------------------------------
 
-// fp8 GEMMs need every dimension a multiple of 16.
-inline std::int64_t round_up_to_16(std::int64_t n) { return (n + 15) / 16 * 16; }
+// The size fp8 operands are padded to: a multiple of 32. cuBLASLt needs multiples of 16, and on
+// sm_90 its heuristic offers algorithms for a K of 16 that the launch then refuses (Hopper's FP8
+// MMA steps K by 32).
+inline std::int64_t fp8_padded_size(std::int64_t n) { return (n + 31) / 32 * 32; }
 
 enum class Fp8Layout { AsIs, Transposed };
 
 // The padded fp8 copy of a 2-d src [R,C] (fp32 or bf16) that gemm_nt takes: dst is
-// [round_up_to_16(R), round_up_to_16(C)] with dst[r][c] = fp8(src[r][c]) (AsIs), or
-// [round_up_to_16(C), round_up_to_16(R)] with dst[c][r] = fp8(src[r][c]) (Transposed: the
+// [fp8_padded_size(R), fp8_padded_size(C)] with dst[r][c] = fp8(src[r][c]) (AsIs), or
+// [fp8_padded_size(C), fp8_padded_size(R)] with dst[c][r] = fp8(src[r][c]) (Transposed: the
 // K-contiguous operand the backward GEMMs need). Padding is zero, which adds nothing to a
 // product. Values, saturation and amax as cast_to_fp8, in the same pass.
 void cast_to_fp8_padded(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta, Fp8Layout layout);
