@@ -237,7 +237,24 @@ void amp_gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, cons
     cache().emplace(key, choice);
   }
 
-  void* ws = choice.workspace > 0 ? st.ensure_workspace(choice.workspace) : nullptr;
+  // Scale factors that are not 16-byte aligned (views into an Fp8Meta's state) are copied to the
+  // end of the workspace first: cuBLASLt's sm_90 FP8 kernels refuse such scale pointers at launch.
+  const bool scales_aligned =
+      !fp8 || (alignment_of(o.a_scale_inv->data()) >= 16 && alignment_of(o.b_scale_inv->data()) >= 16);
+  const std::size_t ws_bytes = (choice.workspace + 255) / 256 * 256;
+  const std::size_t ws_total = ws_bytes + (scales_aligned ? 0 : 256);
+  void* ws = ws_total > 0 ? st.ensure_workspace(ws_total) : nullptr;
+  if (!scales_aligned) {
+    auto* scales = static_cast<char*>(ws) + ws_bytes;
+    void* lt_a_scale = scales;        // cuBLASLt's A is our b
+    void* lt_b_scale = scales + 128;
+    DSTRAIN_CUDA_CHECK(cudaMemcpyAsync(lt_a_scale, o.b_scale_inv->data(), sizeof(float), cudaMemcpyDeviceToDevice, s));
+    DSTRAIN_CUDA_CHECK(cudaMemcpyAsync(lt_b_scale, o.a_scale_inv->data(), sizeof(float), cudaMemcpyDeviceToDevice, s));
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pr->desc.d, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &lt_a_scale,
+                                                        sizeof(lt_a_scale)));
+    DSTRAIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(pr->desc.d, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &lt_b_scale,
+                                                        sizeof(lt_b_scale)));
+  }
   const float alpha = 1.0f, beta = 0.0f;
   DSTRAIN_CUBLAS_CHECK(cublasLtMatmul(st.cublaslt, pr->desc.d, &alpha, b.data(), pr->la.l, a.data(), pr->lb.l, &beta,
                                       d.data(), pr->lc.l, d.data(), pr->ld.l, &choice.algo, ws, choice.workspace, s));
