@@ -386,13 +386,14 @@ TEST_CASE("CUDA FP8 Linear matches the CPU FP8 Linear on the same data and scale
   const Tensor& y_c = lc.forward(c, x, true);
   const Tensor& y_g = lg.forward(g, x_g, true);
   REQUIRE(y_g.dtype() == DType::F32);
-  // fp32 accumulation of exact fp8 products against the CPU's double: order differs.
-  require_close(g, y_g, y_c, 1024.0);
+  // Hopper's FP8 tensor cores keep partial sums to about 2^-11 of their magnitude (fast
+  // accumulation off), against the CPU's double: 4096 fp32 ulps of the largest value.
+  require_close(g, y_g, y_c, 4096.0);
   const Tensor& dx_c = lc.backward(c, dy);
   const Tensor& dx_g = lg.backward(g, dy_g);
   REQUIRE(dx_g.dtype() == DType::BF16);
   require_close(g, dx_g, dx_c, 4.0);
-  require_close(g, lg.weight().grad, lc.weight().grad, 1024.0);
+  require_close(g, lg.weight().grad, lc.weight().grad, 4096.0);
   require_close(g, lg.bias().grad, lc.bias().grad, 0.0);  // the same fp32 column sums
   // Each cast raised the same amax on both sides.
   g.synchronize();
