@@ -9,6 +9,7 @@
 #include <string>
 
 #include "dstrain/error.h"
+#include "libdstrain/src/dispatch.h"
 #include "kernels/cpu/amp_cpu.h"
 #ifdef DSTRAIN_HAVE_CUDA
 #include "kernels/amp_cuda.h"
@@ -18,21 +19,6 @@ namespace dstrain::amp {
 
 namespace {
 
-#ifdef DSTRAIN_HAVE_CUDA
-#define DSTRAIN_AMP_DISPATCH(fn, ...)      \
-  do {                                     \
-    if (ctx.is_cuda())                     \
-      kernels::cuda::fn(ctx, __VA_ARGS__); \
-    else                                   \
-      kernels::cpu::fn(ctx, __VA_ARGS__);  \
-  } while (0)
-#else
-#define DSTRAIN_AMP_DISPATCH(fn, ...)                                                           \
-  do {                                                                                          \
-    if (ctx.is_cuda()) DSTRAIN_THROW(ErrorCode::Unsupported, #fn ": built without CUDA");       \
-    kernels::cpu::fn(ctx, __VA_ARGS__);                                                         \
-  } while (0)
-#endif
 
 void check_on(const Context& ctx, const Tensor& t, const std::string& what) {
   if (t.device() != ctx.device())
@@ -133,13 +119,13 @@ GradScaler::GradScaler(Device device, const GradScalerOptions& options) : option
 void GradScaler::unscale_and_check(Context& ctx, const std::vector<Tensor*>& grads) {
   check_on(ctx, state_, "grad scaler state");
   check_list(ctx, grads, "gradient");
-  DSTRAIN_AMP_DISPATCH(amp_unscale_and_check, grads, state_);
+  DSTRAIN_DISPATCH(amp_unscale_and_check, grads, state_);
 }
 
 void GradScaler::scale_gradient(Context& ctx, Tensor& grad) const {
   check_on(ctx, state_, "grad scaler state");
   check_f32_on(ctx, grad, "scaled gradient");
-  DSTRAIN_AMP_DISPATCH(amp_scale_by_loss_scale, grad, state_);
+  DSTRAIN_DISPATCH(amp_scale_by_loss_scale, grad, state_);
 }
 
 void GradScaler::agree_found_inf(Communicator& comm, Context& ctx) {
@@ -152,7 +138,7 @@ void GradScaler::agree_found_inf(Communicator& comm, Context& ctx) {
 
 void GradScaler::update(Context& ctx) {
   check_on(ctx, state_, "grad scaler state");
-  DSTRAIN_AMP_DISPATCH(amp_scaler_update, state_, options_);
+  DSTRAIN_DISPATCH(amp_scaler_update, state_, options_);
 }
 
 float GradScaler::scale(Context& ctx) const { return read_element(ctx, state_, 0); }
@@ -202,7 +188,7 @@ void FusedSGD::step(Context& ctx, const std::vector<Tensor*>& grads, const Tenso
   check_step_args(ctx, params_, grads, found_inf, low_precision);
   DSTRAIN_CHECK(options_.lr >= 0.0f, "sgd lr must be non-negative");
   const std::vector<Tensor*> momentum = pointers(momentum_);
-  DSTRAIN_AMP_DISPATCH(amp_fused_sgd, params_, grads, momentum, found_inf, low_precision, options_);
+  DSTRAIN_DISPATCH(amp_fused_sgd, params_, grads, momentum, found_inf, low_precision, options_);
 }
 
 // ---- FusedAdamW ----
@@ -225,7 +211,7 @@ void FusedAdamW::step(Context& ctx, const std::vector<Tensor*>& grads, const Ten
                       const std::vector<Tensor*>* low_precision) {
   check_step_args(ctx, params_, grads, found_inf, low_precision);
   const std::vector<Tensor*> m = pointers(exp_avg_), v = pointers(exp_avg_sq_);
-  DSTRAIN_AMP_DISPATCH(amp_fused_adamw, params_, grads, m, v, step_, found_inf, low_precision, options_);
+  DSTRAIN_DISPATCH(amp_fused_adamw, params_, grads, m, v, step_, found_inf, low_precision, options_);
 }
 
 // ---- FP8 ----
@@ -251,7 +237,7 @@ Fp8Meta::Fp8Meta(Device device, const Fp8MetaOptions& options) : options_(option
 
 void Fp8Meta::update_scale(Context& ctx) {
   check_on(ctx, state_, "fp8 meta state");
-  DSTRAIN_AMP_DISPATCH(amp_fp8_update_scale, state_, options_);
+  DSTRAIN_DISPATCH(amp_fp8_update_scale, state_, options_);
 }
 
 void cast_to_fp8(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta) {
@@ -262,7 +248,7 @@ void cast_to_fp8(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& meta) {
   DSTRAIN_CHECK(src.dtype() == DType::F32 || src.dtype() == DType::BF16, "cast_to_fp8 reads fp32 or bf16");
   DSTRAIN_CHECK(dst.dtype() == meta.options().format, std::string("cast_to_fp8 dst must be ") +
                                                           dtype_name(meta.options().format) + " (the meta's format)");
-  DSTRAIN_AMP_DISPATCH(amp_cast_to_fp8, src, dst, meta.state());
+  DSTRAIN_DISPATCH(amp_cast_to_fp8, src, dst, meta.state());
 }
 
 void update_fp8_scales(Context& ctx, const std::vector<Fp8Meta*>& metas, Communicator* comm) {
@@ -291,7 +277,7 @@ void cast_to_fp8_padded(Context& ctx, const Tensor& src, Tensor& dst, Fp8Meta& m
   DSTRAIN_CHECK(dst.dtype() == meta.options().format, std::string("cast_to_fp8_padded dst must be ") +
                                                           dtype_name(meta.options().format) + " (the meta's format)");
   if (dst.numel() == 0) return;
-  DSTRAIN_AMP_DISPATCH(amp_cast_to_fp8_padded, src, dst, meta.state(), transpose);
+  DSTRAIN_DISPATCH(amp_cast_to_fp8_padded, src, dst, meta.state(), transpose);
 }
 
 void crop_padded(Context& ctx, const Tensor& src, Tensor& dst, const Tensor* bias) {
@@ -306,7 +292,7 @@ void crop_padded(Context& ctx, const Tensor& src, Tensor& dst, const Tensor* bia
     check_shape(*bias, {dst.dim(1)}, "crop_padded bias");
   }
   if (dst.numel() == 0) return;
-  DSTRAIN_AMP_DISPATCH(amp_crop_padded, src, dst, bias);
+  DSTRAIN_DISPATCH(amp_crop_padded, src, dst, bias);
 }
 
 void column_sums(Context& ctx, const Tensor& src, Tensor& dst) {
@@ -315,7 +301,7 @@ void column_sums(Context& ctx, const Tensor& src, Tensor& dst) {
   DSTRAIN_CHECK(src.ndim() == 2, "column_sums takes a 2-d src, got " + shape_str(src.shape()));
   check_shape(dst, {src.dim(1)}, "column_sums dst");
   if (dst.numel() == 0) return;
-  DSTRAIN_AMP_DISPATCH(amp_column_sums, src, dst);
+  DSTRAIN_DISPATCH(amp_column_sums, src, dst);
 }
 
 // ---- GEMM ----
@@ -351,7 +337,7 @@ void gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, const Ge
   }
   if (M == 0 || N == 0) return;
   DSTRAIN_CHECK(K > 0, "gemm needs K > 0");
-  DSTRAIN_AMP_DISPATCH(amp_gemm_nt, a, b, d, options);
+  DSTRAIN_DISPATCH(amp_gemm_nt, a, b, d, options);
 }
 
 }  // namespace dstrain::amp

@@ -9,6 +9,7 @@
 
 #include "dstrain/error.h"
 #include "kernels/cuda_api.h"
+#include "libdstrain/src/dispatch.h"
 #include "kernels/ops_cpu.h"
 #ifdef DSTRAIN_HAVE_CUDA
 #include "kernels/ops_cuda.h"
@@ -110,29 +111,9 @@ std::int64_t channels(const Tensor& x, const char* what) {
   return x.dim(-1);
 }
 
-#ifndef DSTRAIN_HAVE_CUDA
-[[noreturn]] void no_cuda() {
-  DSTRAIN_THROW(ErrorCode::Unsupported, "a CUDA context in a build without CUDA");
-}
-#endif
 
 }  // namespace
 
-#ifdef DSTRAIN_HAVE_CUDA
-#define DSTRAIN_DISPATCH(fn, ...)          \
-  do {                                     \
-    if (ctx.is_cuda())                     \
-      kernels::cuda::fn(ctx, __VA_ARGS__); \
-    else                                   \
-      kernels::cpu::fn(ctx, __VA_ARGS__);  \
-  } while (0)
-#else
-#define DSTRAIN_DISPATCH(fn, ...)         \
-  do {                                    \
-    if (ctx.is_cuda()) no_cuda();         \
-    kernels::cpu::fn(ctx, __VA_ARGS__);   \
-  } while (0)
-#endif
 
 Shape conv2d_output_shape(const Shape& x, const Shape& w, const Conv2dParams& p) {
   DSTRAIN_CHECK(x.size() == 4 && w.size() == 4,
