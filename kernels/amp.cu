@@ -23,6 +23,7 @@
 #include "amp_cuda.h"
 #include "cuda_check.h"
 #include "cuda_state.h"
+#include "sgd_math.cuh"
 
 namespace dstrain::kernels::cuda {
 
@@ -196,21 +197,6 @@ __device__ __forceinline__ void store_low4(void* base, std::int64_t k, const flo
 template <LowPrecision L>
 __device__ __forceinline__ void store_low1(void* base, std::int64_t i, float p) {
   if constexpr (L != LowPrecision::None) static_cast<std::uint16_t*>(base)[i] = to_low<L>(p);
-}
-
-struct SgdArgs {
-  float lr, momentum, weight_decay;
-  bool nesterov;
-};
-
-template <bool kMomentum>
-__device__ __forceinline__ void sgd1(float& p, float g, float& buf, const SgdArgs& a) {
-  g = g + a.weight_decay * p;
-  if (kMomentum) {
-    buf = a.momentum * buf + g;
-    g = a.nesterov ? g + a.momentum * buf : buf;
-  }
-  p = p - a.lr * g;
 }
 
 // Table columns: param, grad, momentum buffer (null without momentum), low-precision copy.

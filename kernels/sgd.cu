@@ -8,6 +8,7 @@
 #include "cuda_check.h"
 #include "cuda_state.h"
 #include "ops_cuda.h"
+#include "sgd_math.cuh"
 
 namespace dstrain::kernels::cuda {
 
@@ -21,21 +22,6 @@ int grid_for(std::int64_t n) {
 }
 
 bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-
-struct SgdArgs {
-  float lr, momentum, weight_decay;
-  bool nesterov;
-};
-
-template <bool kMomentum>
-__device__ __forceinline__ void sgd1(float& p, float g, float& buf, const SgdArgs& a) {
-  g = g + a.weight_decay * p;
-  if (kMomentum) {
-    buf = a.momentum * buf + g;
-    g = a.nesterov ? g + a.momentum * buf : buf;
-  }
-  p = p - a.lr * g;
-}
 
 template <bool kMomentum>
 __global__ void sgd_kernel(float* param, const float* grad, float* buf, std::int64_t n, std::int64_t n4,

@@ -19,6 +19,8 @@
 #include "dstrain/dtype.h"
 #include "dstrain/tensor.h"
 
+#include "gpu/seeded_rng.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -31,16 +33,6 @@ const float kInf = std::numeric_limits<float>::infinity();
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 Device gpu() { return Device::cuda(0); }
-
-std::uint32_t amp_seed() {
-  if (const char* s = std::getenv("DSTRAIN_TEST_SEED")) return static_cast<std::uint32_t>(std::strtoul(s, nullptr, 10));
-  return std::random_device{}();
-}
-
-#define AMP_SEEDED_RNG(rng)                        \
-  const std::uint32_t rng##_seed = amp_seed();     \
-  INFO("seed " << rng##_seed << " (DSTRAIN_TEST_SEED to replay)"); \
-  std::mt19937 rng(rng##_seed)
 
 std::vector<float> random_floats(std::int64_t n, std::mt19937& g, float lo, float hi) {
   std::uniform_real_distribution<float> d(lo, hi);
@@ -112,7 +104,7 @@ std::vector<std::int64_t> random_sizes(int count, std::mt19937& g, std::int64_t 
 }  // namespace
 
 TEST_CASE("amp gpu: multi-tensor unscale matches the CPU, finds an inf/NaN planted mid-tensor", "[gpu][amp]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   // 250 tensors: more than one launch holds (198); sizes across chunk boundaries; one empty.
@@ -162,7 +154,7 @@ TEST_CASE("amp gpu: multi-tensor unscale matches the CPU, finds an inf/NaN plant
 }
 
 TEST_CASE("amp gpu: scaler update follows the CPU over random clean/overflow steps", "[gpu][amp]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   amp::GradScalerOptions o;
@@ -188,7 +180,7 @@ TEST_CASE("amp gpu: scaler update follows the CPU over random clean/overflow ste
 }
 
 TEST_CASE("amp gpu: FusedSGD matches the CPU, writes low-precision copies, and skips", "[gpu][amp][optim]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   const std::vector<std::int64_t> sizes = random_sizes(120, rng, 40000);  // 2 launches (90 per table)
@@ -241,7 +233,7 @@ TEST_CASE("amp gpu: FusedSGD matches the CPU, writes low-precision copies, and s
 }
 
 TEST_CASE("amp gpu: FusedAdamW matches the CPU, counts steps on the device, and skips", "[gpu][amp][optim]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   const std::vector<std::int64_t> sizes = random_sizes(100, rng, 30000);  // 2 launches (76 per table)
@@ -281,7 +273,7 @@ TEST_CASE("amp gpu: FusedAdamW matches the CPU, counts steps on the device, and 
 }
 
 TEST_CASE("amp gpu: fp8 cast and amax match the CPU, scale updates match", "[gpu][amp][fp8]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   for (const DType fmt : {DType::F8E4M3, DType::F8E5M2}) {
@@ -365,7 +357,7 @@ void check_gemm(const std::vector<float>& got, const std::vector<float>& ref, co
 }  // namespace
 
 TEST_CASE("amp gpu: FP8 GEMM through cuBLASLt matches the dequantised CPU product", "[gpu][amp][gemm]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   const std::int64_t M = 512, N = 256, K = 384;
@@ -426,7 +418,7 @@ TEST_CASE("amp gpu: FP8 GEMM through cuBLASLt matches the dequantised CPU produc
 }
 
 TEST_CASE("amp gpu: BF16 GEMM matches the CPU product", "[gpu][amp][gemm]") {
-  AMP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   Context gctx = Context::cuda(0);
   Context cctx = Context::cpu();
   const std::int64_t M = 512, N = 256, K = 384;

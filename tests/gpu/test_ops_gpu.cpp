@@ -22,6 +22,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "gpu/seeded_rng.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -32,17 +34,6 @@ namespace ops = dstrain::ops;
 namespace {
 
 Device gpu() { return Device::cuda(0); }
-
-std::uint32_t fresh_seed() {
-  if (const char* s = std::getenv("DSTRAIN_TEST_SEED")) return static_cast<std::uint32_t>(std::strtoul(s, nullptr, 10));
-  return std::random_device{}();
-}
-
-// Declares `rng` seeded afresh, and reports the seed with any failure in the enclosing scope.
-#define SEEDED_RNG(rng)                          \
-  const std::uint32_t rng##_seed = fresh_seed(); \
-  INFO("seed " << rng##_seed << " (DSTRAIN_TEST_SEED to replay)"); \
-  std::mt19937 rng(rng##_seed)
 
 std::vector<float> uniform(std::int64_t n, std::mt19937& g, float lo = -1.0f, float hi = 1.0f) {
   std::uniform_real_distribution<float> d(lo, hi);

@@ -22,6 +22,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "gpu/seeded_rng.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -33,16 +35,6 @@ namespace amp = dstrain::amp;
 namespace {
 
 Device gpu() { return Device::cuda(0); }
-
-std::uint32_t lowp_seed() {
-  if (const char* s = std::getenv("DSTRAIN_TEST_SEED")) return static_cast<std::uint32_t>(std::strtoul(s, nullptr, 10));
-  return std::random_device{}();
-}
-
-#define LOWP_SEEDED_RNG(rng)                     \
-  const std::uint32_t rng##_seed = lowp_seed();  \
-  INFO("seed " << rng##_seed << " (DSTRAIN_TEST_SEED to replay)"); \
-  std::mt19937 rng(rng##_seed)
 
 // The spacing of the dtype's values just above 1.
 double eps_of(DType dt) {
@@ -101,7 +93,7 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
   Context g = Context::cuda(0), c = Context::cpu();
   for (DType dt : kLowTypes) {
     DYNAMIC_SECTION(dtype_name(dt)) {
-      LOWP_SEEDED_RNG(rng);
+      SEEDED_RNG(rng);
       for (int stride : {1, 2}) {
         const Shape xs{4, 14, 13, 24};
         ops::Conv2dParams p;
@@ -133,7 +125,7 @@ TEST_CASE("CUDA batchnorm in fp16/bf16 matches the CPU reference", "[gpu][lowp][
   Context g = Context::cuda(0), c = Context::cpu();
   for (DType dt : kLowTypes) {
     DYNAMIC_SECTION(dtype_name(dt)) {
-      LOWP_SEEDED_RNG(rng);
+      SEEDED_RNG(rng);
       const Shape xs{8, 9, 7, 40};
       const std::int64_t C = xs[3];
       Tensor x = random_low(xs, dt, rng, -1.0f, 3.0f);
@@ -182,7 +174,7 @@ TEST_CASE("CUDA relu, maxpool and global average pool in fp16/bf16 match the CPU
   Context g = Context::cuda(0), c = Context::cpu();
   for (DType dt : kLowTypes) {
     DYNAMIC_SECTION(dtype_name(dt)) {
-      LOWP_SEEDED_RNG(rng);
+      SEEDED_RNG(rng);
       const Shape xs{3, 11, 9, 20};
       Tensor x = random_low(xs, dt, rng), dy = random_low(xs, dt, rng);
       const Tensor x_g = x.to(gpu());
@@ -227,7 +219,7 @@ TEST_CASE("CUDA linear with fp16/bf16 operands matches the CPU reference", "[gpu
   Context g = Context::cuda(0), c = Context::cpu();
   for (DType dt : kLowTypes) {
     DYNAMIC_SECTION(dtype_name(dt)) {
-      LOWP_SEEDED_RNG(rng);
+      SEEDED_RNG(rng);
       const std::int64_t N = 64, I = 128, O = 10;
       Tensor x = random_low({N, I}, dt, rng), w = random_low({O, I}, dt, rng);
       Tensor b = random_low({O}, DType::F32, rng);
@@ -259,7 +251,7 @@ TEST_CASE("CUDA linear with fp16/bf16 operands matches the CPU reference", "[gpu
 
 TEST_CASE("CUDA GradScaler::scale_gradient matches the CPU", "[gpu][lowp][amp]") {
   Context g = Context::cuda(0);
-  LOWP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   amp::GradScalerOptions o;
   o.init_scale = 4096.0f;
   amp::GradScaler scaler(gpu(), o);
@@ -274,7 +266,7 @@ TEST_CASE("CUDA GradScaler::scale_gradient matches the CPU", "[gpu][lowp][amp]")
 TEST_CASE("small_cnn under fp16/bf16 on the GPU tracks the CPU network", "[gpu][lowp][nn]") {
   for (const amp::Policy& policy : {amp::Policy::fp16(), amp::Policy::bf16()}) {
     DYNAMIC_SECTION(policy.name()) {
-      LOWP_SEEDED_RNG(rng);
+      SEEDED_RNG(rng);
       Context g = Context::cuda(0), c = Context::cpu();
       auto net_g = dstrain::models::small_cnn(gpu(), 10, 1, policy);
       auto net_c = dstrain::models::small_cnn(Device::cpu(), 10, 1, policy);
@@ -315,7 +307,7 @@ TEST_CASE("CUDA cast_to_fp8_padded matches the CPU bit for bit", "[gpu][lowp][fp
       for (amp::Fp8Layout layout : {amp::Fp8Layout::AsIs, amp::Fp8Layout::Transposed}) {
         DYNAMIC_SECTION(dtype_name(src_dt) << " -> " << dtype_name(fmt)
                                            << (layout == amp::Fp8Layout::Transposed ? " transposed" : "")) {
-          LOWP_SEEDED_RNG(rng);
+          SEEDED_RNG(rng);
           const std::int64_t R = 85, C = 120, Rp = 96, Cp = 128;
           const Tensor src = random_low({R, C}, src_dt, rng, -4.0f, 4.0f);
           amp::Fp8MetaOptions o;
@@ -346,7 +338,7 @@ TEST_CASE("CUDA cast_to_fp8_padded matches the CPU bit for bit", "[gpu][lowp][fp
 
 TEST_CASE("CUDA crop_padded and column_sums match the CPU bit for bit", "[gpu][lowp][fp8]") {
   Context g = Context::cuda(0), c = Context::cpu();
-  LOWP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   const Tensor src = random_low({96, 16}, DType::F32, rng), bias = random_low({10}, DType::F32, rng);
   for (DType out : {DType::F32, DType::BF16}) {
     Tensor y_c = poisoned({85, 10}, Device::cpu(), out), y_g = poisoned({85, 10}, gpu(), out);
@@ -365,7 +357,7 @@ TEST_CASE("CUDA crop_padded and column_sums match the CPU bit for bit", "[gpu][l
 
 TEST_CASE("CUDA FP8 Linear matches the CPU FP8 Linear on the same data and scales", "[gpu][lowp][fp8][nn]") {
   Context g = Context::cuda(0), c = Context::cpu();
-  LOWP_SEEDED_RNG(rng);
+  SEEDED_RNG(rng);
   const int in = 128, out = 10;
   const std::int64_t n = 85;  // a per-rank shard that is not a multiple of 16
   dstrain::nn::Linear lc(Device::cpu(), in, out, true, amp::Policy::fp8_hybrid());
