@@ -93,21 +93,8 @@ void print_row(const Row& r) {
               r.time_us, r.tflops, r.gbs, r.max_err, r.ok ? "" : "  FAILED");
 }
 
-// Median time in microseconds of one `fn` on the context's stream, timed with CUDA events. Each
-// repeat times `batch` back-to-back calls and divides, so that a short kernel is not charged the
-// host's launch latency between the start event and its own start.
 double time_us(Context& ctx, const Options& o, int batch, const std::function<void()>& fn) {
-  for (int i = 0; i < o.warmup; ++i) fn();
-  dstrain::Event start = dstrain::Event::create(ctx.device().index), stop = dstrain::Event::create(ctx.device().index);
-  std::vector<double> t;
-  for (int i = 0; i < o.iters; ++i) {
-    start.record(ctx.stream());
-    for (int j = 0; j < batch; ++j) fn();
-    stop.record(ctx.stream());
-    stop.synchronize();
-    t.push_back(1000.0 * stop.elapsed_ms(start) / batch);
-  }
-  return dstrain::bench::median(t);
+  return dstrain::bench::time_us(ctx, o.warmup, o.iters, batch, fn);
 }
 
 // ResNet-50's parameter sizes: 53 convolutions, 53 batch norms (weight and bias), the fc layer.

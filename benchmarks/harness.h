@@ -5,9 +5,12 @@
 #include <cctype>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
+#include "dstrain/context.h"
+#include "dstrain/device.h"
 #include "dstrain/error.h"
 
 namespace dstrain::bench {
@@ -37,6 +40,23 @@ inline double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   const std::size_t n = v.size();
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// Median time in microseconds of one `fn` on the context's stream, timed with CUDA events. Each
+// repeat times `batch` back-to-back calls and divides, so that a short kernel is not charged the
+// host's launch latency between the start event and its own start.
+inline double time_us(Context& ctx, int warmup, int iters, int batch, const std::function<void()>& fn) {
+  for (int i = 0; i < warmup; ++i) fn();
+  Event start = Event::create(ctx.device().index), stop = Event::create(ctx.device().index);
+  std::vector<double> t;
+  for (int i = 0; i < iters; ++i) {
+    start.record(ctx.stream());
+    for (int j = 0; j < batch; ++j) fn();
+    stop.record(ctx.stream());
+    stop.synchronize();
+    t.push_back(1000.0 * stop.elapsed_ms(start) / batch);
+  }
+  return median(t);
 }
 
 // y = intercept + slope * x by least squares of the relative error (weights 1/y^2), so that small

@@ -276,6 +276,9 @@ int train(dstrain::Runtime& rt, const Options& opt) {
   }
   std::unique_ptr<dstrain::amp::FusedSGD> fused_sgd;
   std::unique_ptr<dstrain::amp::GradScaler> scaler;
+  // The layers' fp16/bf16 weight copies, one slot per master (null where a parameter has none):
+  // the fused step writes them with the masters, so the layers no longer convert at forward.
+  std::vector<dstrain::Tensor*> low_copies;
   if (policy.low_precision()) {
     dstrain::amp::FusedSGDOptions fo;
     fo.lr = opt.lr;
@@ -283,6 +286,10 @@ int train(dstrain::Runtime& rt, const Options& opt) {
     fo.weight_decay = opt.weight_decay;
     fo.nesterov = true;
     fused_sgd = std::make_unique<dstrain::amp::FusedSGD>(master_values, fo);
+    low_copies = dstrain::nn::working_copy_per_parameter(*model);
+    model->set_working_copies_external(true);
+    // The masters are rank 0's since DataParallel's broadcast: the copies start from them.
+    dstrain::nn::refresh_working_copies(ctx, *model);
   }
   if (policy.needs_loss_scaling()) scaler = std::make_unique<dstrain::amp::GradScaler>(dev);
   // FP8 delayed scaling: the linear layer's amax states, agreed over the ranks each step.
@@ -391,6 +398,7 @@ int train(dstrain::Runtime& rt, const Options& opt) {
                         {"train_images", std::to_string(train.count)}});
     if (opt.resume) {
       if (auto p = ckpt->restore_latest()) {
+        dstrain::nn::refresh_working_copies(ctx, *model);  // the restored masters
         step = static_cast<long>(p->step);
         start_epoch = p->epoch;
         start_batch = p->step_in_epoch;
@@ -457,7 +465,8 @@ int train(dstrain::Runtime& rt, const Options& opt) {
           found_inf = &scaler->found_inf();
         }
         fused_sgd->set_lr(lr);
-        fused_sgd->step(ctx, master_grads, found_inf);
+        // A step the scaler skips writes neither masters nor copies.
+        fused_sgd->step(ctx, master_grads, found_inf, &low_copies);
         if (scaler) scaler->update(ctx);
         if (!fp8_metas.empty()) dstrain::amp::update_fp8_scales(ctx, fp8_metas, &rt.comm());
       } else {

@@ -184,9 +184,11 @@ __device__ __forceinline__ std::uint16_t to_low(float v) {
     return __bfloat16_as_ushort(__float2bfloat16_rn(v));
 }
 
+// base null: this tensor has no low-precision copy.
 template <LowPrecision L>
 __device__ __forceinline__ void store_low4(void* base, std::int64_t k, const float4& p) {
   if constexpr (L != LowPrecision::None) {
+    if (base == nullptr) return;
     uint2 packed;
     packed.x = static_cast<unsigned>(to_low<L>(p.x)) | (static_cast<unsigned>(to_low<L>(p.y)) << 16);
     packed.y = static_cast<unsigned>(to_low<L>(p.z)) | (static_cast<unsigned>(to_low<L>(p.w)) << 16);
@@ -196,7 +198,8 @@ __device__ __forceinline__ void store_low4(void* base, std::int64_t k, const flo
 
 template <LowPrecision L>
 __device__ __forceinline__ void store_low1(void* base, std::int64_t i, float p) {
-  if constexpr (L != LowPrecision::None) static_cast<std::uint16_t*>(base)[i] = to_low<L>(p);
+  if constexpr (L != LowPrecision::None)
+    if (base != nullptr) static_cast<std::uint16_t*>(base)[i] = to_low<L>(p);
 }
 
 // Table columns: param, grad, momentum buffer (null without momentum), low-precision copy.
@@ -212,7 +215,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     float* p = static_cast<float*>(table.ptr[0][t]) + begin;
     const float* g = static_cast<const float*>(table.ptr[1][t]) + begin;
     float* b = kMomentum ? static_cast<float*>(table.ptr[2][t]) + begin : nullptr;
-    void* lp = L != LowPrecision::None ? static_cast<std::uint16_t*>(table.ptr[3][t]) + begin : nullptr;
+    void* lp = L != LowPrecision::None && table.ptr[3][t] != nullptr
+                   ? static_cast<std::uint16_t*>(table.ptr[3][t]) + begin
+                   : nullptr;
     const std::int64_t n4 = vec ? len / 4 : 0;
     for (std::int64_t k = threadIdx.x; k < n4; k += kThreads) {
       float4 pv = reinterpret_cast<float4*>(p)[k];
@@ -245,12 +250,14 @@ struct AdamStep {
   float step_size, bias_correction2_sqrt, decay;
 };
 
+// Every rounding spelled out (no contraction left to the compiler), so that each instantiation
+// of the kernel (with or without working copies, vector or scalar path) gives the same bits.
 __device__ __forceinline__ void adam1(float& p, float g, float& m, float& v, const AdamArgs& a, const AdamStep& s) {
-  p *= s.decay;
-  m = a.beta1 * m + (1.0f - a.beta1) * g;
-  v = a.beta2 * v + (1.0f - a.beta2) * g * g;
-  const float denom = sqrtf(v) / s.bias_correction2_sqrt + a.eps;
-  p -= s.step_size * (m / denom);
+  p = __fmul_rn(p, s.decay);
+  m = __fmaf_rn(a.beta1, m, __fmul_rn(1.0f - a.beta1, g));
+  v = __fmaf_rn(a.beta2, v, __fmul_rn(__fmul_rn(1.0f - a.beta2, g), g));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bias_correction2_sqrt), a.eps);
+  p = __fmaf_rn(-s.step_size, __fdiv_rn(m, denom), p);
 }
 
 // Table columns: param, grad, exp_avg, exp_avg_sq, low-precision copy. `step` is the count of
@@ -274,7 +281,9 @@ __global__ void __launch_bounds__(kThreads, 2) adamw_kernel(TensorTable<5> table
     const float* g = static_cast<const float*>(table.ptr[1][t]) + begin;
     float* m = static_cast<float*>(table.ptr[2][t]) + begin;
     float* v = static_cast<float*>(table.ptr[3][t]) + begin;
-    void* lp = L != LowPrecision::None ? static_cast<std::uint16_t*>(table.ptr[4][t]) + begin : nullptr;
+    void* lp = L != LowPrecision::None && table.ptr[4][t] != nullptr
+                   ? static_cast<std::uint16_t*>(table.ptr[4][t]) + begin
+                   : nullptr;
     const std::int64_t n4 = vec ? len / 4 : 0;
     for (std::int64_t k = threadIdx.x; k < n4; k += kThreads) {
       float4 pv = reinterpret_cast<float4*>(p)[k];
@@ -305,15 +314,19 @@ __global__ void adamw_step_kernel(std::int32_t* step, const float* found_inf) {
   if (found_inf == nullptr || *found_inf == 0.0f) *step += 1;
 }
 
+// The dtype of the copies (null entries: parameters without one).
 LowPrecision low_kind(const std::vector<Tensor*>* low_precision) {
-  if (low_precision == nullptr || low_precision->empty()) return LowPrecision::None;
-  return (*low_precision)[0]->dtype() == DType::F16 ? LowPrecision::F16 : LowPrecision::BF16;
+  if (low_precision == nullptr) return LowPrecision::None;
+  for (const Tensor* t : *low_precision)
+    if (t != nullptr) return t->dtype() == DType::F16 ? LowPrecision::F16 : LowPrecision::BF16;
+  return LowPrecision::None;
 }
 
+// Data pointers of the list; a null entry stays null.
 std::vector<void*> data_column(const std::vector<Tensor*>& list) {
   std::vector<void*> out;
   out.reserve(list.size());
-  for (Tensor* t : list) out.push_back(t->data());
+  for (Tensor* t : list) out.push_back(t != nullptr ? t->data() : nullptr);
   return out;
 }
 

@@ -1,6 +1,7 @@
 // 2-D convolution (cross-correlation) on NHWC activations and KRSC filters (all fp32, or all
-// fp16, or all bf16) through
-// cuDNN's legacy convolution API (cudnnConvolutionForward / BackwardData / BackwardFilter),
+// fp16, or all bf16). fp16 and bf16 run as cuDNN graphs where conv_graphs.h offers a plan (its
+// heuristics find faster kernels); fp32, deterministic mode, unaligned views and the rest go
+// through cuDNN's legacy convolution API (cudnnConvolutionForward / BackwardData / BackwardFilter),
 // which cuDNN 9 still ships (deprecated, hence the local warning suppression).
 //
 // Math: CUDNN_FMA_MATH. On Ampere and later, CUDNN_DEFAULT_MATH lets fp32 convolutions run on
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "conv_graphs.h"
 #include "cuda_state.h"
 #include "ops_cuda.h"
 
@@ -275,6 +277,18 @@ void run_plan(CudaState& st, ConvPlan& plan, ConvOp op, Launch launch) {
                       __FILE__, __LINE__, static_cast<long>(last));
 }
 
+// Runs the op as a cuDNN graph when conv_graphs.h offers a plan; false: use the legacy API.
+bool run_graph(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w, const Tensor& y,
+               const ops::Conv2dParams& p) {
+  cudnn_graph::TunedPlan* plan = conv_graph_plan(st, kind, x, w, y, p, {x.data(), w.data(), y.data()});
+  if (plan == nullptr) return false;
+  void* ws = plan->workspace_bytes() > 0 ? st.ensure_workspace(static_cast<std::size_t>(plan->workspace_bytes()))
+                                         : nullptr;
+  plan->execute(st.cudnn, st.cuda_stream(), {kUidX, kUidW, kUidY},
+                {const_cast<void*>(x.data()), const_cast<void*>(w.data()), const_cast<void*>(y.data())}, ws);
+  return true;
+}
+
 }  // namespace
 
 void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p) {
@@ -285,6 +299,7 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(y.data(), 0, y.nbytes(), st.cuda_stream()));
     return;
   }
+  if (run_graph(st, ConvGraph::Forward, x, w, y, p)) return;
   const ConvShape s = shape_of(x, w, y);
   ConvPlan& plan =
       get_plan(st, ConvOp::Forward, s, p, aligned16(x.data()) && aligned16(w.data()) && aligned16(y.data()),
@@ -306,6 +321,7 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dx.data(), 0, dx.nbytes(), st.cuda_stream()));
     return;
   }
+  if (run_graph(st, ConvGraph::BackwardData, dx, w, dy, p)) return;
   const ConvShape s = shape_of(dx, w, dy);
   ConvPlan& plan =
       get_plan(st, ConvOp::BackwardData, s, p, aligned16(dy.data()) && aligned16(w.data()) && aligned16(dx.data()),
@@ -327,6 +343,7 @@ void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Ten
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dw.data(), 0, dw.nbytes(), st.cuda_stream()));
     return;
   }
+  if (run_graph(st, ConvGraph::BackwardFilter, x, dw, dy, p)) return;
   const ConvShape s = shape_of(x, dw, dy);
   ConvPlan& plan =
       get_plan(st, ConvOp::BackwardFilter, s, p, aligned16(x.data()) && aligned16(dy.data()) && aligned16(dw.data()),

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "amp_cpu.h"
+#include "ops_cpu.h"
 #include "dstrain/dtype.h"
 
 namespace dstrain::kernels::cpu {
@@ -185,6 +186,20 @@ void amp_gemm_nt(Context&, const Tensor& a, const Tensor& b, Tensor& d, const am
   }
   convert_host(out.data(), DType::F32, d.data(), d.dtype(), out.size());
   if (o.d_amax) o.d_amax->data_as<float>()[0] = amax;
+}
+
+bool amp_conv2d_forward_fp8(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& x_scale_inv,
+                            const Tensor& w_scale_inv, Tensor& y, const ops::Conv2dParams& p) {
+  Tensor xf = Tensor::empty(x.shape(), DType::F32, Device::cpu()), wf = Tensor::empty(w.shape(), DType::F32, Device::cpu());
+  convert_host(x.data(), x.dtype(), xf.data(), DType::F32, static_cast<std::size_t>(x.numel()));
+  convert_host(w.data(), w.dtype(), wf.data(), DType::F32, static_cast<std::size_t>(w.numel()));
+  Tensor yf = Tensor::empty(y.shape(), DType::F32, Device::cpu());
+  cpu::conv2d_forward(ctx, xf, wf, yf, p);
+  const float descale = x_scale_inv.data_as<float>()[0] * w_scale_inv.data_as<float>()[0];
+  float* v = yf.data_as<float>();
+  for (std::int64_t i = 0; i < yf.numel(); ++i) v[i] *= descale;
+  convert_host(yf.data(), DType::F32, y.data(), y.dtype(), static_cast<std::size_t>(y.numel()));
+  return true;
 }
 
 void amp_cast_to_fp8_padded(Context&, const Tensor& src, Tensor& dst, Tensor& fp8_state, bool transpose) {

@@ -47,25 +47,30 @@ void check_scalar_flag(const Context& ctx, const Tensor* flag, const char* what)
   DSTRAIN_CHECK(flag->numel() == 1, std::string(what) + " must hold one value");
 }
 
-// Gradients match their parameters; working copies, when given, too (fp16 or bf16, one dtype).
-void check_step_args(const Context& ctx, const std::vector<Tensor*>& params, const std::vector<Tensor*>& grads,
-                     const Tensor* found_inf, const std::vector<Tensor*>* low_precision) {
+// Gradients match their parameters; working copies, when given, too (fp16 or bf16, one dtype; a
+// null entry: that parameter has none). Returns the copies to write: null when there are none.
+const std::vector<Tensor*>* check_step_args(const Context& ctx, const std::vector<Tensor*>& params,
+                                            const std::vector<Tensor*>& grads, const Tensor* found_inf,
+                                            const std::vector<Tensor*>* low_precision) {
   DSTRAIN_CHECK(grads.size() == params.size(), "optimizer step got " + std::to_string(grads.size()) +
                                                    " gradients for " + std::to_string(params.size()) + " parameters");
   check_list(ctx, params, "parameter");
   check_list(ctx, grads, "gradient");
   for (std::size_t i = 0; i < params.size(); ++i) check_shape(*grads[i], params[i]->shape(), item("gradient", i).c_str());
   check_scalar_flag(ctx, found_inf, "found_inf");
-  if (low_precision == nullptr) return;
-  DSTRAIN_CHECK(low_precision->size() == params.size(), "one low-precision copy per parameter");
+  if (low_precision == nullptr) return nullptr;
+  DSTRAIN_CHECK(low_precision->size() == params.size(), "one low-precision copy (or null) per parameter");
+  const Tensor* first = nullptr;
   for (std::size_t i = 0; i < params.size(); ++i) {
     const Tensor* lp = (*low_precision)[i];
-    DSTRAIN_CHECK(lp != nullptr, item("low-precision copy", i) + " is null");
+    if (lp == nullptr) continue;
     check_on(ctx, *lp, item("low-precision copy", i));
     check_shape(*lp, params[i]->shape(), item("low-precision copy", i).c_str());
     DSTRAIN_CHECK(lp->dtype() == DType::F16 || lp->dtype() == DType::BF16, "low-precision copies are fp16 or bf16");
-    DSTRAIN_CHECK(lp->dtype() == (*low_precision)[0]->dtype(), "low-precision copies must share one dtype");
+    if (first == nullptr) first = lp;
+    DSTRAIN_CHECK(lp->dtype() == first->dtype(), "low-precision copies must share one dtype");
   }
+  return first != nullptr ? low_precision : nullptr;
 }
 
 Device device_of(const std::vector<Tensor*>& params) {
@@ -185,10 +190,10 @@ FusedSGD::FusedSGD(std::vector<Tensor*> params, const FusedSGDOptions& options)
 
 void FusedSGD::step(Context& ctx, const std::vector<Tensor*>& grads, const Tensor* found_inf,
                     const std::vector<Tensor*>* low_precision) {
-  check_step_args(ctx, params_, grads, found_inf, low_precision);
+  const std::vector<Tensor*>* copies = check_step_args(ctx, params_, grads, found_inf, low_precision);
   DSTRAIN_CHECK(options_.lr >= 0.0f, "sgd lr must be non-negative");
   const std::vector<Tensor*> momentum = pointers(momentum_);
-  DSTRAIN_DISPATCH(amp_fused_sgd, params_, grads, momentum, found_inf, low_precision, options_);
+  DSTRAIN_DISPATCH(amp_fused_sgd, params_, grads, momentum, found_inf, copies, options_);
 }
 
 // ---- FusedAdamW ----
@@ -209,9 +214,9 @@ FusedAdamW::FusedAdamW(std::vector<Tensor*> params, const FusedAdamWOptions& opt
 
 void FusedAdamW::step(Context& ctx, const std::vector<Tensor*>& grads, const Tensor* found_inf,
                       const std::vector<Tensor*>* low_precision) {
-  check_step_args(ctx, params_, grads, found_inf, low_precision);
+  const std::vector<Tensor*>* copies = check_step_args(ctx, params_, grads, found_inf, low_precision);
   const std::vector<Tensor*> m = pointers(exp_avg_), v = pointers(exp_avg_sq_);
-  DSTRAIN_DISPATCH(amp_fused_adamw, params_, grads, m, v, step_, found_inf, low_precision, options_);
+  DSTRAIN_DISPATCH(amp_fused_adamw, params_, grads, m, v, step_, found_inf, copies, options_);
 }
 
 // ---- FP8 ----
@@ -338,6 +343,27 @@ void gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, const Ge
   if (M == 0 || N == 0) return;
   DSTRAIN_CHECK(K > 0, "gemm needs K > 0");
   DSTRAIN_DISPATCH(amp_gemm_nt, a, b, d, options);
+}
+
+bool conv2d_forward_fp8(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& x_scale_inv,
+                        const Tensor& w_scale_inv, Tensor& y, const ops::Conv2dParams& params) {
+  check_on(ctx, x, "conv2d_forward_fp8 x");
+  check_on(ctx, w, "conv2d_forward_fp8 w");
+  check_on(ctx, y, "conv2d_forward_fp8 y");
+  check_dtype(x, DType::F8E4M3, "conv2d_forward_fp8 x");
+  check_dtype(w, DType::F8E4M3, "conv2d_forward_fp8 w");
+  check_dtype(y, DType::BF16, "conv2d_forward_fp8 y");
+  check_shape(y, ops::conv2d_output_shape(x.shape(), w.shape(), params), "conv2d_forward_fp8 y");
+  for (const Tensor* s : {&x_scale_inv, &w_scale_inv}) {
+    check_f32_on(ctx, *s, "conv2d_forward_fp8 descale");
+    DSTRAIN_CHECK(s->numel() == 1, "conv2d_forward_fp8: a descale is one fp32 value, got " + shape_str(s->shape()));
+  }
+  if (y.numel() == 0) return true;
+#ifdef DSTRAIN_HAVE_CUDA
+  if (ctx.is_cuda()) return kernels::cuda::amp_conv2d_forward_fp8(ctx, x, w, x_scale_inv, w_scale_inv, y, params);
+#endif
+  if (ctx.is_cuda()) DSTRAIN_THROW(ErrorCode::Unsupported, "conv2d_forward_fp8: a CUDA context in a build without CUDA");
+  return kernels::cpu::amp_conv2d_forward_fp8(ctx, x, w, x_scale_inv, w_scale_inv, y, params);
 }
 
 }  // namespace dstrain::amp

@@ -7,9 +7,7 @@ std::unique_ptr<nn::Sequential> small_cnn(Device device, int classes, int in_cha
   const int widths[6] = {32, 32, 64, 64, 128, 128};
   int in = in_channels;
   for (int i = 0; i < 6; ++i) {
-    net->emplace<nn::Conv2d>(device, in, widths[i], 3, 1, 1, /*bias=*/false, policy);
-    net->emplace<nn::BatchNorm2d>(device, widths[i]);
-    net->emplace<nn::ReLU>();
+    net->emplace<nn::ConvBnRelu>(device, in, widths[i], /*kernel=*/3, /*stride=*/1, /*padding=*/1, policy);
     if (i == 1 || i == 3) net->emplace<nn::MaxPool2x2>();
     in = widths[i];
   }

@@ -1,5 +1,6 @@
 #include "dstrain/nn.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <sstream>
@@ -33,6 +34,21 @@ const Tensor& as_dtype(Context& ctx, const Tensor& t, DType dtype, Tensor& scrat
   return scratch;
 }
 
+// The low-precision copy a layer computes with (empty under fp32), made with the layer so that it
+// exists before the first forward.
+Tensor make_working_copy(const Parameter& master, DType dtype) {
+  if (dtype == DType::F32) return Tensor();
+  return Tensor::zeros(master.value.shape(), dtype, master.value.device());
+}
+
+// The weight a layer computes with: the master itself under fp32; the working copy as it is when
+// the optimizer keeps it current (external); else the master converted into it now.
+const Tensor& working_weight(Context& ctx, const Parameter& master, DType dtype, Tensor& low, bool external) {
+  if (dtype == DType::F32) return master.value;
+  if (external) return low;
+  return as_dtype(ctx, master.value, dtype, low);
+}
+
 const Tensor& require_input(const Tensor* x, const std::string& layer) {
   if (!x) DSTRAIN_THROW(ErrorCode::InvalidArgument, layer + ": backward called before forward");
   return *x;
@@ -50,6 +66,7 @@ Conv2d::Conv2d(Device device, int in_channels, int out_channels, int kernel, int
   params_.pad_h = params_.pad_w = padding;
   weight_ = make_parameter(name() + ".weight", {out_, kernel_, kernel_, in_}, device, Parameter::Init::UniformFanIn,
                            static_cast<std::int64_t>(kernel) * kernel * in_channels);
+  w_low_ = make_working_copy(weight_, dtype_);
 }
 
 std::string Conv2d::name() const {
@@ -61,11 +78,15 @@ std::string Conv2d::name() const {
 
 std::vector<Parameter*> Conv2d::parameters() { return {&weight_}; }
 
+std::vector<WorkingCopy> Conv2d::working_copies() {
+  if (dtype_ == DType::F32) return {};
+  return {{&weight_, &w_low_}};
+}
+
 const Tensor& Conv2d::forward(Context& ctx, const Tensor& x, bool) {
   input_dtype_ = x.dtype();
   x_ = &as_dtype(ctx, x, dtype_, x_cast_);
-  // The working copy follows the master weight, whatever updated it since the last forward.
-  const Tensor& w = as_dtype(ctx, weight_.value, dtype_, w_low_);
+  const Tensor& w = working_weight(ctx, weight_, dtype_, w_low_, working_copies_external_);
   ensure(y_, ops::conv2d_output_shape(x.shape(), weight_.value.shape(), params_), ctx, dtype_);
   ops::conv2d_forward(ctx, *x_, w, y_, params_);
   return y_;
@@ -123,6 +144,93 @@ const Tensor& BatchNorm2d::backward(Context& ctx, const Tensor& dy) {
   return dx_;
 }
 
+ConvBnRelu::ConvBnRelu(Device device, int in_channels, int out_channels, int kernel, int stride, int padding,
+                       amp::Policy policy, float momentum, float eps)
+    : in_(in_channels), out_(out_channels), kernel_(kernel), dtype_(policy.compute_dtype(amp::OpKind::Conv)) {
+  DSTRAIN_CHECK(in_channels > 0 && out_channels > 0 && kernel > 0 && stride > 0 && padding >= 0,
+                "ConvBnRelu needs positive channels, kernel and stride");
+  params_.conv.stride_h = params_.conv.stride_w = stride;
+  params_.conv.pad_h = params_.conv.pad_w = padding;
+  params_.bn.momentum = momentum;
+  params_.bn.eps = eps;
+  weight_ = make_parameter(name() + ".weight", {out_, kernel_, kernel_, in_}, device, Parameter::Init::UniformFanIn,
+                           static_cast<std::int64_t>(kernel) * kernel * in_channels);
+  gamma_ = make_parameter(name() + ".bn.weight", {out_}, device, Parameter::Init::Ones, 1);
+  beta_ = make_parameter(name() + ".bn.bias", {out_}, device, Parameter::Init::Zeros, 1);
+  running_mean_ = Tensor::zeros({out_}, DType::F32, device);
+  running_var_ = Tensor::from_vector({out_}, std::vector<float>(static_cast<std::size_t>(out_), 1.0f)).to(device);
+  save_mean_ = Tensor::zeros({out_}, DType::F32, device);
+  save_invstd_ = Tensor::zeros({out_}, DType::F32, device);
+  w_low_ = make_working_copy(weight_, dtype_);
+  if (policy.fp8_conv_forward()) {
+    fp8_forward_ = true;
+    x_meta_ = std::make_unique<amp::Fp8Meta>(device);  // E4M3
+    w_meta_ = std::make_unique<amp::Fp8Meta>(device);
+  }
+}
+
+std::vector<amp::Fp8Meta*> ConvBnRelu::fp8_metas() {
+  if (!x_meta_) return {};
+  return {x_meta_.get(), w_meta_.get()};
+}
+
+std::string ConvBnRelu::name() const {
+  std::ostringstream out;
+  out << "ConvBnRelu(" << in_ << "->" << out_ << ", " << kernel_ << "x" << kernel_ << ", stride "
+      << params_.conv.stride_h << ", pad " << params_.conv.pad_h << ")";
+  return out.str();
+}
+
+std::vector<WorkingCopy> ConvBnRelu::working_copies() {
+  if (dtype_ == DType::F32) return {};
+  return {{&weight_, &w_low_}};
+}
+
+const Tensor& ConvBnRelu::forward(Context& ctx, const Tensor& x, bool training) {
+  input_dtype_ = x.dtype();
+  x_ = &as_dtype(ctx, x, dtype_, x_cast_);
+  const Tensor& w = working_weight(ctx, weight_, dtype_, w_low_, working_copies_external_);
+  const Shape out = ops::conv2d_output_shape(x.shape(), weight_.value.shape(), params_.conv);
+  ensure(z_, out, ctx, dtype_);
+  last_forward_training_ = training;
+  if (training) {
+    ensure(conv_out_, out, ctx, dtype_);
+    ops::ConvBnReluParams p = params_;
+    if (fp8_forward_) {
+      amp::cast_to_fp8(ctx, *x_, ensure(x_fp8_, x_->shape(), ctx, DType::F8E4M3), *x_meta_);
+      amp::cast_to_fp8(ctx, weight_.value, ensure(w_fp8_, weight_.value.shape(), ctx, DType::F8E4M3), *w_meta_);
+      p.conv_out_given = amp::conv2d_forward_fp8(ctx, x_fp8_, w_fp8_, x_meta_->scale_inv(), w_meta_->scale_inv(),
+                                                 conv_out_, params_.conv);
+      fp8_forward_ = p.conv_out_given;  // no FP8 plan for this shape: bf16 from now on
+    }
+    ops::conv_bn_relu_forward_train(ctx, *x_, w, gamma_.value, beta_.value, running_mean_, running_var_, conv_out_,
+                                    z_, save_mean_, save_invstd_, p);
+    return z_;
+  }
+  ops::conv_bn_fold(ctx, w, gamma_.value, beta_.value, running_mean_, running_var_,
+                    ensure(w_folded_, w.shape(), ctx, dtype_), ensure(folded_bias_, {out_}, ctx), params_.bn);
+  ops::conv_bias_relu_forward(ctx, *x_, w_folded_, folded_bias_, z_, params_.conv);
+  return z_;
+}
+
+const Tensor& ConvBnRelu::backward(Context& ctx, const Tensor& dy) {
+  const Tensor& x = require_input(x_, name());
+  DSTRAIN_CHECK(last_forward_training_, name() + ": backward needs a training forward before it");
+  const Tensor& dz = as_dtype(ctx, dy, dtype_, dz_cast_);
+  const Tensor& w = dtype_ == DType::F32 ? weight_.value : w_low_;
+  Tensor& dw = dtype_ == DType::F32 ? weight_.grad : ensure(dw_low_, weight_.value.shape(), ctx, dtype_);
+  Tensor* dx = nullptr;
+  if (needs_input_grad_) dx = &ensure(dx_, x.shape(), ctx, dtype_);
+  else dx_ = Tensor();
+  ops::conv_bn_relu_backward(ctx, dz, x, w, gamma_.value, beta_.value, conv_out_, save_mean_, save_invstd_,
+                             ensure(dconv_, conv_out_.shape(), ctx, dtype_), dx, dw, gamma_.grad, beta_.grad,
+                             params_);
+  if (dtype_ != DType::F32) ops::convert(ctx, dw_low_, weight_.grad);
+  if (dx == nullptr || input_dtype_ == dtype_) return dx_;
+  ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));
+  return dx_input_;
+}
+
 const Tensor& ReLU::forward(Context& ctx, const Tensor& x, bool) {
   ensure(y_, x.shape(), ctx, x.dtype());
   ops::relu_forward(ctx, x, y_);
@@ -171,6 +279,8 @@ Linear::Linear(Device device, int in_features, int out_features, bool bias, amp:
   DSTRAIN_CHECK(in_features > 0 && out_features > 0, "Linear needs positive feature counts");
   weight_ = make_parameter(name() + ".weight", {out_, in_}, device, Parameter::Init::UniformFanIn, in_);
   if (has_bias_) bias_ = make_parameter(name() + ".bias", {out_}, device, Parameter::Init::UniformFanIn, in_);
+  // FP8 casts the master itself at forward: no working copy.
+  if (!fp8_) w_low_ = make_working_copy(weight_, dtype_);
   if (fp8_) {
     amp::Fp8MetaOptions forward_options;  // E4M3
     amp::Fp8MetaOptions gradient_options;
@@ -193,12 +303,17 @@ std::vector<Parameter*> Linear::parameters() {
   return {&weight_};
 }
 
+std::vector<WorkingCopy> Linear::working_copies() {
+  if (fp8_ || dtype_ == DType::F32) return {};
+  return {{&weight_, &w_low_}};
+}
+
 const Tensor& Linear::forward(Context& ctx, const Tensor& x, bool) {
   DSTRAIN_CHECK(x.ndim() == 2, "Linear takes [N,features], got " + shape_str(x.shape()));
   input_dtype_ = x.dtype();
   if (fp8_) return forward_fp8(ctx, x);
   x_ = &as_dtype(ctx, x, dtype_, x_cast_);
-  const Tensor& w = as_dtype(ctx, weight_.value, dtype_, w_low_);
+  const Tensor& w = working_weight(ctx, weight_, dtype_, w_low_, working_copies_external_);
   ensure(y_, {x.dim(0), out_}, ctx);  // fp32 logits in every policy
   ops::linear_forward(ctx, *x_, w, has_bias_ ? &bias_.value : nullptr, y_);
   return y_;
@@ -325,6 +440,18 @@ std::vector<amp::Fp8Meta*> Sequential::fp8_metas() {
   return all;
 }
 
+std::vector<WorkingCopy> Sequential::working_copies() {
+  std::vector<WorkingCopy> all;
+  for (auto& layer : layers_)
+    for (const WorkingCopy& c : layer->working_copies()) all.push_back(c);
+  return all;
+}
+
+void Sequential::set_working_copies_external(bool external) {
+  working_copies_external_ = external;
+  for (auto& layer : layers_) layer->set_working_copies_external(external);
+}
+
 std::string Sequential::summary() {
   std::ostringstream out;
   for (std::size_t i = 0; i < layers_.size(); ++i) {
@@ -357,6 +484,21 @@ void init_parameters(Layer& model, std::uint64_t seed) {
     p->value.copy_from(Tensor::from_vector(p->value.shape(), values));
     p->grad.zero();
   }
+}
+
+void refresh_working_copies(Context& ctx, Layer& model) {
+  for (const WorkingCopy& c : model.working_copies()) ops::convert(ctx, c.master->value, *c.low);
+}
+
+std::vector<Tensor*> working_copy_per_parameter(Layer& model) {
+  const std::vector<Parameter*> params = model.parameters();
+  std::vector<Tensor*> copies(params.size(), nullptr);
+  for (const WorkingCopy& c : model.working_copies()) {
+    const auto it = std::find(params.begin(), params.end(), c.master);
+    DSTRAIN_CHECK(it != params.end(), "working copy of " + c.master->name + ", not a parameter of this model");
+    copies[static_cast<std::size_t>(it - params.begin())] = c.low;
+  }
+  return copies;
 }
 
 std::int64_t parameter_count(Layer& model) {

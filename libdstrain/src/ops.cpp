@@ -248,6 +248,94 @@ void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const T
   DSTRAIN_DISPATCH(batchnorm_backward, dy, x, gamma, save_mean, save_invstd, dx, dgamma, dbeta);
 }
 
+namespace {
+// Shapes shared by the fused Conv+BN+ReLU ops: x [N,H,W,C], w [K,R,S,C], per-channel vectors [K].
+Shape check_conv_bn(Context& ctx, const Tensor& x, const Tensor& w, const ConvBnReluParams& p, const char* op) {
+  check_act(ctx, x, "conv_bn_relu x");
+  check_like(ctx, w, x, "conv_bn_relu w");
+  const Shape out = conv2d_output_shape(x.shape(), w.shape(), p.conv);
+  DSTRAIN_CHECK(p.bn.eps > 0.0f && p.bn.momentum >= 0.0f && p.bn.momentum <= 1.0f,
+                std::string(op) + ": eps must be positive and momentum in [0, 1]");
+  return out;
+}
+}  // namespace
+
+void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                                const Tensor& beta, Tensor& running_mean, Tensor& running_var, Tensor& conv_out,
+                                Tensor& z, Tensor& save_mean, Tensor& save_invstd, const ConvBnReluParams& p) {
+  const Shape out = check_conv_bn(ctx, x, w, p, "conv_bn_relu_forward_train");
+  const std::int64_t k = out[3];
+  DSTRAIN_CHECK(out[0] * out[1] * out[2] > 1, "conv_bn_relu in training needs more than one value per channel, "
+                                              "the convolution's output has shape " + shape_str(out));
+  check_like(ctx, conv_out, x, "conv_bn_relu conv_out");
+  check_shape(conv_out, out, "conv_bn_relu conv_out");
+  check_like(ctx, z, x, "conv_bn_relu z");
+  check_shape(z, out, "conv_bn_relu z");
+  check_channel_vector(ctx, gamma, k, "conv_bn_relu gamma");
+  check_channel_vector(ctx, beta, k, "conv_bn_relu beta");
+  check_channel_vector(ctx, running_mean, k, "conv_bn_relu running_mean");
+  check_channel_vector(ctx, running_var, k, "conv_bn_relu running_var");
+  check_channel_vector(ctx, save_mean, k, "conv_bn_relu save_mean");
+  check_channel_vector(ctx, save_invstd, k, "conv_bn_relu save_invstd");
+  DSTRAIN_DISPATCH(conv_bn_relu_forward_train, x, w, gamma, beta, running_mean, running_var, conv_out, z, save_mean,
+                   save_invstd, p);
+}
+
+void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                           const Tensor& beta, const Tensor& conv_out, const Tensor& save_mean,
+                           const Tensor& save_invstd, Tensor& dconv, Tensor* dx, Tensor& dw, Tensor& dgamma,
+                           Tensor& dbeta, const ConvBnReluParams& p) {
+  const Shape out = check_conv_bn(ctx, x, w, p, "conv_bn_relu_backward");
+  const std::int64_t k = out[3];
+  check_like(ctx, dz, x, "conv_bn_relu dz");
+  check_shape(dz, out, "conv_bn_relu dz");
+  check_like(ctx, conv_out, x, "conv_bn_relu conv_out");
+  check_shape(conv_out, out, "conv_bn_relu conv_out");
+  check_like(ctx, dconv, x, "conv_bn_relu dconv");
+  check_shape(dconv, out, "conv_bn_relu dconv");
+  check_like(ctx, dw, x, "conv_bn_relu dw");
+  check_shape(dw, w.shape(), "conv_bn_relu dw");
+  if (dx != nullptr) {
+    check_like(ctx, *dx, x, "conv_bn_relu dx");
+    check_shape(*dx, x.shape(), "conv_bn_relu dx");
+  }
+  check_channel_vector(ctx, gamma, k, "conv_bn_relu gamma");
+  check_channel_vector(ctx, beta, k, "conv_bn_relu beta");
+  check_channel_vector(ctx, save_mean, k, "conv_bn_relu save_mean");
+  check_channel_vector(ctx, save_invstd, k, "conv_bn_relu save_invstd");
+  check_channel_vector(ctx, dgamma, k, "conv_bn_relu dgamma");
+  check_channel_vector(ctx, dbeta, k, "conv_bn_relu dbeta");
+  DSTRAIN_DISPATCH(conv_bn_relu_backward, dz, x, w, gamma, beta, conv_out, save_mean, save_invstd, dconv, dx, dw,
+                   dgamma, dbeta, p);
+}
+
+void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                  const Tensor& running_var, Tensor& w_folded, Tensor& bias, const BatchNormParams& p) {
+  check_act(ctx, w, "conv_bn_fold w");
+  check_rank(w, 4, "conv_bn_fold w");
+  const std::int64_t k = w.dim(0);
+  check_like(ctx, w_folded, w, "conv_bn_fold w_folded");
+  check_shape(w_folded, w.shape(), "conv_bn_fold w_folded");
+  check_channel_vector(ctx, gamma, k, "conv_bn_fold gamma");
+  check_channel_vector(ctx, beta, k, "conv_bn_fold beta");
+  check_channel_vector(ctx, running_mean, k, "conv_bn_fold running_mean");
+  check_channel_vector(ctx, running_var, k, "conv_bn_fold running_var");
+  check_channel_vector(ctx, bias, k, "conv_bn_fold bias");
+  DSTRAIN_CHECK(p.eps > 0.0f, "conv_bn_fold eps must be positive");
+  DSTRAIN_DISPATCH(conv_bn_fold, w, gamma, beta, running_mean, running_var, w_folded, bias, p);
+}
+
+void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& z,
+                            const Conv2dParams& p) {
+  check_act(ctx, x, "conv_bias_relu x");
+  check_like(ctx, w, x, "conv_bias_relu w");
+  const Shape out = conv2d_output_shape(x.shape(), w.shape(), p);
+  check_like(ctx, z, x, "conv_bias_relu z");
+  check_shape(z, out, "conv_bias_relu z");
+  check_channel_vector(ctx, bias, out[3], "conv_bias_relu bias");
+  DSTRAIN_DISPATCH(conv_bias_relu_forward, x, w, bias, z, p);
+}
+
 void relu_forward(Context& ctx, const Tensor& x, Tensor& y) {
   check_act(ctx, x, "relu x");
   check_like(ctx, y, x, "relu y");

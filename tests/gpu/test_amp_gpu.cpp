@@ -20,6 +20,7 @@
 #include "dstrain/tensor.h"
 
 #include "gpu/seeded_rng.h"
+#include "working_copy_check.h"
 
 using dstrain::Context;
 using dstrain::Device;
@@ -436,5 +437,21 @@ TEST_CASE("amp gpu: BF16 GEMM matches the CPU product", "[gpu][amp][gemm]") {
     amp::gemm_nt(cctx, ah, bh, ref);
     check_gemm(fetch(gctx, dd), ref.to_host_floats(), ah, bh, 1.0f, 3e-5,
                out == DType::BF16 ? std::ldexp(1.0, -8) : 1e-6);
+  }
+}
+
+// The optimizer's working copies on the device: a network whose layers compute from the copies
+// the fused kernel writes (null slots for BatchNorm and the bias in the same launch) against the
+// same network converting at every forward: copies equal the device masters rounded on the host,
+// forward outputs bit-identical, a skipped step writes nothing (tests/working_copy_check.h).
+TEST_CASE("amp gpu: external working copies written by the fused optimizers", "[gpu][amp][optim]") {
+  SEEDED_RNG(rng);
+  Context gctx = Context::cuda(0);
+  for (const amp::Policy policy : {amp::Policy::fp16(), amp::Policy::bf16(), amp::Policy::fp8_hybrid()}) {
+    for (const auto kind : {dstrain_test::FusedOptimizer::Sgd, dstrain_test::FusedOptimizer::AdamW}) {
+      INFO("policy " << (policy.fp8_linear() ? "fp8" : dstrain::dtype_name(policy.compute_dtype(amp::OpKind::Conv)))
+                     << (kind == dstrain_test::FusedOptimizer::Sgd ? ", FusedSGD" : ", FusedAdamW"));
+      dstrain_test::check_external_working_copies(gctx, policy, kind, rng);
+    }
   }
 }

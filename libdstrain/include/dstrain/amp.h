@@ -17,6 +17,7 @@
 
 #include "dstrain/comm.h"
 #include "dstrain/context.h"
+#include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
 namespace dstrain::amp {
@@ -94,8 +95,9 @@ class FusedSGD {
 
   // One step with `grads` (fp32, shapes of the params). When `found_inf` (a device fp32 scalar,
   // e.g. GradScaler::found_inf()) is nonzero, nothing is written at all. When `low_precision` is
-  // given, each updated parameter is also written, rounded, to the fp16/bf16 tensor at the same
-  // index (all of one dtype), in the same pass.
+  // given (one entry per parameter), each updated parameter is also written, rounded, to the
+  // fp16/bf16 tensor at the same index (all of one dtype), in the same pass; a null entry: that
+  // parameter has no such copy (see nn::working_copy_per_parameter).
   void step(Context& ctx, const std::vector<Tensor*>& grads, const Tensor* found_inf = nullptr,
             const std::vector<Tensor*>* low_precision = nullptr);
 
@@ -234,5 +236,16 @@ struct GemmOptions {
 // E5M2 or E5M2 x E4M3) or both bf16; d is bf16 or fp32. fp8 needs M, N, K multiples of 16.
 // The CPU path dequantises and multiplies in fp32 (the reference).
 void gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, const GemmOptions& options = {});
+
+// ---- FP8 convolution -----------------------------------------------------------------------
+
+// y (bf16 [N,Ho,Wo,K]) = conv2d(x, w) * x_scale_inv * w_scale_inv with x [N,H,W,C] and w [K,R,S,C]
+// in E4M3 (an Fp8Meta's cast), fp32 accumulation; the descales are fp32 device scalars (normally
+// the metas' scale_inv()). On the GPU it runs as one cuDNN graph (sm_90; cuDNN offers FP8
+// convolutions only there); returns false, writing nothing, where cuDNN has no plan for the shape
+// (or in deterministic mode), so the caller computes in bf16 instead. The CPU path dequantises
+// and convolves in fp32 (the reference) and always returns true.
+bool conv2d_forward_fp8(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& x_scale_inv,
+                        const Tensor& w_scale_inv, Tensor& y, const ops::Conv2dParams& params);
 
 }  // namespace dstrain::amp

@@ -5,10 +5,12 @@
 //   and optimizer math stay fp32. Master weights and their gradients (Parameter::value / grad)
 //   are fp32 in every policy: layers keep a low-precision working copy of their weights.
 //   fp16 needs loss scaling (amp::GradScaler); bf16 has fp32's range and does not.
-//   fp8_hybrid() ("fp8"): as bf16 for convolutions, activations and BatchNorm (the cuDNN legacy
-//   convolution API used here has no FP8 convolution), and FP8 for the linear layer's three
+//   fp8_hybrid() ("fp8"): as bf16 for activations and BatchNorm; convolution forwards in FP8
+//   (E4M3 input and filter, bf16 output, through amp::conv2d_forward_fp8) where cuDNN offers a
+//   plan for the shape, else bf16, and their backward in bf16; FP8 for the linear layer's three
 //   GEMMs: forward with input and weight in E4M3, backward with the output gradient in E5M2
-//   ("hybrid"), each tensor scaled per tensor by delayed scaling (amp::Fp8Meta). No loss scaling.
+//   ("hybrid"). Each FP8 tensor is scaled per tensor by delayed scaling (amp::Fp8Meta). No loss
+//   scaling.
 #pragma once
 #include <string>
 
@@ -35,6 +37,8 @@ class Policy {
   bool low_precision() const { return low_ != DType::F32; }
   bool needs_loss_scaling() const { return low_ == DType::F16; }
   bool fp8_linear() const { return fp8_linear_; }
+  // Convolution forwards in FP8 (E4M3) where cuDNN offers it: under fp8_hybrid().
+  bool fp8_conv_forward() const { return fp8_linear_; }
   const char* name() const { return fp8_linear_ ? "fp8" : dtype_name(low_); }
 
   bool operator==(const Policy& o) const { return low_ == o.low_ && fp8_linear_ == o.fp8_linear_; }

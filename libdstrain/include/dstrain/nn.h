@@ -5,16 +5,27 @@
 //
 // Precision: Conv2d and Linear take an amp::Policy (default fp32). Under fp16/bf16 they convert
 // their input to the low type when it is not already, compute in it from a low-precision working
-// copy of their fp32 weight (refreshed from the master at every forward, so it always follows the
-// optimizer), write their weight gradient into the fp32 Parameter::grad, and return dL/dx in the
-// dtype their input had. BatchNorm2d, ReLU, MaxPool2x2 and GlobalAvgPool keep the dtype of their
-// input (BatchNorm's statistics and parameters are fp32 always). Linear's output (the logits) is
-// fp32 in every policy.
+// copy of their fp32 weight, write their weight gradient into the fp32 Parameter::grad, and return
+// dL/dx in the dtype their input had. BatchNorm2d, ReLU, MaxPool2x2 and GlobalAvgPool keep the
+// dtype of their input (BatchNorm's statistics and parameters are fp32 always). Linear's output
+// (the logits) is fp32 in every policy.
+//
+// Working copies: each layer allocates its copies when it is made and lists them in
+// working_copies() (the convolutions' are bf16 under fp8_hybrid too). By default the layer converts its master into the copy at every forward, so
+// the copy follows whatever changed the master. A training loop that keeps the copies current
+// itself calls set_working_copies_external(true): the layer then computes with the copy as it is.
+// The loop passes the copies to the optimizer (working_copy_per_parameter(model) as FusedSGD's or
+// FusedAdamW's low_precision list), which writes them in the same pass as the fp32 update (a
+// step skipped for an inf/NaN gradient writes neither), and calls refresh_working_copies once
+// wherever masters change outside the optimizer: after init, after DataParallel's broadcast of
+// rank 0's parameters, after a checkpoint restore.
 //
 // FP8 (amp::Policy::fp8_hybrid()): Linear runs its three GEMMs in FP8 from padded fp8 copies
 // (every dimension rounded up to 16 with zeros): y = x w^T with x and w in E4M3, dx = dy w and
 // dw = dy^T x with dy in E5M2, each tensor with its own amp::Fp8Meta (delayed scaling: the casts
-// use the current scale and raise the step's amax). The training loop calls
+// use the current scale and raise the step's amax). Linear has no working copy under FP8: its
+// forward casts the fp32 master straight to E4M3, taking the weight's amax in that cast, whether
+// or not the copies are external. The training loop calls
 // amp::update_fp8_scales(ctx, model.fp8_metas(), &comm) once per step, after the optimizer.
 // Evaluation forwards raise the amax of x and w too (a larger amax only lowers the next scale).
 #pragma once
@@ -42,6 +53,12 @@ struct Parameter {
   std::int64_t fan_in = 1;
 };
 
+// A low-precision working copy (fp16 or bf16, the master's shape) a layer computes with.
+struct WorkingCopy {
+  Parameter* master;
+  Tensor* low;
+};
+
 class Layer {
  public:
   virtual ~Layer() = default;
@@ -55,6 +72,12 @@ class Layer {
   virtual std::vector<Tensor*> buffers() { return {}; }
   // FP8 scaling states the training loop updates once per step (see amp::update_fp8_scales).
   virtual std::vector<amp::Fp8Meta*> fp8_metas() { return {}; }
+  // This layer's low-precision working copies (empty under fp32), allocated when it is made.
+  virtual std::vector<WorkingCopy> working_copies() { return {}; }
+  // external: something else (the optimizer) keeps the working copies equal to the masters
+  // rounded, and forward uses them as they are; otherwise forward converts at every call.
+  virtual void set_working_copies_external(bool external) { working_copies_external_ = external; }
+  bool working_copies_external() const { return working_copies_external_; }
   virtual std::string name() const = 0;
   // The first layer of a network has no use for dL/dx: skip computing it.
   void set_needs_input_grad(bool needed) { needs_input_grad_ = needed; }
@@ -62,6 +85,7 @@ class Layer {
 
  protected:
   bool needs_input_grad_ = true;
+  bool working_copies_external_ = false;
 };
 
 // No bias by default (followed by BatchNorm in the reference model). Weight [out, k, k, in].
@@ -72,6 +96,7 @@ class Conv2d final : public Layer {
   const Tensor& forward(Context& ctx, const Tensor& x, bool training) override;
   const Tensor& backward(Context& ctx, const Tensor& dy) override;
   std::vector<Parameter*> parameters() override;
+  std::vector<WorkingCopy> working_copies() override;
   std::string name() const override;
   Parameter& weight() { return weight_; }
   DType compute_dtype() const { return dtype_; }
@@ -105,6 +130,55 @@ class BatchNorm2d final : public Layer {
   Tensor running_mean_, running_var_, save_mean_, save_invstd_;
   const Tensor* x_ = nullptr;
   Tensor y_, dx_;
+};
+
+// Conv2d (no bias) + BatchNorm2d + ReLU as one layer, through the fused ops. Training forward runs
+// ops::conv_bn_relu_forward_train (keeping the conv output and batch statistics for backward);
+// evaluation folds the running statistics into the weight and a bias (ops::conv_bn_fold, at every
+// evaluation forward so it follows the parameters) and runs ops::conv_bias_relu_forward.
+// Parameters: the filter [out, k, k, in], then BatchNorm's gamma and beta; buffers: the running
+// mean and variance (initialised as BatchNorm2d's). Precision as Conv2d: under fp16/bf16 the
+// input is converted to the low type when needed, the layer computes from its working copy of the
+// filter, writes the filter gradient into the fp32 Parameter::grad and returns dL/dx in the input's
+// dtype; BatchNorm's parameters and statistics stay fp32.
+class ConvBnRelu final : public Layer {
+ public:
+  ConvBnRelu(Device device, int in_channels, int out_channels, int kernel, int stride, int padding,
+             amp::Policy policy = {}, float momentum = 0.1f, float eps = 1e-5f);
+  const Tensor& forward(Context& ctx, const Tensor& x, bool training) override;
+  // Needs a training forward before it (an evaluation forward keeps no statistics).
+  const Tensor& backward(Context& ctx, const Tensor& dy) override;
+  std::vector<Parameter*> parameters() override { return {&weight_, &gamma_, &beta_}; }
+  std::vector<Tensor*> buffers() override { return {&running_mean_, &running_var_}; }
+  std::vector<WorkingCopy> working_copies() override;
+  // Under fp8_hybrid: the delayed-scaling states of the FP8 convolution forward's x and w.
+  std::vector<amp::Fp8Meta*> fp8_metas() override;
+  std::string name() const override;
+  Parameter& weight() { return weight_; }
+  Parameter& gamma() { return gamma_; }
+  Parameter& beta() { return beta_; }
+  Tensor& running_mean() { return running_mean_; }
+  Tensor& running_var() { return running_var_; }
+  DType compute_dtype() const { return dtype_; }
+
+ private:
+  int in_, out_, kernel_;
+  ops::ConvBnReluParams params_;
+  Parameter weight_, gamma_, beta_;
+  DType dtype_;
+  Tensor running_mean_, running_var_, save_mean_, save_invstd_;
+  const Tensor* x_ = nullptr;  // in dtype_ (the input itself or x_cast_)
+  bool last_forward_training_ = false;
+  DType input_dtype_ = DType::F32;
+  Tensor conv_out_, z_, dconv_, dx_;
+  Tensor x_cast_, dz_cast_, dx_input_;  // dtype conversions at the layer's edges
+  Tensor w_low_, dw_low_;               // low-precision working filter and its gradient
+  Tensor w_folded_, folded_bias_;       // evaluation: BatchNorm folded into the filter
+  // fp8_hybrid: the training forward's convolution in FP8 (x and the fp32 master cast to E4M3),
+  // until cuDNN turns out to have no FP8 plan for the shape; the backward stays bf16.
+  bool fp8_forward_ = false;
+  std::unique_ptr<amp::Fp8Meta> x_meta_, w_meta_;
+  Tensor x_fp8_, w_fp8_;
 };
 
 class ReLU final : public Layer {
@@ -146,6 +220,8 @@ class Linear final : public Layer {
   const Tensor& forward(Context& ctx, const Tensor& x, bool training) override;
   const Tensor& backward(Context& ctx, const Tensor& dy) override;
   std::vector<Parameter*> parameters() override;
+  // The weight's copy under fp16/bf16; none under fp32 or FP8 (the bias stays fp32).
+  std::vector<WorkingCopy> working_copies() override;
   std::string name() const override;
   Parameter& weight() { return weight_; }
   Parameter& bias() { return bias_; }
@@ -188,6 +264,9 @@ class Sequential final : public Layer {
   std::vector<Parameter*> parameters() override;
   std::vector<Tensor*> buffers() override;
   std::vector<amp::Fp8Meta*> fp8_metas() override;
+  std::vector<WorkingCopy> working_copies() override;
+  // Sets every child layer too (a layer added afterwards keeps its own setting).
+  void set_working_copies_external(bool external) override;
   std::string name() const override { return "Sequential"; }
   std::size_t size() const { return layers_.size(); }
   Layer& layer(std::size_t i) { return *layers_.at(i); }
@@ -202,6 +281,15 @@ class Sequential final : public Layer {
 // (kaiming_uniform with a = sqrt(5)); BatchNorm gamma 1, beta 0 (its running statistics start at
 // mean 0, variance 1 when the layer is made). Deterministic for a given seed; parameters on the GPU are drawn on the host and copied.
 void init_parameters(Layer& model, std::uint64_t seed);
+
+// Every working copy of the model = its master rounded to the copy's dtype (ops::convert), on
+// the context's stream: once wherever masters change outside the optimizer.
+void refresh_working_copies(Context& ctx, Layer& model);
+
+// One entry per model.parameters() entry, in that order: the parameter's working copy, or null
+// for one without (BatchNorm's, a bias, FP8 Linear's weight). The low_precision list of
+// FusedSGD::step and FusedAdamW::step for the model's parameters.
+std::vector<Tensor*> working_copy_per_parameter(Layer& model);
 
 std::int64_t parameter_count(Layer& model);
 // FNV-1a over the bytes of every parameter (copied to the host): equal on all ranks exactly

@@ -57,6 +57,45 @@ void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const T
                         const Tensor& save_mean, const Tensor& save_invstd, Tensor& dx,
                         Tensor& dgamma, Tensor& dbeta);
 
+// ---- Fused Conv2d + BatchNorm + ReLU (one layer of a ResNet-style network).
+// x, w, conv_out, z, dz, dconv, dx and dw share one dtype (fp32, fp16 or bf16); gamma, beta, the
+// running and saved statistics, dgamma and dbeta are fp32 [K]. conv_out, z, dz, dconv: the conv
+// output's shape [N,Ho,Wo,K].
+struct ConvBnReluParams {
+  Conv2dParams conv;
+  BatchNormParams bn;
+  // Training forward only: conv_out already holds conv2d(x, w), computed by the caller (an FP8
+  // convolution, say); the op computes the statistics, running statistics and z from it.
+  bool conv_out_given = false;
+};
+// Training forward. conv_out = conv2d(x, w) (stored in the dtype, kept for backward); per-channel
+// batch statistics of conv_out (biased variance; the running variance gets the unbiased one, as
+// batchnorm_forward_train); z = relu(v) with v = (conv_out - mean) * (gamma * invstd) + beta,
+// computed in fp32 as fma(conv_out - mean, gamma * invstd, beta). save_mean / save_invstd keep the
+// batch mean and 1/sqrt(var + eps).
+void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                                const Tensor& beta, Tensor& running_mean, Tensor& running_var, Tensor& conv_out,
+                                Tensor& z, Tensor& save_mean, Tensor& save_invstd, const ConvBnReluParams& p);
+// Backward from dz = dL/dz. The ReLU mask is v > 0 with v recomputed exactly as in the forward
+// (from conv_out, gamma, beta, save_mean, save_invstd), so z is not needed. g = dz where v > 0;
+// dbeta = sum g; dgamma = sum g * xhat (xhat = (conv_out - mean) * invstd);
+// dconv = gamma * invstd * (g - dbeta / M - xhat * dgamma / M) (M = N*Ho*Wo), written to dconv
+// (scratch owned by the caller); then dw = conv2d_backward_filter(x, dconv) and, when dx is not
+// null, dx = conv2d_backward_data(dconv, w).
+void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                           const Tensor& beta, const Tensor& conv_out, const Tensor& save_mean,
+                           const Tensor& save_invstd, Tensor& dconv, Tensor* dx, Tensor& dw, Tensor& dgamma,
+                           Tensor& dbeta, const ConvBnReluParams& p);
+// Inference fold of BatchNorm's running statistics: s_k = gamma_k / sqrt(running_var_k + eps);
+// w_folded[k] = w[k] * s_k (w's shape and dtype, computed in fp32 and rounded once);
+// bias[k] = beta_k - running_mean_k * s_k (fp32 [K]).
+void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                  const Tensor& running_var, Tensor& w_folded, Tensor& bias, const BatchNormParams& p);
+// Inference forward: z = relu(conv2d(x, w) + bias), bias fp32 [K]; one fused cuDNN call on the
+// GPU where cuDNN offers it for the shape.
+void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& z,
+                            const Conv2dParams& p);
+
 void relu_forward(Context& ctx, const Tensor& x, Tensor& y);
 // dx = dy where y > 0, else 0.
 void relu_backward(Context& ctx, const Tensor& dy, const Tensor& y, Tensor& dx);

@@ -1,0 +1,272 @@
+// conv_bn_relu_bench: the fused Conv+BN+ReLU layer against the convolution alone (the floor) and
+// against the unfused ops (conv2d, batchnorm, relu), per shape and dtype, on the GPU.
+//
+// Training step = forward with batch statistics + backward with dx, dw, dgamma, dbeta (as
+// PyTorch's x.requires_grad_() step in torch_baseline.py `block`). Inference = conv + bias + ReLU
+// from BN-folded weights (folded once, outside the timing), against the convolution forward alone.
+// Each figure is the median of --iters repeats of --batch back-to-back calls after --warmup calls,
+// timed with CUDA events on the context's stream. Results are checked before timing: the fused
+// output z and dx against the unfused path's, and the inference output against eval-mode BN.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "benchmarks/harness.h"
+#include "dstrain/context.h"
+#include "dstrain/dtype.h"
+#include "dstrain/error.h"
+#include "dstrain/ops.h"
+#include "dstrain/tensor.h"
+
+using dstrain::Context;
+using dstrain::Device;
+using dstrain::DType;
+using dstrain::Shape;
+using dstrain::Tensor;
+namespace ops = dstrain::ops;
+
+namespace {
+
+struct BlockShape {
+  int N, C, K, H, k, stride;
+};
+
+struct Options {
+  std::vector<BlockShape> shapes;
+  std::vector<DType> dtypes{DType::F16, DType::BF16};
+  int warmup = 10, iters = 20, batch = 5;
+  int device = 0;
+};
+
+const char* kUsage =
+    "usage: conv_bn_relu_bench [options]\n"
+    "  Times the fused Conv+BN+ReLU (training forward+backward and inference forward) against the\n"
+    "  convolution alone and the unfused ops, NHWC, on one GPU.\n"
+    "  --shape N,C,K,H,k[,stride]  a block: batch N, C -> K channels, H x H input, k x k filter\n"
+    "                              (padding k/2); repeatable. Default: the six ResNet-50 shapes at\n"
+    "                              N=128 (64-64 56 3x3, 128-128 28, 256-256 14, 512-512 7, 256-64 56\n"
+    "                              1x1, 64-256 56 1x1), as torch_baseline.py block\n"
+    "  --dtype fp16|bf16|fp32|all  (default fp16 and bf16)\n"
+    "  --warmup N   calls before timing (10)\n"
+    "  --iters N    timed repeats, the median is reported (20)\n"
+    "  --batch N    back-to-back calls per timed repeat (5)\n"
+    "  --device N   CUDA device (0)\n"
+    "  --help       this text\n";
+
+int parse_int(const std::string& flag, const std::string& v, int lo) {
+  char* end = nullptr;
+  const long n = std::strtol(v.c_str(), &end, 10);
+  if (end == v.c_str() || *end != '\0' || n < lo || n > 1000000)
+    DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, flag + " '" + v + "': expected an integer >= " + std::to_string(lo));
+  return static_cast<int>(n);
+}
+
+BlockShape parse_shape(const std::string& v) {
+  std::vector<int> f;
+  std::stringstream ss(v);
+  std::string item;
+  while (std::getline(ss, item, ',')) f.push_back(parse_int("--shape", item, 1));
+  if (f.size() != 5 && f.size() != 6)
+    DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, "--shape '" + v + "': expected N,C,K,H,k[,stride]");
+  return {f[0], f[1], f[2], f[3], f[4], f.size() == 6 ? f[5] : 1};
+}
+
+Options parse(int argc, char** argv) {
+  Options o;
+  bool dtypes_given = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string f = argv[i];
+    if (f == "--help" || f == "-h") {
+      std::fputs(kUsage, stdout);
+      std::exit(0);
+    }
+    if (i + 1 >= argc) DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, f + " needs a value (see --help)");
+    const std::string v = argv[++i];
+    if (f == "--shape") {
+      o.shapes.push_back(parse_shape(v));
+    } else if (f == "--dtype") {
+      if (!dtypes_given) o.dtypes.clear();
+      dtypes_given = true;
+      if (v == "fp16") o.dtypes.push_back(DType::F16);
+      else if (v == "bf16") o.dtypes.push_back(DType::BF16);
+      else if (v == "fp32") o.dtypes.push_back(DType::F32);
+      else if (v == "all") o.dtypes = {DType::F32, DType::F16, DType::BF16};
+      else DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, "--dtype '" + v + "': expected fp16, bf16, fp32 or all");
+    } else if (f == "--warmup") {
+      o.warmup = parse_int(f, v, 0);
+    } else if (f == "--iters") {
+      o.iters = parse_int(f, v, 1);
+    } else if (f == "--batch") {
+      o.batch = parse_int(f, v, 1);
+    } else if (f == "--device") {
+      o.device = parse_int(f, v, 0);
+    } else {
+      DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, "unknown option " + f + " (see --help)");
+    }
+  }
+  if (o.shapes.empty())
+    o.shapes = {{128, 64, 64, 56, 3, 1},  {128, 128, 128, 28, 3, 1}, {128, 256, 256, 14, 3, 1},
+                {128, 512, 512, 7, 3, 1}, {128, 256, 64, 56, 1, 1},  {128, 64, 256, 56, 1, 1}};
+  return o;
+}
+
+Tensor random_device(const Shape& s, DType dt, std::mt19937& g, Device d, float lo, float hi) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(static_cast<std::size_t>(dstrain::shape_numel(s)));
+  for (float& x : v) x = dist(g);
+  Tensor f = Tensor::from_vector(s, v);
+  Tensor t = Tensor::empty(s, dt, Device::cpu());
+  dstrain::convert_host(f.data(), DType::F32, t.data(), dt, v.size());
+  return t.to(d);
+}
+
+struct Diff {
+  double max_rel = 0.0;  // max |a - b| / max |b|
+  double rms_rel = 0.0;  // rms(a - b) / rms(b)
+};
+
+Diff compare(const Tensor& a, const Tensor& b) {
+  const std::vector<float> x = a.to_host_floats(), y = b.to_host_floats();
+  double diff = 0.0, scale = 0.0, se = 0.0, sr = 0.0;
+  for (std::size_t i = 0; i < x.size(); ++i) {
+    const double d = std::isfinite(x[i]) ? std::abs(static_cast<double>(x[i]) - y[i]) : INFINITY;
+    diff = std::max(diff, d);
+    scale = std::max(scale, std::abs(static_cast<double>(y[i])));
+    se += d * d;
+    sr += static_cast<double>(y[i]) * y[i];
+  }
+  Diff r;
+  r.max_rel = scale > 0 ? diff / scale : diff;
+  r.rms_rel = sr > 0 ? std::sqrt(se / sr) : std::sqrt(se);
+  return r;
+}
+
+const char* dt_name(DType dt) { return dt == DType::F16 ? "fp16" : dt == DType::BF16 ? "bf16" : "fp32"; }
+
+int run(const Options& o) {
+  Context ctx = Context::cuda(o.device);
+  const Device dev = ctx.device();
+  std::mt19937 rng(12345);
+  std::printf("# conv_bn_relu_bench: median of %d x %d calls after %d warm-up, CUDA events; times in ms\n", o.iters,
+              o.batch, o.warmup);
+  std::printf("# train = forward (batch stats) + backward with dx; infer = conv+bias+ReLU from folded weights\n");
+  std::printf("%-22s %-5s %9s %9s %9s %7s %8s %9s %9s %7s %9s %9s %9s\n", "shape", "dtype", "fused", "conv",
+              "unfused", "f/conv", "TFLOP/s", "err_z", "err_dx", "infer", "conv_fwd", "i/conv", "err_inf");
+  bool all_ok = true;
+  for (const BlockShape& b : o.shapes) {
+    for (DType dt : o.dtypes) {
+      ops::ConvBnReluParams p;
+      p.conv.stride_h = p.conv.stride_w = b.stride;
+      p.conv.pad_h = p.conv.pad_w = b.k / 2;
+      const Shape xs{b.N, b.H, b.H, b.C}, ws{b.K, b.k, b.k, b.C};
+      const Shape ys = ops::conv2d_output_shape(xs, ws, p.conv);
+      const std::int64_t K = b.K;
+      const Tensor x = random_device(xs, dt, rng, dev, -1.0f, 1.0f);
+      const float wbound = 1.0f / std::sqrt(static_cast<float>(b.C * b.k * b.k));
+      const Tensor w = random_device(ws, dt, rng, dev, -wbound, wbound);
+      const Tensor dz = random_device(ys, dt, rng, dev, -1.0f, 1.0f);
+      const Tensor gamma = random_device({K}, DType::F32, rng, dev, 0.5f, 1.5f);
+      const Tensor beta = random_device({K}, DType::F32, rng, dev, -0.5f, 0.5f);
+      Tensor rm = Tensor::zeros({K}, DType::F32, dev), rv = random_device({K}, DType::F32, rng, dev, 0.5f, 2.0f);
+      Tensor conv_out = Tensor::empty(ys, dt, dev), z = Tensor::empty(ys, dt, dev), dconv = Tensor::empty(ys, dt, dev);
+      Tensor dx = Tensor::empty(xs, dt, dev), dw = Tensor::empty(ws, dt, dev);
+      Tensor sm = Tensor::empty({K}, DType::F32, dev), si = Tensor::empty({K}, DType::F32, dev);
+      Tensor dg = Tensor::empty({K}, DType::F32, dev), db = Tensor::empty({K}, DType::F32, dev);
+      // Unfused path's buffers.
+      Tensor u_bn = Tensor::empty(ys, dt, dev), u_z = Tensor::empty(ys, dt, dev), u_dbn = Tensor::empty(ys, dt, dev);
+      Tensor u_dconv = Tensor::empty(ys, dt, dev), u_dx = Tensor::empty(xs, dt, dev);
+      Tensor u_sm = Tensor::empty({K}, DType::F32, dev), u_si = Tensor::empty({K}, DType::F32, dev);
+      Tensor u_rm = Tensor::zeros({K}, DType::F32, dev), u_rv = rv.to(dev);
+
+      auto fused = [&] {
+        ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p);
+        ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p);
+      };
+      auto conv_only = [&] {
+        ops::conv2d_forward(ctx, x, w, conv_out, p.conv);
+        ops::conv2d_backward_data(ctx, dz, w, dx, p.conv);
+        ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv);
+      };
+      auto unfused = [&] {
+        ops::conv2d_forward(ctx, x, w, conv_out, p.conv);
+        ops::batchnorm_forward_train(ctx, conv_out, gamma, beta, u_rm, u_rv, u_bn, u_sm, u_si, p.bn);
+        ops::relu_forward(ctx, u_bn, u_z);
+        ops::relu_backward(ctx, dz, u_z, u_dbn);
+        ops::batchnorm_backward(ctx, u_dbn, conv_out, gamma, u_sm, u_si, u_dconv, dg, db);
+        ops::conv2d_backward_data(ctx, u_dconv, w, u_dx, p.conv);
+        ops::conv2d_backward_filter(ctx, x, u_dconv, dw, p.conv);
+      };
+      // Check first: the fused results against the unfused ones from the same inputs.
+      fused();
+      unfused();
+      ctx.synchronize();
+      const Diff err_z = compare(z, u_z), err_dx = compare(dx, u_dx);
+      // Inference: fold the running statistics once, then conv + bias + ReLU.
+      Tensor wf = Tensor::empty(ws, dt, dev), bias = Tensor::empty({K}, DType::F32, dev);
+      Tensor iz = Tensor::empty(ys, dt, dev), ref_bn = Tensor::empty(ys, dt, dev), ref_z = Tensor::empty(ys, dt, dev);
+      ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, wf, bias, p.bn);
+      auto infer = [&] { ops::conv_bias_relu_forward(ctx, x, wf, bias, iz, p.conv); };
+      auto conv_fwd = [&] { ops::conv2d_forward(ctx, x, w, conv_out, p.conv); };
+      infer();
+      ops::conv2d_forward(ctx, x, w, conv_out, p.conv);
+      ops::batchnorm_forward_eval(ctx, conv_out, gamma, beta, rm, rv, ref_bn, p.bn);
+      ops::relu_forward(ctx, ref_bn, ref_z);
+      ctx.synchronize();
+      const Diff err_inf = compare(iz, ref_z);
+      // Judged on the rms error, a few units of the dtype's precision: the two paths may disagree
+      // on the ReLU mask where the pre-activation is within rounding of 0, which moves single
+      // elements of dx by a full gradient (the max error reports it) but not the rms.
+      const double tol = dt == DType::F32 ? 1e-5 : dt == DType::F16 ? 4e-3 : 3e-2;
+      const bool ok = err_z.rms_rel <= tol && err_dx.rms_rel <= tol && err_inf.rms_rel <= tol;
+      all_ok = all_ok && ok;
+
+      const double t_fused = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, fused) / 1000.0;
+      const double t_conv = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_only) / 1000.0;
+      const double t_unfused = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, unfused) / 1000.0;
+      const double t_infer = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, infer) / 1000.0;
+      const double t_conv_fwd = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_fwd) / 1000.0;
+      // Where the time goes: the fused forward and backward, and the three convolutions alone.
+      auto time_ms = [&](const std::function<void()>& fn) {
+        return dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, fn) / 1000.0;
+      };
+      const double t_ffwd = time_ms(
+          [&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p); });
+      const double t_fbwd = time_ms([&] {
+        ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p);
+      });
+      const double t_dgrad = time_ms([&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); });
+      const double t_wgrad = time_ms([&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); });
+      const double flops = 3.0 * 2.0 * static_cast<double>(ys[0] * ys[1] * ys[2]) * K * b.C * b.k * b.k;
+      char name[64];
+      std::snprintf(name, sizeof(name), "N%d_c%d-%d_h%d_k%d%s", b.N, b.C, b.K, b.H, b.k, b.stride > 1 ? "_s2" : "");
+      std::printf("%-22s %-5s %9.4f %9.4f %9.4f %7.3f %8.1f %9.2e %9.2e %7.4f %9.4f %7.3f %9.2e%s\n", name, dt_name(dt),
+                  t_fused, t_conv, t_unfused, t_fused / t_conv, flops / (t_fused * 1e-3) / 1e12, err_z.max_rel,
+                  err_dx.max_rel, t_infer, t_conv_fwd, t_infer / t_conv_fwd, err_inf.max_rel, ok ? "" : "  WRONG");
+      std::printf("#   parts: fused fwd %.4f bwd %.4f | conv fwd %.4f dgrad %.4f wgrad %.4f | rms err z %.1e dx %.1e "
+                  "inf %.1e\n",
+                  t_ffwd, t_fbwd, t_conv_fwd, t_dgrad, t_wgrad, err_z.rms_rel, err_dx.rms_rel, err_inf.rms_rel);
+      std::fflush(stdout);
+    }
+  }
+  if (!all_ok) std::printf("# some results differ from the unfused path beyond tolerance (WRONG)\n");
+  std::printf("# err_*: max |fused - unfused| / max |unfused| (err_inf: against conv -> eval BN -> ReLU)\n");
+  return all_ok ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse(argc, argv));
+  } catch (const dstrain::Error& e) {
+    std::fprintf(stderr, "conv_bn_relu_bench: %s\n", e.what());
+    return 2;
+  }
+}

@@ -1,0 +1,653 @@
+// Fused Conv2d + BatchNorm + ReLU on NHWC tensors (see dstrain/ops.h for the math).
+//
+// Forward (training): the convolution and the per-channel sum and sum of squares of its output,
+// either in one cuDNN graph (GenStats in the convolution's epilogue, fp16/bf16, conv_graphs.h)
+// or as the convolution and one statistics pass, whichever was faster when the shape was first
+// seen (fp32, deterministic mode and unaligned tensors always take the second). Then a
+// finalize kernel (batch mean, invstd, running statistics) and one pass that applies BN + ReLU.
+// Backward: one pass reduces dbeta and dgamma over (dz, conv_out) with the ReLU mask recomputed
+// from conv_out, one pass writes dconv, then cuDNN's dgrad and wgrad.
+// Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16; otherwise the
+// convolution and one bias+ReLU pass.
+//
+// The passes share one 2-D launch layout: a thread owns V consecutive channels (one 16-byte
+// vector when the channel count and pointers allow it, else V = 1) and strides over rows, so
+// per-channel constants stay in registers; reductions write one partial per (row chunk,
+// channel), added in a fixed order by the finalize kernels: results are deterministic.
+#include <cuda_runtime.h>
+#include <cudnn.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cuda_check.h"
+#include "cuda_state.h"
+#include "conv_graphs.h"
+#include "elem_types.cuh"
+#include "ops_cuda.h"
+
+namespace dstrain::kernels::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxChunks = 1024;
+
+// ---- vector access: V elements of T, 16 bytes when V > 1.
+template <class T, int V>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = load_f(p[0]);
+  } else {
+    static_assert(V * sizeof(T) == 16, "16-byte vectors");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = load_f(e[j]);
+  }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    p[0] = store_f<T>(in[0]);
+  } else {
+    uint4 raw;
+    T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < V; ++j) e[j] = store_f<T>(in[j]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
+// v = (y - mean) * (gamma * invstd) + beta as one fma, the formula the CPU reference uses too,
+// so the ReLU mask agrees bit for bit.
+__device__ __forceinline__ float bn_value(float y, float mean, float scale, float beta) {
+  return fmaf(y - mean, scale, beta);
+}
+
+struct Layout {
+  std::int64_t M = 0, K = 0;
+  int V = 1;
+  int bx = 1, by = kThreads;
+  int gx = 1, gy = 1;
+};
+
+Layout make_layout(std::int64_t M, std::int64_t K, int V) {
+  Layout l;
+  l.M = M;
+  l.K = K;
+  l.V = V;
+  const std::int64_t groups = K / V;
+  int bx = 1;
+  while (bx < 32 && bx < groups) bx *= 2;
+  l.bx = bx;
+  l.by = kThreads / bx;
+  const std::int64_t gx = (groups + bx - 1) / bx;
+  DSTRAIN_CHECK(gx <= 65535, "conv_bn_relu: too many channels");
+  l.gx = static_cast<int>(gx);
+  const std::int64_t needed = (M + l.by - 1) / l.by;
+  const std::int64_t want = std::max<std::int64_t>(1, 2048 / l.gx);
+  l.gy = static_cast<int>(std::clamp<std::int64_t>(std::min(needed, want), 1, kMaxChunks));
+  return l;
+}
+
+// Block-wide sum over ty of V accumulators per thread; thread ty == 0 holds the result.
+template <int V>
+__device__ __forceinline__ void reduce_rows(float (&acc)[V], float* smem) {
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const int t = ty * bx + tx;
+#pragma unroll
+  for (int j = 0; j < V; ++j) smem[j * kThreads + t] = acc[j];
+  __syncthreads();
+  for (int s = by / 2; s > 0; s /= 2) {
+    if (ty < s) {
+#pragma unroll
+      for (int j = 0; j < V; ++j) smem[j * kThreads + t] += smem[j * kThreads + t + s * bx];
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) acc[j] = smem[j * kThreads + t];
+  __syncthreads();
+}
+
+// Forward statistics without GenStats: per chunk, sum (y - s) and sum (y - s)^2 with s = row 0's
+// value of the channel (a sample of the channel keeps the variance free of cancellation).
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) stats_partials_kernel(const T* __restrict__ y, std::int64_t M,
+                                                                  std::int64_t K, float* __restrict__ p1,
+                                                                  float* __restrict__ p2) {
+  __shared__ float smem[V * kThreads];
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const bool active = c0 < K;
+  float a1[V], a2[V], shift[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) a1[j] = a2[j] = shift[j] = 0.0f;
+  if (active) {
+    load_vec<T, V>(y + c0, shift);
+    const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
+#pragma unroll 4
+  #pragma unroll 4
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
+      float v[V];
+      load_vec<T, V>(y + r * K + c0, v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float d = v[j] - shift[j];
+        a1[j] += d;
+        a2[j] = fmaf(d, d, a2[j]);
+      }
+    }
+  }
+  reduce_rows<V>(a1, smem);
+  reduce_rows<V>(a2, smem);
+  if (active && threadIdx.y == 0) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      p1[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a1[j];
+      p2[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a2[j];
+    }
+  }
+}
+
+// The finalize kernels: a warp per channel (block: 32 lanes x kChannelsPerBlock channels). Lane l
+// adds chunks l, l+32, ... in order, then a fixed shuffle tree adds the lanes: deterministic.
+constexpr int kChannelsPerBlock = 8;
+
+__device__ __forceinline__ void sum_chunks(const float* __restrict__ p1, const float* __restrict__ p2, int chunks,
+                                           std::int64_t K, std::int64_t c, double& s1, double& s2) {
+  s1 = 0.0;
+  s2 = 0.0;
+  for (int j = threadIdx.x; j < chunks; j += 32) {
+    s1 += p1[static_cast<std::int64_t>(j) * K + c];
+    s2 += p2[static_cast<std::int64_t>(j) * K + c];
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    s1 += __shfl_down_sync(0xffffffffu, s1, off);
+    s2 += __shfl_down_sync(0xffffffffu, s2, off);
+  }
+}
+
+dim3 finalize_grid(std::int64_t K) {
+  return dim3(static_cast<unsigned>((K + kChannelsPerBlock - 1) / kChannelsPerBlock));
+}
+dim3 finalize_block() { return dim3(32, kChannelsPerBlock); }
+
+// One warp per channel. sum1 / sum2: `chunks` partials of sum (y - s) and sum (y - s)^2 with
+// s = shift_src[c] (the row-0 value, read as T) or 0 when shift_src is null.
+template <class T>
+__global__ void finalize_forward_kernel(const float* __restrict__ p1, const float* __restrict__ p2, int chunks,
+                                        const T* __restrict__ shift_src, std::int64_t M, std::int64_t K, float eps,
+                                        float momentum, float* __restrict__ save_mean,
+                                        float* __restrict__ save_invstd, float* __restrict__ running_mean,
+                                        float* __restrict__ running_var) {
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= K) return;  // the whole warp: c depends on threadIdx.y only
+  double s1, s2;
+  sum_chunks(p1, p2, chunks, K, c, s1, s2);
+  if (threadIdx.x != 0) return;
+  const double m = static_cast<double>(M);
+  const double shift = shift_src != nullptr ? static_cast<double>(load_f(shift_src[c])) : 0.0;
+  const double d = s1 / m;
+  const double var = fmax(s2 / m - d * d, 0.0);
+  const double mean = shift + d;
+  save_mean[c] = static_cast<float>(mean);
+  save_invstd[c] = static_cast<float>(1.0 / sqrt(var + static_cast<double>(eps)));
+  const double unbiased = M > 1 ? var * m / (m - 1.0) : var;
+  running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * mean);
+  running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * unbiased);
+}
+
+template <int V>
+struct ChannelConsts {
+  float mean[V], scale[V], beta[V], invstd[V];
+};
+
+template <int V>
+__device__ __forceinline__ void load_consts(ChannelConsts<V>& k, std::int64_t c0, const float* __restrict__ mean,
+                                            const float* __restrict__ invstd, const float* __restrict__ gamma,
+                                            const float* __restrict__ beta) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    k.mean[j] = mean[c0 + j];
+    k.invstd[j] = invstd[c0 + j];
+    k.scale[j] = gamma[c0 + j] * k.invstd[j];
+    k.beta[j] = beta[c0 + j];
+  }
+}
+
+// z = relu(bn(y)).
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) apply_forward_kernel(const T* __restrict__ y, std::int64_t M,
+                                                                 std::int64_t K, const float* __restrict__ mean,
+                                                                 const float* __restrict__ invstd,
+                                                                 const float* __restrict__ gamma,
+                                                                 const float* __restrict__ beta, T* __restrict__ z) {
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= K) return;
+  ChannelConsts<V> k;
+  load_consts<V>(k, c0, mean, invstd, gamma, beta);
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
+#pragma unroll 4
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
+    float v[V];
+    load_vec<T, V>(y + r * K + c0, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
+    store_vec<T, V>(z + r * K + c0, v);
+  }
+}
+
+// Backward partials: sum g and sum g * (y - mean), g = dz where bn(y) > 0.
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) backward_partials_kernel(
+    const T* __restrict__ dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
+    float* __restrict__ p1, float* __restrict__ p2) {
+  __shared__ float smem[V * kThreads];
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const bool active = c0 < K;
+  float a1[V], a2[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) a1[j] = a2[j] = 0.0f;
+  if (active) {
+    ChannelConsts<V> k;
+    load_consts<V>(k, c0, mean, invstd, gamma, beta);
+    const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
+#pragma unroll 4
+  #pragma unroll 4
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
+      float yv[V], g[V];
+      load_vec<T, V>(y + r * K + c0, yv);
+      load_vec<T, V>(dz + r * K + c0, g);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
+        a1[j] += gm;
+        a2[j] = fmaf(gm, yv[j] - k.mean[j], a2[j]);
+      }
+    }
+  }
+  reduce_rows<V>(a1, smem);
+  reduce_rows<V>(a2, smem);
+  if (active && threadIdx.y == 0) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      p1[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a1[j];
+      p2[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a2[j];
+    }
+  }
+}
+
+// dbeta = sum g; dgamma = invstd * sum g (y - mean).
+__global__ void finalize_backward_kernel(const float* __restrict__ p1, const float* __restrict__ p2, int chunks,
+                                         std::int64_t K, const float* __restrict__ invstd,
+                                         float* __restrict__ dgamma, float* __restrict__ dbeta) {
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (c >= K) return;
+  double s1, s2;
+  sum_chunks(p1, p2, chunks, K, c, s1, s2);
+  if (threadIdx.x != 0) return;
+  dbeta[c] = static_cast<float>(s1);
+  dgamma[c] = static_cast<float>(s2 * static_cast<double>(invstd[c]));
+}
+
+// dconv = scale * (g - dbeta / M - xhat * dgamma / M).
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) apply_backward_kernel(
+    const T* __restrict__ dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* __restrict__ dconv) {
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= K) return;
+  ChannelConsts<V> k;
+  load_consts<V>(k, c0, mean, invstd, gamma, beta);
+  const float inv_m = 1.0f / static_cast<float>(M);
+  float db[V], dgx[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    db[j] = dbeta[c0 + j] * inv_m;
+    dgx[j] = dgamma[c0 + j] * inv_m * k.invstd[j];
+  }
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
+#pragma unroll 4
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
+    float yv[V], g[V];
+    load_vec<T, V>(y + r * K + c0, yv);
+    load_vec<T, V>(dz + r * K + c0, g);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = yv[j] - k.mean[j];
+      const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
+      g[j] = k.scale[j] * (gm - db[j] - d * dgx[j]);
+    }
+    store_vec<T, V>(dconv + r * K + c0, g);
+  }
+}
+
+// z = relu(z + bias) in place (inference without the fused graph).
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) bias_relu_kernel(T* __restrict__ z, std::int64_t M, std::int64_t K,
+                                                             const float* __restrict__ bias) {
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= K) return;
+  float b[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) b[j] = bias[c0 + j];
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
+#pragma unroll 4
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
+    float v[V];
+    load_vec<T, V>(z + r * K + c0, v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = fmaxf(v[j] + b[j], 0.0f);
+    store_vec<T, V>(z + r * K + c0, v);
+  }
+}
+
+// s_k = gamma_k / sqrt(var_k + eps); w_folded = w * s_k; bias_k = beta_k - mean_k * s_k.
+template <class T>
+__global__ void fold_kernel(const T* __restrict__ w, std::int64_t K, std::int64_t per_k,
+                            const float* __restrict__ gamma, const float* __restrict__ beta,
+                            const float* __restrict__ mean, const float* __restrict__ var, float eps,
+                            T* __restrict__ w_folded, float* __restrict__ bias) {
+  const std::int64_t n = K * per_k;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    const std::int64_t k = i / per_k;
+    const float s = gamma[k] / sqrtf(var[k] + eps);
+    w_folded[i] = store_f<T>(load_f(w[i]) * s);
+    if (i % per_k == 0) bias[k] = beta[k] - mean[k] * s;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+// 16-byte vectors when every tensor is aligned and the channel count is a multiple of the width.
+template <class T>
+int vector_width(std::int64_t K, std::initializer_list<const void*> ptrs) {
+  constexpr int V = static_cast<int>(16 / sizeof(T));
+  if (K % V != 0) return 1;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return 1;
+  return V;
+}
+
+template <class T, class Fn>
+void with_width(int V, Fn fn) {
+  constexpr int kVec = static_cast<int>(16 / sizeof(T));
+  if (V == kVec)
+    fn(std::integral_constant<int, kVec>{});
+  else
+    fn(std::integral_constant<int, 1>{});
+}
+
+dim3 block_of(const Layout& l) { return dim3(static_cast<unsigned>(l.bx), static_cast<unsigned>(l.by)); }
+dim3 grid_of(const Layout& l) { return dim3(static_cast<unsigned>(l.gx), static_cast<unsigned>(l.gy)); }
+
+std::size_t round_up(std::size_t v) { return (v + 255) & ~std::size_t(255); }
+
+}  // namespace
+
+namespace {
+
+// Where the batch statistics of a training forward come from, per (device, shape, dtype): the
+// GenStats graph, or the convolution alone followed by one statistics pass. cuDNN's GenStats
+// kernels are not always the faster (bf16 ones, for some shapes): both are timed on first use.
+enum class StatsSource : int { Unknown = 0, GenStats = 1, Pass = 2 };
+
+struct StatsChoices {
+  std::mutex mutex;
+  std::map<std::array<std::int64_t, 14>, StatsSource> chosen;
+};
+
+StatsChoices& stats_choices() {
+  static auto* c = new StatsChoices();  // never destroyed, as the plan caches
+  return *c;
+}
+
+// Partial sums for finalize_forward_kernel.
+template <class T>
+struct Partials {
+  float* p1 = nullptr;
+  float* p2 = nullptr;
+  int chunks = 1;
+  const T* shift = nullptr;
+};
+
+template <class T>
+Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, const Tensor& x, const Tensor& w,
+                                Tensor& conv_out) {
+  cudaStream_t stream = st.cuda_stream();
+  const std::int64_t K = conv_out.dim(3);
+  const std::size_t ws = round_up(static_cast<std::size_t>(plan.workspace_bytes()));
+  const std::size_t sums = round_up(sizeof(float) * static_cast<std::size_t>(K));
+  char* base = static_cast<char*>(st.ensure_workspace(ws + 2 * sums));
+  Partials<T> r;
+  r.p1 = reinterpret_cast<float*>(base + ws);
+  r.p2 = reinterpret_cast<float*>(base + ws + sums);
+  const std::vector<std::int64_t> uids{kUidX, kUidW, kUidY, kUidSum, kUidSqSum};
+  const std::vector<void*> ptrs{const_cast<void*>(x.data()), const_cast<void*>(w.data()), conv_out.data(), r.p1,
+                                r.p2};
+  void* ws_ptr = plan.workspace_bytes() > 0 ? base : nullptr;
+  plan.tune(st.cudnn, stream, uids, ptrs, ws_ptr);  // before zeroing: GenStats may accumulate
+  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(r.p1, 0, 2 * sums, stream));
+  plan.execute(st.cudnn, stream, uids, ptrs, ws_ptr);
+  return r;
+}
+
+template <class T>
+Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
+                            const ops::Conv2dParams& p, bool conv_out_given) {
+  cudaStream_t stream = st.cuda_stream();
+  const std::int64_t K = conv_out.dim(3);
+  const std::int64_t M = conv_out.numel() / K;
+  if (!conv_out_given) cuda::conv2d_forward(ctx, x, w, conv_out, p);
+  const T* y = static_cast<const T*>(conv_out.data());
+  const int V = vector_width<T>(K, {conv_out.data()});
+  const Layout l = make_layout(M, K, V);
+  const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
+  char* base = static_cast<char*>(st.ensure_workspace(2 * part));  // after the convolution: may reallocate
+  Partials<T> r;
+  r.p1 = reinterpret_cast<float*>(base);
+  r.p2 = reinterpret_cast<float*>(base + part);
+  r.chunks = l.gy;
+  r.shift = y;
+  with_width<T>(V, [&](auto v) {
+    stats_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(y, M, K, r.p1, r.p2);
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  return r;
+}
+
+// Median-free quick timing of `fn` on the stream (3 runs after one warm-up), in ms.
+template <class Fn>
+float time_on_stream(cudaStream_t stream, Fn fn) {
+  cudaEvent_t start = nullptr, stop = nullptr;
+  DSTRAIN_CUDA_CHECK(cudaEventCreate(&start));
+  if (cudaEventCreate(&stop) != cudaSuccess) {
+    cudaEventDestroy(start);
+    DSTRAIN_THROW(ErrorCode::Cuda, "cudaEventCreate failed while timing the statistics source");
+  }
+  float ms = 0.0f;
+  try {
+    fn();
+    DSTRAIN_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < 3; ++i) fn();
+    DSTRAIN_CUDA_CHECK(cudaEventRecord(stop, stream));
+    DSTRAIN_CUDA_CHECK(cudaEventSynchronize(stop));
+    DSTRAIN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  } catch (...) {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    throw;
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return ms;
+}
+
+template <class T>
+void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                        const Tensor& beta, Tensor& running_mean, Tensor& running_var, Tensor& conv_out, Tensor& z,
+                        Tensor& save_mean, Tensor& save_invstd, const ops::ConvBnReluParams& p) {
+  cudaStream_t stream = st.cuda_stream();
+  const std::int64_t K = conv_out.dim(3);
+  const std::int64_t M = conv_out.numel() / K;
+  cudnn_graph::TunedPlan* plan =
+      p.conv_out_given
+          ? nullptr
+          : conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
+                            {x.data(), w.data(), conv_out.data()});
+  StatsSource source = StatsSource::Pass;
+  if (plan != nullptr) {
+    const std::array<std::int64_t, 14> key{st.device, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
+                                           w.dim(2), p.conv.stride_h, p.conv.stride_w, p.conv.pad_h, p.conv.pad_w,
+                                           static_cast<std::int64_t>(x.dtype()), 0};
+    StatsChoices& choices = stats_choices();
+    std::lock_guard<std::mutex> lock(choices.mutex);
+    source = choices.chosen[key];
+    if (source == StatsSource::Unknown) {
+      // Both write only conv_out and scratch: safe to run before the real call.
+      const float t_genstats = time_on_stream(stream, [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out); });
+      const float t_pass =
+          time_on_stream(stream, [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false); });
+      source = t_genstats <= t_pass ? StatsSource::GenStats : StatsSource::Pass;
+      choices.chosen[key] = source;
+    }
+  }
+  const Partials<T> part = source == StatsSource::GenStats ? stats_with_genstats<T>(st, *plan, x, w, conv_out)
+                                                           : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv,
+                                                                                p.conv_out_given);
+  finalize_forward_kernel<T><<<finalize_grid(K), finalize_block(), 0, stream>>>(
+      part.p1, part.p2, part.chunks, part.shift, M, K, p.bn.eps, p.bn.momentum, save_mean.data_as<float>(),
+      save_invstd.data_as<float>(), running_mean.data_as<float>(), running_var.data_as<float>());
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  const int V = vector_width<T>(K, {conv_out.data(), z.data()});
+  const Layout l = make_layout(M, K, V);
+  with_width<T>(V, [&](auto v) {
+    apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
+        static_cast<const T*>(conv_out.data()), M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(),
+        gamma.data_as<float>(), beta.data_as<float>(), static_cast<T*>(z.data()));
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                                const Tensor& beta, Tensor& running_mean, Tensor& running_var, Tensor& conv_out,
+                                Tensor& z, Tensor& save_mean, Tensor& save_invstd, const ops::ConvBnReluParams& p) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  if (conv_out.dim(3) == 0) return;
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "conv_bn_relu_forward_train", {
+    forward_train_impl<T>(ctx, st, x, w, gamma, beta, running_mean, running_var, conv_out, z, save_mean, save_invstd,
+                          p);
+  });
+}
+
+void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, const Tensor& w, const Tensor& gamma,
+                           const Tensor& beta, const Tensor& conv_out, const Tensor& save_mean,
+                           const Tensor& save_invstd, Tensor& dconv, Tensor* dx, Tensor& dw, Tensor& dgamma,
+                           Tensor& dbeta, const ops::ConvBnReluParams& p) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  cudaStream_t stream = st.cuda_stream();
+  const std::int64_t K = conv_out.dim(3);
+  const std::int64_t M = conv_out.numel() / std::max<std::int64_t>(K, 1);
+  if (K > 0 && M > 0) {
+    DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "conv_bn_relu_backward", {
+      const int V = vector_width<T>(K, {dz.data(), conv_out.data(), dconv.data()});
+      const Layout l = make_layout(M, K, V);
+      const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
+      char* base = static_cast<char*>(st.ensure_workspace(2 * part));
+      float* p1 = reinterpret_cast<float*>(base);
+      float* p2 = reinterpret_cast<float*>(base + part);
+      const T* dzp = static_cast<const T*>(dz.data());
+      const T* y = static_cast<const T*>(conv_out.data());
+      with_width<T>(V, [&](auto v) {
+        backward_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
+            dzp, y, M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(), gamma.data_as<float>(),
+            beta.data_as<float>(), p1, p2);
+      });
+      DSTRAIN_CUDA_CHECK_LAUNCH();
+      finalize_backward_kernel<<<finalize_grid(K), finalize_block(), 0, stream>>>(p1, p2, l.gy, K, save_invstd.data_as<float>(), dgamma.data_as<float>(),
+                                           dbeta.data_as<float>());
+      DSTRAIN_CUDA_CHECK_LAUNCH();
+      with_width<T>(V, [&](auto v) {
+        apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
+            dzp, y, M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(), gamma.data_as<float>(),
+            beta.data_as<float>(), dgamma.data_as<float>(), dbeta.data_as<float>(), static_cast<T*>(dconv.data()));
+      });
+      DSTRAIN_CUDA_CHECK_LAUNCH();
+    });
+  } else if (K > 0) {
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma.data(), 0, dgamma.nbytes(), stream));
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta.data(), 0, dbeta.nbytes(), stream));
+  }
+  cuda::conv2d_backward_filter(ctx, x, dconv, dw, p.conv);
+  if (dx != nullptr) cuda::conv2d_backward_data(ctx, dconv, w, *dx, p.conv);
+}
+
+void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
+                  const Tensor& running_var, Tensor& w_folded, Tensor& bias, const ops::BatchNormParams& p) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  const std::int64_t K = w.dim(0);
+  if (K == 0) return;
+  const std::int64_t per_k = w.numel() / K;
+  if (per_k == 0) {  // no filter taps: the bias alone
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, "conv_bn_fold: the filter " + shape_str(w.shape()) + " is empty");
+  }
+  const std::int64_t n = w.numel();
+  const int blocks = static_cast<int>(std::min<std::int64_t>((n + 255) / 256, 4096));
+  DSTRAIN_DISPATCH_ACT_DTYPE(w.dtype(), "conv_bn_fold", {
+    fold_kernel<T><<<blocks, 256, 0, st.cuda_stream()>>>(
+        static_cast<const T*>(w.data()), K, per_k, gamma.data_as<float>(), beta.data_as<float>(),
+        running_mean.data_as<float>(), running_var.data_as<float>(), p.eps, static_cast<T*>(w_folded.data()),
+        bias.data_as<float>());
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& z,
+                            const ops::Conv2dParams& p) {
+  CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  const std::int64_t K = z.dim(3);
+  const std::int64_t M = z.numel() / std::max<std::int64_t>(K, 1);
+  if (z.numel() == 0) return;
+  cudnn_graph::TunedPlan* plan =
+      conv_graph_plan(st, ConvGraph::ForwardBiasRelu, x, w, z, p, {x.data(), w.data(), z.data(), bias.data()});
+  if (plan != nullptr) {
+    void* ws = plan->workspace_bytes() > 0
+                   ? st.ensure_workspace(static_cast<std::size_t>(plan->workspace_bytes()))
+                   : nullptr;
+    plan->execute(st.cudnn, st.cuda_stream(), {kUidX, kUidW, kUidBias, kUidY},
+                  {const_cast<void*>(x.data()), const_cast<void*>(w.data()), const_cast<void*>(bias.data()),
+                   z.data()},
+                  ws);
+    return;
+  }
+  cuda::conv2d_forward(ctx, x, w, z, p);
+  DSTRAIN_DISPATCH_ACT_DTYPE(z.dtype(), "conv_bias_relu_forward", {
+    const int V = vector_width<T>(K, {z.data()});
+    const Layout l = make_layout(M, K, V);
+    with_width<T>(V, [&](auto v) {
+      bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
+          static_cast<T*>(z.data()), M, K, bias.data_as<float>());
+    });
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+  });
+}
+
+}  // namespace dstrain::kernels::cuda

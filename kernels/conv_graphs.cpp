@@ -1,0 +1,149 @@
+#include "conv_graphs.h"
+
+#include <array>
+#include <cstdlib>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "cuda_check.h"
+#include "dstrain/error.h"
+
+namespace dstrain::kernels::cuda {
+
+namespace {
+
+constexpr int kCandidatePlans = 4;  // the heuristics' first few: timed once, the fastest kept
+
+using GraphKey = std::array<std::int64_t, 14>;
+
+struct GraphCache {
+  std::mutex mutex;
+  std::map<GraphKey, std::unique_ptr<cudnn_graph::TunedPlan>> plans;  // null: no plan for the shape
+};
+
+GraphCache& graph_cache() {
+  static auto* cache = new GraphCache();  // never destroyed: plans may be in use until process exit
+  return *cache;
+}
+
+bool graphs_enabled() {
+  static const bool enabled = [] {
+    const char* env = std::getenv("DSTRAIN_CONV_GRAPHS");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return enabled;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+const char* graph_name(ConvGraph kind) {
+  switch (kind) {
+    case ConvGraph::Forward: return "conv2d_forward";
+    case ConvGraph::BackwardData: return "conv2d_backward_data";
+    case ConvGraph::BackwardFilter: return "conv2d_backward_filter";
+    case ConvGraph::ForwardGenStats: return "conv_bn_relu (convolution with GenStats)";
+    case ConvGraph::ForwardFp8: return "conv2d_forward_fp8";
+    default: return "conv_bias_relu (convolution + bias + ReLU)";
+  }
+}
+
+std::unique_ptr<cudnn_graph::TunedPlan> build(cudnnHandle_t h, ConvGraph kind, const Tensor& x, const Tensor& w,
+                                              const Tensor& y, const ops::Conv2dParams& p, std::string* why_not) {
+  namespace g = cudnn_graph;
+  const cudnnDataType_t io = x.dtype() == DType::F16      ? CUDNN_DATA_HALF
+                             : x.dtype() == DType::F8E4M3 ? CUDNN_DATA_FP8_E4M3
+                                                          : CUDNN_DATA_BFLOAT16;
+  const std::int64_t n = y.dim(0), k = y.dim(3), ho = y.dim(1), wo = y.dim(2);
+  std::vector<g::Descriptor> tensors, ops;
+  tensors.push_back(g::tensor_nhwc(kUidX, io, x.dim(0), x.dim(3), x.dim(1), x.dim(2)));  // 0
+  tensors.push_back(g::tensor_nhwc(kUidW, io, w.dim(0), w.dim(3), w.dim(1), w.dim(2)));  // 1
+  g::Descriptor conv = g::convolution(p.stride_h, p.stride_w, p.pad_h, p.pad_w);
+  enum : std::int64_t { kUidConvOut = 100, kUidBiased = 101 };  // virtual tensors
+  switch (kind) {
+    case ConvGraph::Forward:
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      ops.push_back(g::conv_forward_op(tensors[0], tensors[1], tensors[2], conv));
+      break;
+    case ConvGraph::BackwardData:
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      ops.push_back(g::conv_backward_data_op(tensors[2], tensors[1], tensors[0], conv));
+      break;
+    case ConvGraph::BackwardFilter:
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      ops.push_back(g::conv_backward_filter_op(tensors[0], tensors[2], tensors[1], conv));
+      break;
+    case ConvGraph::ForwardGenStats:
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      tensors.push_back(g::tensor_channels(kUidSum, CUDNN_DATA_FLOAT, k));
+      tensors.push_back(g::tensor_channels(kUidSqSum, CUDNN_DATA_FLOAT, k));
+      ops.push_back(g::conv_forward_op(tensors[0], tensors[1], tensors[2], conv));
+      ops.push_back(g::genstats_op(tensors[2], tensors[3], tensors[4]));
+      break;
+    case ConvGraph::ForwardFp8:
+      tensors.push_back(g::tensor_nhwc(kUidConvOut, CUDNN_DATA_FLOAT, n, k, ho, wo, /*is_virtual=*/true));  // 2
+      tensors.push_back(g::tensor_nhwc(kUidDescaleX, CUDNN_DATA_FLOAT, 1, 1, 1, 1));                          // 3
+      tensors.push_back(g::tensor_nhwc(kUidBiased, CUDNN_DATA_FLOAT, n, k, ho, wo, /*is_virtual=*/true));   // 4
+      tensors.push_back(g::tensor_nhwc(kUidDescaleW, CUDNN_DATA_FLOAT, 1, 1, 1, 1));                          // 5
+      tensors.push_back(g::tensor_nhwc(kUidY, CUDNN_DATA_BFLOAT16, n, k, ho, wo));                            // 6
+      ops.push_back(g::conv_forward_op(tensors[0], tensors[1], tensors[2], conv));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_MUL, tensors[2], &tensors[3], tensors[4]));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_MUL, tensors[4], &tensors[5], tensors[6]));
+      break;
+    case ConvGraph::ForwardBiasRelu:
+      tensors.push_back(g::tensor_nhwc(kUidConvOut, CUDNN_DATA_FLOAT, n, k, ho, wo, /*is_virtual=*/true));
+      tensors.push_back(g::tensor_channels(kUidBias, CUDNN_DATA_FLOAT, k));
+      tensors.push_back(g::tensor_nhwc(kUidBiased, CUDNN_DATA_FLOAT, n, k, ho, wo, /*is_virtual=*/true));
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      ops.push_back(g::conv_forward_op(tensors[0], tensors[1], tensors[2], conv));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_ADD, tensors[2], &tensors[3], tensors[4]));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_RELU_FWD, tensors[4], nullptr, tensors[5]));
+      break;
+  }
+  tensors.push_back(std::move(conv));
+  std::shared_ptr<g::Graph> graph = g::Graph::build(h, std::move(tensors), std::move(ops), why_not);
+  if (!graph) return nullptr;
+  std::vector<std::unique_ptr<g::Plan>> plans = g::Plan::build_all(h, graph, kCandidatePlans, why_not);
+  if (plans.empty()) return nullptr;
+  return std::make_unique<g::TunedPlan>(std::move(plans));
+}
+
+}  // namespace
+
+cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w,
+                                        const Tensor& y, const ops::Conv2dParams& p,
+                                        std::initializer_list<const void*> data) {
+  if (x.dtype() == DType::F32 || ops::deterministic() || !graphs_enabled()) return nullptr;
+  if (x.numel() == 0 || w.numel() == 0 || y.numel() == 0) return nullptr;
+  for (const void* ptr : data)
+    if (!aligned16(ptr)) return nullptr;
+  const GraphKey key{st.device, static_cast<int>(kind), x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
+                     w.dim(2), p.stride_h, p.stride_w, p.pad_h, p.pad_w, static_cast<std::int64_t>(x.dtype())};
+  GraphCache& cache = graph_cache();
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    auto it = cache.plans.find(key);
+    if (it != cache.plans.end()) return it->second.get();
+  }
+  std::string why;
+  std::unique_ptr<cudnn_graph::TunedPlan> plan;
+  try {
+    plan = build(st.cudnn, kind, x, w, y, p, &why);  // outside the lock: may take a while
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::Cudnn) throw;
+    why = e.what();  // a descriptor cuDNN refuses for this shape: no graph plan
+  }
+  if (!plan)
+    detail::log_warning(std::string(graph_name(kind)) + ": cuDNN offers no graph plan for x " +
+                        shape_str(x.shape()) + " w " + shape_str(w.shape()) + " stride " +
+                        std::to_string(p.stride_h) + " " + dtype_name(x.dtype()) + " (" + why +
+                        "); the separate kernels are used");
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  auto ins = cache.plans.emplace(key, std::move(plan));  // another thread may have won: keep its plan
+  return ins.first->second.get();
+}
+
+}  // namespace dstrain::kernels::cuda
