@@ -39,6 +39,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxChunks = 1024;
+constexpr int kRowsPerThread = 8;
 
 // ---- vector access: V elements of T, 16 bytes when V > 1.
 template <class T, int V>
@@ -93,7 +94,10 @@ Layout make_layout(std::int64_t M, std::int64_t K, int V) {
   const std::int64_t gx = (groups + bx - 1) / bx;
   DSTRAIN_CHECK(gx <= 65535, "conv_bn_relu: too many channels");
   l.gx = static_cast<int>(gx);
-  const std::int64_t needed = (M + l.by - 1) / l.by;
+  // At least kRowsPerThread rows per thread: fewer, fuller blocks, and partials a small fraction
+  // of the data (one row per thread would write as many partial sums as it reads values).
+  const std::int64_t needed = (M + static_cast<std::int64_t>(l.by) * kRowsPerThread - 1) /
+                              (static_cast<std::int64_t>(l.by) * kRowsPerThread);
   const std::int64_t want = std::max<std::int64_t>(1, 2048 / l.gx);
   l.gy = static_cast<int>(std::clamp<std::int64_t>(std::min(needed, want), 1, kMaxChunks));
   return l;
