@@ -8,24 +8,10 @@
 #include <vector>
 
 #include "ops_cpu.h"
+#include "widen.h"
 
 namespace dstrain::kernels::cpu {
 namespace {
-
-// An fp32 tensor with t's values: a view when t is fp32 already, else a widened copy.
-Tensor widened(const Tensor& t) {
-  if (t.dtype() == DType::F32) return Tensor::wrap(const_cast<void*>(t.data()), t.shape(), DType::F32, t.device());
-  Tensor f = Tensor::empty(t.shape(), DType::F32, t.device());
-  convert_host(t.data(), t.dtype(), f.data(), DType::F32, static_cast<std::size_t>(t.numel()));
-  return f;
-}
-
-// Where the fp32 math writes an output: t itself when fp32, else scratch that store_rounded()
-// rounds into t.
-Tensor f32_output(Tensor& t) {
-  if (t.dtype() == DType::F32) return Tensor::wrap(t.data(), t.shape(), DType::F32, t.device());
-  return Tensor::empty(t.shape(), DType::F32, t.device());
-}
 
 // Rounds f into t (a no-op when f is t's own memory). Afterwards f holds exactly t's values, so
 // later math reads what was stored, as the GPU does.

@@ -11,6 +11,7 @@
 #include "kernels/cuda_api.h"
 #include "libdstrain/src/dispatch.h"
 #include "kernels/ops_cpu.h"
+#include "kernels/cpu/widen.h"
 #ifdef DSTRAIN_HAVE_CUDA
 #include "kernels/ops_cuda.h"
 #endif
@@ -78,20 +79,8 @@ bool any_low(std::initializer_list<const Tensor*> ts) {
   return false;
 }
 
-// An fp32 tensor with t's values: a view when t is fp32 already.
-Tensor widened(const Tensor& t) {
-  if (t.dtype() == DType::F32) return Tensor::wrap(const_cast<void*>(t.data()), t.shape(), DType::F32, t.device());
-  Tensor f = Tensor::empty(t.shape(), DType::F32, t.device());
-  convert_host(t.data(), t.dtype(), f.data(), DType::F32, static_cast<std::size_t>(t.numel()));
-  return f;
-}
-
-// Where the fp32 reference writes an output: t itself when fp32, else a scratch tensor that
-// narrow_into() rounds into t.
-Tensor f32_output(Tensor& t) {
-  if (t.dtype() == DType::F32) return Tensor::wrap(t.data(), t.shape(), DType::F32, t.device());
-  return Tensor::empty(t.shape(), DType::F32, t.device());
-}
+using kernels::cpu::f32_output;  // the output narrow_into() rounds into t
+using kernels::cpu::widened;
 
 void narrow_into(const Tensor& f, Tensor& t) {
   if (t.dtype() == DType::F32) return;  // written in place
