@@ -84,7 +84,7 @@ TEST_CASE("NCCL allreduce, reduce_scatter and all_gather match the host referenc
   dstrain::Context ctx = dstrain::Context::cuda(g_device);
   std::uint64_t salt = 1;
   for (DType dt : {DType::F32, DType::F16, DType::BF16}) {
-    for (std::int64_t count : {1, 7, 1000, 65537}) {
+    for (std::int64_t count : {1, 7, 1000, 65537, (1 << 20) + 3}) {
       for (ReduceOp op : {ReduceOp::Sum, ReduceOp::Avg}) {
         ++salt;
         INFO(dstrain::dtype_name(dt) << " allreduce " << dstrain::reduce_op_name(op) << " count " << count);
@@ -155,6 +155,7 @@ TEST_CASE("hierarchical AllReduce over NCCL with simulated nodes", "[nccl][hiera
   ::unsetenv("DSTRAIN_SIMULATE_NODES");
   auto h = coll::make_hierarchical_communicator(*world, node, local_rank);
   CHECK(h->size() == g_size);
+  INFO(h->name());
   dstrain::Context ctx = dstrain::Context::cuda(g_device);
   std::uint64_t salt = 500;
   for (DType dt : {DType::F32, DType::BF16}) {
@@ -169,13 +170,21 @@ TEST_CASE("hierarchical AllReduce over NCCL with simulated nodes", "[nccl][hiera
         h->allreduce(buf.view, op, ctx);
         ctx.synchronize();
         const std::vector<float> got = buf.view.to_host_floats();
-        std::int64_t wrong = 0;
+        std::int64_t wrong = 0, first = -1;
+        double first_ref = 0;
         for (std::int64_t i = 0; i < count; ++i) {
           double ref = 0;
           for (int r = 0; r < g_size; ++r) ref += round_to(dt, input_value(r, i, salt));
           if (op == ReduceOp::Avg) ref /= g_size;
-          if (!(std::fabs(got[i] - ref) <= 2 * tolerance(dt, ref))) ++wrong;
+          if (!(std::fabs(got[i] - ref) <= 2 * tolerance(dt, ref))) {
+            if (wrong++ == 0) {
+              first = i;
+              first_ref = ref;
+            }
+          }
         }
+        INFO("first wrong element " << first << ": got " << (first >= 0 ? got[first] : 0.0f) << ", want "
+                                    << first_ref);
         CHECK(wrong == 0);
       }
     }
