@@ -21,6 +21,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "host_tensors.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -33,24 +35,13 @@ namespace amp = dstrain::amp;
 namespace {
 
 // Filled with NaN (all bits set is NaN in fp32, fp16 and bf16): an unwritten element fails.
-Tensor poisoned(const Shape& shape, DType dt = DType::F32) {
-  Tensor t = Tensor::empty(shape, dt, Device::cpu());
-  t.fill_bytes(0xFF);
-  return t;
-}
+Tensor poisoned(const Shape& shape, DType dt = DType::F32) { return dstrain_test::poisoned_host(shape, dt); }
 
 Tensor random_f32(const Shape& shape, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) {
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(static_cast<std::size_t>(dstrain::shape_numel(shape)));
-  for (float& e : v) e = u(rng);
-  return Tensor::from_vector(shape, v);
+  return dstrain_test::uniform_host(shape, rng, lo, hi);
 }
 
-Tensor converted(const Tensor& src, DType dt) {
-  Tensor t = Tensor::empty(src.shape(), dt, Device::cpu());
-  dstrain::convert_host(src.data(), src.dtype(), t.data(), dt, static_cast<std::size_t>(src.numel()));
-  return t;
-}
+Tensor converted(const Tensor& src, DType dt) { return dstrain_test::converted_host(src, dt); }
 
 Tensor random_act(const Shape& shape, DType dt, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) {
   return converted(random_f32(shape, rng, lo, hi), dt);

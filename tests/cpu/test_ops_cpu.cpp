@@ -15,6 +15,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "host_tensors.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -24,11 +26,7 @@ namespace ops = dstrain::ops;
 
 namespace {
 
-Tensor poisoned(const Shape& shape, DType dt = DType::F32) {
-  Tensor t = Tensor::empty(shape, dt, Device::cpu());
-  t.fill_bytes(0xFF);
-  return t;
-}
+Tensor poisoned(const Shape& shape, DType dt = DType::F32) { return dstrain_test::poisoned_host(shape, dt); }
 
 Tensor labels_of(const std::vector<std::int32_t>& v) {
   Tensor t = Tensor::empty({static_cast<std::int64_t>(v.size())}, DType::I32, Device::cpu());

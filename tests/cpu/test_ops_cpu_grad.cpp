@@ -23,6 +23,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "host_tensors.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -32,17 +34,10 @@ namespace ops = dstrain::ops;
 
 namespace {
 
-Tensor poisoned(const Shape& shape) {
-  Tensor t = Tensor::empty(shape, DType::F32, Device::cpu());
-  t.fill_bytes(0xFF);
-  return t;
-}
+Tensor poisoned(const Shape& shape) { return dstrain_test::poisoned_host(shape, DType::F32); }
 
 Tensor random_tensor(const Shape& shape, std::mt19937& rng, float lo = -1.0f, float hi = 1.0f) {
-  std::uniform_real_distribution<float> u(lo, hi);
-  std::vector<float> v(static_cast<std::size_t>(dstrain::shape_numel(shape)));
-  for (float& e : v) e = u(rng);
-  return Tensor::from_vector(shape, v);
+  return dstrain_test::uniform_host(shape, rng, lo, hi);
 }
 
 std::vector<double> as_double(const Tensor& t) {

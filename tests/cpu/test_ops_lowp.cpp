@@ -19,6 +19,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "host_tensors.h"
+
 using dstrain::Context;
 using dstrain::Device;
 using dstrain::DType;
@@ -29,24 +31,13 @@ namespace amp = dstrain::amp;
 
 namespace {
 
-Tensor poisoned(const Shape& shape, DType dt) {
-  Tensor t = Tensor::empty(shape, dt, Device::cpu());
-  t.fill_bytes(0xFF);
-  return t;
-}
+Tensor poisoned(const Shape& shape, DType dt) { return dstrain_test::poisoned_host(shape, dt); }
 
 Tensor random_f32(const Shape& shape, std::mt19937& rng, float lo = -2.0f, float hi = 2.0f) {
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(static_cast<std::size_t>(dstrain::shape_numel(shape)));
-  for (float& x : v) x = dist(rng);
-  return Tensor::from_vector(shape, v);
+  return dstrain_test::uniform_host(shape, rng, lo, hi);
 }
 
-Tensor converted(const Tensor& src, DType dt) {
-  Tensor t = Tensor::empty(src.shape(), dt, Device::cpu());
-  dstrain::convert_host(src.data(), src.dtype(), t.data(), dt, static_cast<std::size_t>(src.numel()));
-  return t;
-}
+Tensor converted(const Tensor& src, DType dt) { return dstrain_test::converted_host(src, dt); }
 
 // Low-precision tensor of fresh random values, and its exact fp32 twin.
 struct Pair {
