@@ -341,6 +341,30 @@ std::vector<std::int64_t> numel_column(const std::vector<Tensor*>& list) {
 
 __device__ __forceinline__ unsigned abs_bits(float x) { return __float_as_uint(x) & 0x7FFFFFFFu; }
 
+// x * scale, saturated to the format's largest finite value (NaN stays NaN), rounded to fp8.
+template <bool kE4M3>
+__device__ __forceinline__ __nv_fp8_storage_t scaled_fp8(float x, float scale) {
+  const float limit = kE4M3 ? 448.0f : 57344.0f;
+  float v = x * scale;
+  if (!isnan(v)) v = fminf(fmaxf(v, -limit), limit);
+  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2);
+}
+
+// Block max of |x| as bits (orders like the values for non-negative floats, NaN above inf),
+// then one atomicMax per block into state[2], the amax (256 threads).
+__device__ __forceinline__ void block_amax_into_state(unsigned amax, float* state) {
+  amax = __reduce_max_sync(0xFFFFFFFFu, amax);
+  __shared__ unsigned warp_max[8];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_max[warp] = amax;
+  __syncthreads();
+  if (warp == 0) {
+    amax = lane < static_cast<int>(blockDim.x >> 5) ? warp_max[lane] : 0u;
+    amax = __reduce_max_sync(0xFFFFFFFFu, amax);
+    if (lane == 0 && amax != 0u) atomicMax(reinterpret_cast<unsigned*>(state + 2), amax);
+  }
+}
+
 template <class Src> __device__ __forceinline__ float load_float(const Src* p, std::int64_t i);
 template <> __device__ __forceinline__ float load_float<float>(const float* p, std::int64_t i) { return p[i]; }
 template <>
@@ -352,28 +376,14 @@ template <class Src, bool kE4M3>
 __global__ void __launch_bounds__(256)
     cast_fp8_kernel(const Src* __restrict__ src, __nv_fp8_storage_t* __restrict__ dst, std::int64_t n, float* state) {
   const float scale = state[0];
-  const float limit = kE4M3 ? 448.0f : 57344.0f;
   unsigned amax = 0;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     const float x = load_float(src, i);
     amax = max(amax, abs_bits(x));
-    float v = x * scale;
-    if (!isnan(v)) v = fminf(fmaxf(v, -limit), limit);
-    dst[i] = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2);
+    dst[i] = scaled_fp8<kE4M3>(x, scale);
   }
-  // Block max of |x| as bits (orders like the values for non-negative floats, NaN above inf),
-  // then one atomicMax per block into the state's amax.
-  amax = __reduce_max_sync(0xFFFFFFFFu, amax);
-  __shared__ unsigned warp_max[8];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = amax;
-  __syncthreads();
-  if (warp == 0) {
-    amax = lane < static_cast<int>(blockDim.x >> 5) ? warp_max[lane] : 0u;
-    amax = __reduce_max_sync(0xFFFFFFFFu, amax);
-    if (lane == 0 && amax != 0u) atomicMax(reinterpret_cast<unsigned*>(state + 2), amax);
-  }
+  block_amax_into_state(amax, state);
 }
 
 __global__ void fp8_update_scale_kernel(float* state, int len, bool use_max, float fp8_max, float margin_factor) {
@@ -528,20 +538,6 @@ void amp_fp8_update_scale(Context& ctx, Tensor& fp8_state, const amp::Fp8MetaOpt
 
 namespace {
 
-// Raises state[2] (the amax, as bits) to the block's max of `amax` (256 threads).
-__device__ __forceinline__ void block_amax_into_state(unsigned amax, float* state) {
-  amax = __reduce_max_sync(0xFFFFFFFFu, amax);
-  __shared__ unsigned warp_max[8];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = amax;
-  __syncthreads();
-  if (warp == 0) {
-    amax = lane < static_cast<int>(blockDim.x >> 5) ? warp_max[lane] : 0u;
-    amax = __reduce_max_sync(0xFFFFFFFFu, amax);
-    if (lane == 0 && amax != 0u) atomicMax(reinterpret_cast<unsigned*>(state + 2), amax);
-  }
-}
-
 // One thread per dst element (grid-stride); padding elements are written as zero.
 template <class Src, bool kE4M3>
 __global__ void __launch_bounds__(256)
@@ -549,7 +545,6 @@ __global__ void __launch_bounds__(256)
                            __nv_fp8_storage_t* __restrict__ dst, std::int64_t dst_rows, std::int64_t dst_cols,
                            bool transpose, float* state) {
   const float scale = state[0];
-  const float limit = kE4M3 ? 448.0f : 57344.0f;
   unsigned amax = 0;
   const std::int64_t n = dst_rows * dst_cols;
   const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
@@ -560,9 +555,7 @@ __global__ void __launch_bounds__(256)
     if (r < rows && c < cols) {
       const float x = load_float(src, r * cols + c);
       amax = max(amax, abs_bits(x));
-      float v = x * scale;
-      if (!isnan(v)) v = fminf(fmaxf(v, -limit), limit);
-      out = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, kE4M3 ? __NV_E4M3 : __NV_E5M2);
+      out = scaled_fp8<kE4M3>(x, scale);
     }
     dst[i] = out;
   }

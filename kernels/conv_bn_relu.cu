@@ -123,6 +123,22 @@ __device__ __forceinline__ void reduce_rows(float (&acc)[V], float* smem) {
   __syncthreads();
 }
 
+// Block sums over ty of both accumulators, written as this block's (row chunk) partials.
+template <int V>
+__device__ __forceinline__ void store_partials(float (&a1)[V], float (&a2)[V], float* smem, bool active,
+                                               std::int64_t c0, std::int64_t K, float* __restrict__ p1,
+                                               float* __restrict__ p2) {
+  reduce_rows<V>(a1, smem);
+  reduce_rows<V>(a2, smem);
+  if (active && threadIdx.y == 0) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      p1[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a1[j];
+      p2[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a2[j];
+    }
+  }
+}
+
 // Forward statistics without GenStats: per chunk, sum (y - s) and sum (y - s)^2 with s = row 0's
 // value of the channel (a sample of the channel keeps the variance free of cancellation).
 template <class T, int V>
@@ -151,15 +167,7 @@ __global__ void __launch_bounds__(kThreads) stats_partials_kernel(const T* __res
       }
     }
   }
-  reduce_rows<V>(a1, smem);
-  reduce_rows<V>(a2, smem);
-  if (active && threadIdx.y == 0) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      p1[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a1[j];
-      p2[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a2[j];
-    }
-  }
+  store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
 }
 
 // The finalize kernels: a warp per channel (block: 32 lanes x kChannelsPerBlock channels). Lane l
@@ -280,15 +288,7 @@ __global__ void __launch_bounds__(kThreads) backward_partials_kernel(
       }
     }
   }
-  reduce_rows<V>(a1, smem);
-  reduce_rows<V>(a2, smem);
-  if (active && threadIdx.y == 0) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      p1[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a1[j];
-      p2[static_cast<std::int64_t>(blockIdx.y) * K + c0 + j] = a2[j];
-    }
-  }
+  store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
 }
 
 // dbeta = sum g; dgamma = invstd * sum g (y - mean).
@@ -472,33 +472,6 @@ Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const 
   return r;
 }
 
-// Median-free quick timing of `fn` on the stream (3 runs after one warm-up), in ms.
-template <class Fn>
-float time_on_stream(cudaStream_t stream, Fn fn) {
-  cudaEvent_t start = nullptr, stop = nullptr;
-  DSTRAIN_CUDA_CHECK(cudaEventCreate(&start));
-  if (cudaEventCreate(&stop) != cudaSuccess) {
-    cudaEventDestroy(start);
-    DSTRAIN_THROW(ErrorCode::Cuda, "cudaEventCreate failed while timing the statistics source");
-  }
-  float ms = 0.0f;
-  try {
-    fn();
-    DSTRAIN_CUDA_CHECK(cudaEventRecord(start, stream));
-    for (int i = 0; i < 3; ++i) fn();
-    DSTRAIN_CUDA_CHECK(cudaEventRecord(stop, stream));
-    DSTRAIN_CUDA_CHECK(cudaEventSynchronize(stop));
-    DSTRAIN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  } catch (...) {
-    cudaEventDestroy(start);
-    cudaEventDestroy(stop);
-    throw;
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return ms;
-}
-
 template <class T>
 void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tensor& w, const Tensor& gamma,
                         const Tensor& beta, Tensor& running_mean, Tensor& running_var, Tensor& conv_out, Tensor& z,
@@ -521,9 +494,10 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
     source = choices.chosen[key];
     if (source == StatsSource::Unknown) {
       // Both write only conv_out and scratch: safe to run before the real call.
-      const float t_genstats = time_on_stream(stream, [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out); });
-      const float t_pass =
-          time_on_stream(stream, [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false); });
+      const float t_genstats =
+          cudnn_graph::time_calls_ms(stream, 3, [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out); });
+      const float t_pass = cudnn_graph::time_calls_ms(
+          stream, 3, [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false); });
       source = t_genstats <= t_pass ? StatsSource::GenStats : StatsSource::Pass;
       choices.chosen[key] = source;
     }

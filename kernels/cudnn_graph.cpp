@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "cuda_check.h"
+#include "dstrain/device.h"
 #include "dstrain/error.h"
 
 // cuDNN 9.19 marks the handle attributes of graphs and plans deprecated; cuDNN 9.14 (the GPU
@@ -273,45 +274,33 @@ void TunedPlan::execute(cudnnHandle_t handle, cudaStream_t stream, const std::ve
   candidates_[static_cast<std::size_t>(chosen_.load())]->execute(handle, uids, pointers, workspace);
 }
 
+float time_calls_ms(cudaStream_t stream, int runs, const std::function<void()>& fn) {
+  int device = 0;
+  DSTRAIN_CUDA_CHECK(cudaGetDevice(&device));
+  Event start = Event::create(device), stop = Event::create(device);
+  fn();
+  start.record(stream);
+  for (int r = 0; r < runs; ++r) fn();
+  stop.record(stream);
+  stop.synchronize();
+  return stop.elapsed_ms(start);
+}
+
 void TunedPlan::tune(cudnnHandle_t handle, cudaStream_t stream, const std::vector<std::int64_t>& uids,
                      const std::vector<void*>& pointers, void* workspace) {
-  int chosen = chosen_.load();
-  if (chosen < 0) {
-    std::lock_guard<std::mutex> lock(tune_mutex_);
-    chosen = chosen_.load();
-    if (chosen < 0) {
-      cudaEvent_t start = nullptr, stop = nullptr;
-      DSTRAIN_CUDA_CHECK(cudaEventCreate(&start));
-      if (cudaEventCreate(&stop) != cudaSuccess) {
-        cudaEventDestroy(start);
-        DSTRAIN_THROW(ErrorCode::Cuda, "cudaEventCreate failed while timing cuDNN plans");
-      }
-      float best = -1.0f;
-      int best_index = 0;
-      try {
-        for (std::size_t i = 0; i < candidates_.size(); ++i) {
-          candidates_[i]->execute(handle, uids, pointers, workspace);  // warm-up
-          DSTRAIN_CUDA_CHECK(cudaEventRecord(start, stream));
-          for (int r = 0; r < 3; ++r) candidates_[i]->execute(handle, uids, pointers, workspace);
-          DSTRAIN_CUDA_CHECK(cudaEventRecord(stop, stream));
-          DSTRAIN_CUDA_CHECK(cudaEventSynchronize(stop));
-          float ms = 0.0f;
-          DSTRAIN_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-          if (best < 0.0f || ms < best) {
-            best = ms;
-            best_index = static_cast<int>(i);
-          }
-        }
-      } catch (...) {
-        cudaEventDestroy(start);
-        cudaEventDestroy(stop);
-        throw;
-      }
-      cudaEventDestroy(start);
-      cudaEventDestroy(stop);
-      chosen_.store(best_index);
+  if (chosen_.load() >= 0) return;
+  std::lock_guard<std::mutex> lock(tune_mutex_);
+  if (chosen_.load() >= 0) return;
+  float best = -1.0f;
+  int best_index = 0;
+  for (std::size_t i = 0; i < candidates_.size(); ++i) {
+    const float ms = time_calls_ms(stream, 3, [&] { candidates_[i]->execute(handle, uids, pointers, workspace); });
+    if (best < 0.0f || ms < best) {
+      best = ms;
+      best_index = static_cast<int>(i);
     }
   }
+  chosen_.store(best_index);
 }
 
 }  // namespace dstrain::kernels::cudnn_graph

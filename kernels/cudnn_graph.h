@@ -11,6 +11,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -97,6 +98,10 @@ class Plan {
   std::unique_ptr<Descriptor> engine_config_, plan_;
   std::int64_t workspace_bytes_ = 0;
 };
+
+// Milliseconds `runs` back-to-back calls of `fn` take on `stream`, after one untimed call (CUDA
+// events on the current device; waits for the stream). For choosing between variants on first use.
+float time_calls_ms(cudaStream_t stream, int runs, const std::function<void()>& fn);
 
 // The fastest of a graph's candidate plans, measured once on the first execution (a few runs
 // each, timed with CUDA events on the stream, which is synchronised then), and used from then on.

@@ -21,6 +21,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "error_code_of.h"
+
 #include "host_tensors.h"
 
 using dstrain::Context;
@@ -108,15 +110,7 @@ void require_equal(const Tensor& got, const Tensor& want, const std::string& wha
   require_close(got, want, 0.0, 0.0, what);
 }
 
-dstrain::ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dstrain::Error& e) {
-    return e.code();
-  }
-  FAIL("expected a dstrain::Error");
-  return dstrain::ErrorCode::Internal;
-}
+using dstrain_test::error_code_of;
 
 struct FusedCase {
   std::int64_t N, H, W, C, K, R;
@@ -431,50 +425,50 @@ TEST_CASE("conv_bn_relu ops reject bad arguments", "[conv_bn_relu]") {
   ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p);
 
   Tensor gamma_long = random_f32({5}, rng);
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma_long, beta, rm, rv, conv_out, z, sm, si, p); }) ==
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma_long, beta, rm, rv, conv_out, z, sm, si, p); }) ==
         invalid);
   Tensor gamma_f16 = converted(gamma, DType::F16);
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma_f16, beta, rm, rv, conv_out, z, sm, si, p); }) ==
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma_f16, beta, rm, rv, conv_out, z, sm, si, p); }) ==
         invalid);
   Tensor z_f16 = poisoned(ys, DType::F16);
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z_f16, sm, si, p); }) ==
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z_f16, sm, si, p); }) ==
         invalid);
   Tensor w_other_c = random_f32({4, 3, 3, 2}, rng);
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w_other_c, gamma, beta, rm, rv, conv_out, z, sm, si, p); }) ==
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w_other_c, gamma, beta, rm, rv, conv_out, z, sm, si, p); }) ==
         invalid);
   Tensor z_wrong = poisoned({2, 5, 4, 5});
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z_wrong, sm, si, p); }) ==
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z_wrong, sm, si, p); }) ==
         invalid);
   // One value per channel has no batch variance.
   Tensor x1 = random_f32({1, 1, 1, 3}, rng), w1 = random_f32({4, 1, 1, 3}, rng);
   Tensor c1 = poisoned({1, 1, 1, 4}), z1 = poisoned({1, 1, 1, 4});
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x1, w1, gamma, beta, rm, rv, c1, z1, sm, si, p); }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x1, w1, gamma, beta, rm, rv, c1, z1, sm, si, p); }) == invalid);
   ops::ConvBnReluParams bad_eps = p;
   bad_eps.bn.eps = 0.0f;
-  CHECK(code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, bad_eps); }) ==
+  CHECK(error_code_of([&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, bad_eps); }) ==
         invalid);
 
   Tensor dz = random_f32(ys, rng), dconv = poisoned(ys), dx = poisoned(xs), dw = poisoned(ws);
   Tensor dgamma = poisoned({4}), dbeta = poisoned({4});
   Tensor dw_wrong = poisoned({4, 3, 3, 2}), dx_f16 = poisoned(xs, DType::F16);
-  CHECK(code_of([&] {
+  CHECK(error_code_of([&] {
           ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw_wrong, dgamma, dbeta, p);
         }) == invalid);
-  CHECK(code_of([&] {
+  CHECK(error_code_of([&] {
           ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx_f16, dw, dgamma, dbeta, p);
         }) == invalid);
   Tensor dz_wrong = random_f32(xs, rng);
-  CHECK(code_of([&] {
+  CHECK(error_code_of([&] {
           ops::conv_bn_relu_backward(ctx, dz_wrong, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dgamma, dbeta, p);
         }) == invalid);
 
   Tensor w_folded = poisoned(ws), bias = poisoned({4}), bias_long = poisoned({5});
-  CHECK(code_of([&] { ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, w_folded, bias_long, p.bn); }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, w_folded, bias_long, p.bn); }) == invalid);
   Tensor w_folded_f16 = poisoned(ws, DType::F16);
-  CHECK(code_of([&] { ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, w_folded_f16, bias, p.bn); }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, w_folded_f16, bias, p.bn); }) == invalid);
   Tensor x_i32 = Tensor::zeros(xs, DType::I32, Device::cpu());
-  CHECK(code_of([&] { ops::conv_bias_relu_forward(ctx, x_i32, w, bias, z, p.conv); }) == invalid);
-  CHECK(code_of([&] { ops::conv_bias_relu_forward(ctx, x, w, bias_long, z, p.conv); }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bias_relu_forward(ctx, x_i32, w, bias, z, p.conv); }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bias_relu_forward(ctx, x, w, bias_long, z, p.conv); }) == invalid);
 }
 
 namespace {
@@ -557,7 +551,7 @@ TEST_CASE("ConvBnRelu layer equals Conv2d then BatchNorm2d then ReLU layers", "[
       require_close(l.fused.running_mean(), *l.bn.buffers()[0], 1e-7, 1e-6, "running_mean after evaluation");
       // No statistics were kept for a backward.
       Tensor dy = random_f32(z.shape(), rng);
-      CHECK(code_of([&] { l.fused.backward(ctx, dy); }) == dstrain::ErrorCode::InvalidArgument);
+      CHECK(error_code_of([&] { l.fused.backward(ctx, dy); }) == dstrain::ErrorCode::InvalidArgument);
     }
   }
 }

@@ -15,6 +15,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "error_code_of.h"
+
 #include "host_tensors.h"
 
 using dstrain::Context;
@@ -45,15 +47,7 @@ void require_values(const Tensor& t, const std::vector<double>& want, double ato
   }
 }
 
-dstrain::ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dstrain::Error& e) {
-    return e.code();
-  }
-  FAIL("expected a dstrain::Error");
-  return dstrain::ErrorCode::Internal;
-}
+using dstrain_test::error_code_of;
 
 }  // namespace
 
@@ -401,7 +395,7 @@ TEST_CASE("softmax cross-entropy rejects labels below 0 or at least K", "[ops][x
   Tensor loss = poisoned({1}), correct = poisoned({1});
   for (std::int32_t bad : {3, -1, 1 << 30}) {
     Tensor labels = labels_of({0, bad});
-    CHECK(code_of([&] { ops::softmax_cross_entropy(ctx, logits, labels, nullptr, 1.0f, loss, correct); }) ==
+    CHECK(error_code_of([&] { ops::softmax_cross_entropy(ctx, logits, labels, nullptr, 1.0f, loss, correct); }) ==
           dstrain::ErrorCode::InvalidArgument);
   }
 }
@@ -527,15 +521,15 @@ TEST_CASE("the dispatcher rejects outputs of the wrong shape", "[ops][dispatch]"
   Tensor w = Tensor::from_vector({1, 2, 2, 1}, {1, 2, 3, 4});
   Tensor y_wrong = poisoned({1, 3, 3, 1});
   CHECK_THROWS_AS(ops::conv2d_forward(ctx, x, w, y_wrong, {}), dstrain::Error);
-  CHECK(code_of([&] { ops::conv2d_forward(ctx, x, w, y_wrong, {}); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(error_code_of([&] { ops::conv2d_forward(ctx, x, w, y_wrong, {}); }) == dstrain::ErrorCode::InvalidArgument);
   Tensor y_transposed = poisoned({2, 2});
   Tensor a = Tensor::from_vector({2, 3}, {1, 2, 3, 4, 5, 6});
   Tensor lw = Tensor::from_vector({1, 3}, {1, 1, 1});
-  CHECK(code_of([&] { ops::linear_forward(ctx, a, lw, nullptr, y_transposed); }) ==
+  CHECK(error_code_of([&] { ops::linear_forward(ctx, a, lw, nullptr, y_transposed); }) ==
         dstrain::ErrorCode::InvalidArgument);
   Tensor pool_wrong = poisoned({1, 2, 2, 1});
-  CHECK(code_of([&] { ops::maxpool2x2_forward(ctx, x, pool_wrong); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(error_code_of([&] { ops::maxpool2x2_forward(ctx, x, pool_wrong); }) == dstrain::ErrorCode::InvalidArgument);
   // A wrong dtype is rejected too.
   Tensor y_f16 = poisoned({1, 2, 2, 1}, DType::F16);
-  CHECK(code_of([&] { ops::conv2d_forward(ctx, x, w, y_f16, {}); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(error_code_of([&] { ops::conv2d_forward(ctx, x, w, y_f16, {}); }) == dstrain::ErrorCode::InvalidArgument);
 }

@@ -19,6 +19,8 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "error_code_of.h"
+
 #include "host_tensors.h"
 
 using dstrain::Context;
@@ -61,15 +63,7 @@ void require_rounded(const Tensor& low, const Tensor& ref) {
   }
 }
 
-dstrain::ErrorCode code_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const dstrain::Error& e) {
-    return e.code();
-  }
-  FAIL("expected a dstrain::Error");
-  return dstrain::ErrorCode::Internal;
-}
+using dstrain_test::error_code_of;
 
 }  // namespace
 
@@ -203,13 +197,13 @@ TEST_CASE("ops accept exactly the supported dtype combinations", "[ops][lowp]") 
   Tensor y16 = Tensor::zeros({2, 4, 4, 2}, DType::F16, Device::cpu());
   Tensor y32 = Tensor::zeros({2, 4, 4, 2}, DType::F32, Device::cpu());
   ops::conv2d_forward(ctx, x16, w16, y16, cp);  // supported
-  CHECK(code_of([&] { ops::conv2d_forward(ctx, x16, wb16, y16, cp); }) == bad);
-  CHECK(code_of([&] { ops::conv2d_forward(ctx, x16, w16, y32, cp); }) == bad);
+  CHECK(error_code_of([&] { ops::conv2d_forward(ctx, x16, wb16, y16, cp); }) == bad);
+  CHECK(error_code_of([&] { ops::conv2d_forward(ctx, x16, w16, y32, cp); }) == bad);
   Tensor dw32 = Tensor::zeros({2, 3, 3, 3}, DType::F32, Device::cpu());
-  CHECK(code_of([&] { ops::conv2d_backward_filter(ctx, x16, y16, dw32, cp); }) == bad);
+  CHECK(error_code_of([&] { ops::conv2d_backward_filter(ctx, x16, y16, dw32, cp); }) == bad);
 
-  CHECK(code_of([&] { ops::relu_forward(ctx, x8, x8); }) == bad);
-  CHECK(code_of([&] { ops::relu_forward(ctx, x16, xb16); }) == bad);
+  CHECK(error_code_of([&] { ops::relu_forward(ctx, x8, x8); }) == bad);
+  CHECK(error_code_of([&] { ops::relu_forward(ctx, x16, xb16); }) == bad);
 
   Tensor g32 = Tensor::from_vector({3}, {1, 1, 1}), g16 = Tensor::zeros({3}, DType::F16, Device::cpu());
   Tensor b32 = Tensor::zeros({3}, DType::F32, Device::cpu());
@@ -217,26 +211,26 @@ TEST_CASE("ops accept exactly the supported dtype combinations", "[ops][lowp]") 
   Tensor sm = Tensor::zeros({3}, DType::F32, Device::cpu()), si = Tensor::zeros({3}, DType::F32, Device::cpu());
   Tensor bn_y16 = Tensor::zeros(x16.shape(), DType::F16, Device::cpu());
   ops::batchnorm_forward_train(ctx, x16, g32, b32, rm, rv, bn_y16, sm, si, {});  // supported
-  CHECK(code_of([&] { ops::batchnorm_forward_train(ctx, x16, g16, b32, rm, rv, bn_y16, sm, si, {}); }) == bad);
-  CHECK(code_of([&] { ops::batchnorm_forward_train(ctx, x16, g32, b32, rm, rv, xb16, sm, si, {}); }) == bad);
+  CHECK(error_code_of([&] { ops::batchnorm_forward_train(ctx, x16, g16, b32, rm, rv, bn_y16, sm, si, {}); }) == bad);
+  CHECK(error_code_of([&] { ops::batchnorm_forward_train(ctx, x16, g32, b32, rm, rv, xb16, sm, si, {}); }) == bad);
 
   Tensor p16 = Tensor::zeros({2, 3}, DType::F16, Device::cpu()), pb16 = Tensor::zeros({2, 3}, DType::BF16, Device::cpu());
-  CHECK(code_of([&] { ops::global_avgpool_forward(ctx, x16, pb16); }) == bad);
+  CHECK(error_code_of([&] { ops::global_avgpool_forward(ctx, x16, pb16); }) == bad);
   ops::global_avgpool_forward(ctx, x16, p16);  // supported
 
   Tensor lx = Tensor::zeros({2, 3}, DType::BF16, Device::cpu()), lw = Tensor::zeros({4, 3}, DType::BF16, Device::cpu());
   Tensor ly16 = Tensor::zeros({2, 4}, DType::F16, Device::cpu()), ly32 = Tensor::zeros({2, 4}, DType::F32, Device::cpu());
   ops::linear_forward(ctx, lx, lw, nullptr, ly32);  // supported
-  CHECK(code_of([&] { ops::linear_forward(ctx, lx, lw, nullptr, ly16); }) == bad);
+  CHECK(error_code_of([&] { ops::linear_forward(ctx, lx, lw, nullptr, ly16); }) == bad);
   Tensor lb16 = Tensor::zeros({4}, DType::BF16, Device::cpu());
-  CHECK(code_of([&] { ops::linear_forward(ctx, lx, lw, &lb16, ly32); }) == bad);
+  CHECK(error_code_of([&] { ops::linear_forward(ctx, lx, lw, &lb16, ly32); }) == bad);
   Tensor ldw = Tensor::zeros({4, 3}, DType::F32, Device::cpu());
-  CHECK(code_of([&] { ops::linear_backward(ctx, ly32, lx, lw, nullptr, ldw, nullptr); }) == bad);  // dy must be bf16
+  CHECK(error_code_of([&] { ops::linear_backward(ctx, ly32, lx, lw, nullptr, ldw, nullptr); }) == bad);  // dy must be bf16
 
   // The loss stays fp32.
   Tensor labels = Tensor::zeros({2}, DType::I32, Device::cpu());
   Tensor loss = Tensor::zeros({1}, DType::F32, Device::cpu()), correct = Tensor::zeros({1}, DType::F32, Device::cpu());
-  CHECK(code_of([&] { ops::softmax_cross_entropy(ctx, ly16, labels, nullptr, 1.0f, loss, correct); }) == bad);
+  CHECK(error_code_of([&] { ops::softmax_cross_entropy(ctx, ly16, labels, nullptr, 1.0f, loss, correct); }) == bad);
 }
 
 TEST_CASE("amp::Policy names the compute dtype of each op kind", "[amp][lowp]") {
@@ -265,7 +259,7 @@ TEST_CASE("amp::Policy names the compute dtype of each op kind", "[amp][lowp]") 
   CHECK(amp::Policy::parse("bf16") == amp::Policy::bf16());
   CHECK(amp::Policy::parse("fp16") == amp::Policy::fp16());
   CHECK(amp::Policy::parse("fp32") == amp::Policy::fp32());
-  CHECK(code_of([] { amp::Policy::parse("fp8e4m3"); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(error_code_of([] { amp::Policy::parse("fp8e4m3"); }) == dstrain::ErrorCode::InvalidArgument);
 }
 
 TEST_CASE("GradScaler::scale_gradient multiplies by the current scale", "[amp][lowp]") {
@@ -277,7 +271,7 @@ TEST_CASE("GradScaler::scale_gradient multiplies by the current scale", "[amp][l
   scaler.scale_gradient(ctx, g);
   CHECK(g.to_host_floats() == std::vector<float>{512.0f, -256.0f, 3072.0f});
   Tensor h = Tensor::zeros({3}, DType::F16, Device::cpu());
-  CHECK(code_of([&] { scaler.scale_gradient(ctx, h); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(error_code_of([&] { scaler.scale_gradient(ctx, h); }) == dstrain::ErrorCode::InvalidArgument);
 }
 
 namespace {
@@ -419,7 +413,7 @@ TEST_CASE("cast_to_fp8_padded is cast_to_fp8 laid out padded (and transposed)", 
         CHECK(fp8_amax(padded_meta) == amax);
         CHECK(fp8_amax(t_meta) == amax);
         Tensor wrong = poisoned({R, C}, fmt);
-        CHECK(code_of([&] { amp::cast_to_fp8_padded(ctx, src, wrong, t_meta, amp::Fp8Layout::AsIs); }) ==
+        CHECK(error_code_of([&] { amp::cast_to_fp8_padded(ctx, src, wrong, t_meta, amp::Fp8Layout::AsIs); }) ==
               dstrain::ErrorCode::InvalidArgument);
       }
     }
@@ -452,7 +446,7 @@ TEST_CASE("crop_padded and column_sums", "[amp][lowp][fp8]") {
     CHECK(std::abs(sv[c] - ref) <= 1e-5 * 48 * 2.0);
   }
   Tensor too_big = poisoned({49, 10}, DType::F32);
-  CHECK(code_of([&] { amp::crop_padded(ctx, src, too_big); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(error_code_of([&] { amp::crop_padded(ctx, src, too_big); }) == dstrain::ErrorCode::InvalidArgument);
 }
 
 namespace {
