@@ -410,7 +410,7 @@ enum class StatsSource : int { Unknown = 0, GenStats = 1, Pass = 2 };
 
 struct StatsChoices {
   std::mutex mutex;
-  std::map<std::array<std::int64_t, 14>, StatsSource> chosen;
+  std::map<std::array<std::int64_t, 13>, StatsSource> chosen;
 };
 
 StatsChoices& stats_choices() {
@@ -486,9 +486,9 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
                             {x.data(), w.data(), conv_out.data()});
   StatsSource source = StatsSource::Pass;
   if (plan != nullptr) {
-    const std::array<std::int64_t, 14> key{st.device, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
+    const std::array<std::int64_t, 13> key{st.device, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
                                            w.dim(2), p.conv.stride_h, p.conv.stride_w, p.conv.pad_h, p.conv.pad_w,
-                                           static_cast<std::int64_t>(x.dtype()), 0};
+                                           static_cast<std::int64_t>(x.dtype())};
     StatsChoices& choices = stats_choices();
     std::lock_guard<std::mutex> lock(choices.mutex);
     source = choices.chosen[key];
