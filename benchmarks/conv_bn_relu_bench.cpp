@@ -7,6 +7,7 @@
 // Each figure is the median of --iters repeats of --batch back-to-back calls after --warmup calls,
 // timed with CUDA events on the context's stream. Results are checked before timing: the fused
 // output z and dx against the unfused path's, and the inference output against eval-mode BN.
+// "chained" is one layer inside a chain of fused layers (ops::ChainedInput): see run().
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -243,6 +244,57 @@ int run(const Options& o) {
       });
       const double t_dgrad = time_ms([&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); });
       const double t_wgrad = time_ms([&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); });
+      // A layer inside a chain of fused layers (ops::ChainedInput): x is the previous layer's raw
+      // convolution output, whose BN + ReLU this layer applies in its convolution's prologue;
+      // this layer hands its own raw output on, and its backward starts from dL/dconv_out and
+      // ends with dL/dx through the previous layer's ReLU and BN (dgamma, dbeta of that layer).
+      // Per layer of a chain that is all the work there is: the same figure for every layer.
+      const Tensor in_gamma = random_device({b.C}, DType::F32, rng, dev, 0.5f, 1.5f);
+      const Tensor in_beta = random_device({b.C}, DType::F32, rng, dev, -0.5f, 0.5f);
+      const Tensor in_mean = random_device({b.C}, DType::F32, rng, dev, -0.3f, 0.3f);
+      const Tensor in_invstd = random_device({b.C}, DType::F32, rng, dev, 0.5f, 2.0f);
+      Tensor in_dg = Tensor::empty({b.C}, DType::F32, dev), in_db = Tensor::empty({b.C}, DType::F32, dev);
+      const ops::ChainedInput chained_in{&in_gamma, &in_beta, &in_mean, &in_invstd, &in_dg, &in_db};
+      ops::ConvBnReluParams pc = p;
+      pc.chained_input = &chained_in;
+      pc.chained_output = true;
+      Tensor no_tensor, c_dx = Tensor::empty(xs, dt, dev);
+      auto chain_fwd = [&] {
+        ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, no_tensor, sm, si, pc);
+      };
+      auto chain_bwd = [&] {
+        ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, no_tensor, &c_dx, dw, dg, db, pc);
+      };
+      // Checked against the separate public ops: a = relu(batchnorm_eval(x)) with the producer's
+      // statistics (var = 1/invstd^2 - eps), conv2d; then dgrad, relu_backward and batchnorm_backward.
+      chain_fwd();
+      chain_bwd();
+      Tensor chain_y = conv_out.to(dev), chain_dw = dw.to(dev);
+      std::vector<float> var_h = in_invstd.to_host_floats();
+      for (float& v : var_h) v = 1.0f / (v * v) - p.bn.eps;
+      const Tensor in_var = Tensor::from_vector({b.C}, var_h).to(dev);
+      Tensor r_bn = Tensor::empty(xs, dt, dev), r_a = Tensor::empty(xs, dt, dev), r_y = Tensor::empty(ys, dt, dev);
+      Tensor r_da = Tensor::empty(xs, dt, dev), r_dam = Tensor::empty(xs, dt, dev), r_dx = Tensor::empty(xs, dt, dev);
+      Tensor r_dw = Tensor::empty(ws, dt, dev), r_dg = Tensor::empty({b.C}, DType::F32, dev);
+      Tensor r_db = Tensor::empty({b.C}, DType::F32, dev);
+      ops::batchnorm_forward_eval(ctx, x, in_gamma, in_beta, in_mean, in_var, r_bn, p.bn);
+      ops::relu_forward(ctx, r_bn, r_a);
+      ops::conv2d_forward(ctx, r_a, w, r_y, p.conv);
+      ops::conv2d_backward_filter(ctx, r_a, dz, r_dw, p.conv);
+      ops::conv2d_backward_data(ctx, dz, w, r_da, p.conv);
+      ops::relu_backward(ctx, r_da, r_a, r_dam);
+      ops::batchnorm_backward(ctx, r_dam, x, in_gamma, in_mean, in_invstd, r_dx, r_dg, r_db);
+      ctx.synchronize();
+      const Diff err_cy = compare(chain_y, r_y), err_cdx = compare(c_dx, r_dx), err_cdw = compare(chain_dw, r_dw);
+      const Diff err_cdg = compare(in_dg, r_dg);
+      const bool chain_ok = err_cy.rms_rel <= tol && err_cdx.rms_rel <= tol && err_cdw.rms_rel <= tol &&
+                            err_cdg.rms_rel <= tol;
+      all_ok = all_ok && chain_ok;
+      const double t_cfwd = time_ms(chain_fwd), t_cbwd = time_ms(chain_bwd);
+      const double t_chain = time_ms([&] {
+        chain_fwd();
+        chain_bwd();
+      });
       const double flops = 3.0 * 2.0 * static_cast<double>(ys[0] * ys[1] * ys[2]) * K * b.C * b.k * b.k;
       char name[64];
       std::snprintf(name, sizeof(name), "N%d_c%d-%d_h%d_k%d%s", b.N, b.C, b.K, b.H, b.k, b.stride > 1 ? "_s2" : "");
@@ -252,6 +304,10 @@ int run(const Options& o) {
       std::printf("#   parts: fused fwd %.4f bwd %.4f | conv fwd %.4f dgrad %.4f wgrad %.4f | rms err z %.1e dx %.1e "
                   "inf %.1e\n",
                   t_ffwd, t_fbwd, t_conv_fwd, t_dgrad, t_wgrad, err_z.rms_rel, err_dx.rms_rel, err_inf.rms_rel);
+      std::printf("#   chained: %.4f (fwd %.4f bwd %.4f) chained/conv %.3f | rms err conv_out %.1e dx %.1e dw %.1e "
+                  "dgamma %.1e%s\n",
+                  t_chain, t_cfwd, t_cbwd, t_chain / t_conv, err_cy.rms_rel, err_cdx.rms_rel, err_cdw.rms_rel,
+                  err_cdg.rms_rel, chain_ok ? "" : "  WRONG");
       std::fflush(stdout);
     }
   }

@@ -9,6 +9,11 @@
 // from conv_out, one pass writes dconv, then cuDNN's dgrad and wgrad.
 // Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16; otherwise the
 // convolution and one bias+ReLU pass.
+// Chained layers (ops::ConvBnReluParams): the consumer's forward applies the producer's BN + ReLU
+// in the convolution's prologue (cuDNN graph with GenStats, timed on first use against
+// materialising the activation); its wgrad reads the same prologue; its dgrad carries dReLU and
+// BatchNorm's backward weight terms in the epilogue, and one pass then writes dL/dx. The
+// producer skips its apply pass and its backward reduction.
 //
 // The passes share one 2-D launch layout: a thread owns V consecutive channels (one 16-byte
 // vector when the channel count and pointers allow it, else V = 1) and strides over rows, so
@@ -305,11 +310,12 @@ __global__ void finalize_backward_kernel(const float* __restrict__ p1, const flo
 }
 
 // dconv = scale * (g - dbeta / M - xhat * dgamma / M).
+// dz may be dconv itself (each element is read before it is written, by the same thread).
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads) apply_backward_kernel(
-    const T* __restrict__ dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
+    const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
-    const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* __restrict__ dconv) {
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* dconv) {
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   ChannelConsts<V> k;
@@ -355,6 +361,23 @@ __global__ void __launch_bounds__(kThreads) bias_relu_kernel(T* __restrict__ z, 
     for (int j = 0; j < V; ++j) v[j] = fmaxf(v[j] + b[j], 0.0f);
     store_vec<T, V>(z + r * K + c0, v);
   }
+}
+
+// The prologue constants of a chained input: scale = gamma * invstd, shift = beta - mean * scale,
+// in fp32 and in the activations' dtype (cuDNN's fused prologue reads one or the other).
+template <class T>
+__global__ void prologue_consts_kernel(std::int64_t C, const float* __restrict__ gamma, const float* __restrict__ beta,
+                                       const float* __restrict__ mean, const float* __restrict__ invstd,
+                                       float* __restrict__ scale_f, float* __restrict__ shift_f,
+                                       T* __restrict__ scale_t, T* __restrict__ shift_t) {
+  const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= C) return;
+  const float s = gamma[c] * invstd[c];
+  const float b = fmaf(-mean[c], s, beta[c]);
+  scale_f[c] = s;
+  shift_f[c] = b;
+  scale_t[c] = store_f<T>(s);
+  shift_t[c] = store_f<T>(b);
 }
 
 // s_k = gamma_k / sqrt(var_k + eps); w_folded = w * s_k; bias_k = beta_k - mean_k * s_k.
@@ -403,14 +426,16 @@ std::size_t round_up(std::size_t v) { return (v + 255) & ~std::size_t(255); }
 
 namespace {
 
-// Where the batch statistics of a training forward come from, per (device, shape, dtype): the
-// GenStats graph, or the convolution alone followed by one statistics pass. cuDNN's GenStats
-// kernels are not always the faster (bf16 ones, for some shapes): both are timed on first use.
+// Where the batch statistics of a training forward come from, per (device, shape, dtype, input
+// kind): the GenStats graph, or the convolution alone followed by one statistics pass. cuDNN's
+// GenStats kernels are not always the faster (bf16 ones, for some shapes): both are timed on
+// first use. For a chained input the first is the fused prologue graph and the second also
+// materialises the activated input.
 enum class StatsSource : int { Unknown = 0, GenStats = 1, Pass = 2 };
 
 struct StatsChoices {
   std::mutex mutex;
-  std::map<std::array<std::int64_t, 13>, StatsSource> chosen;
+  std::map<std::array<std::int64_t, 14>, StatsSource> chosen;
 };
 
 StatsChoices& stats_choices() {
@@ -427,20 +452,81 @@ struct Partials {
   const T* shift = nullptr;
 };
 
+// A chained input's BatchNorm + ReLU: the producing layer's statistics and parameters, and the
+// fused prologue graph's scale type when one is used.
+struct Prologue {
+  const ops::ChainedInput* in = nullptr;
+  PrologueScaleType scale_type = PrologueScaleType::Activation;
+};
+
+// The prologue graph for `kind`, trying the scale types in order; null when cuDNN has none.
+cudnn_graph::TunedPlan* prologue_plan(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w,
+                                      const Tensor& y, const ops::Conv2dParams& p, PrologueScaleType* type) {
+  for (PrologueScaleType t : {PrologueScaleType::Activation, PrologueScaleType::Float}) {
+    cudnn_graph::TunedPlan* plan = conv_graph_plan(st, kind, x, w, y, p, {x.data(), w.data(), y.data()}, t);
+    if (plan != nullptr) {
+      *type = t;
+      return plan;
+    }
+  }
+  return nullptr;
+}
+
+// Writes the prologue's scale and shift into `at` (4 arrays of `stride` bytes: fp32 scale and
+// shift, then T scale and shift) and returns the pair the graph reads.
+template <class T>
+std::array<void*, 2> prologue_consts(cudaStream_t stream, const Prologue& pro, std::int64_t C, char* at,
+                                     std::size_t stride) {
+  float* scale_f = reinterpret_cast<float*>(at);
+  float* shift_f = reinterpret_cast<float*>(at + stride);
+  T* scale_t = reinterpret_cast<T*>(at + 2 * stride);
+  T* shift_t = reinterpret_cast<T*>(at + 3 * stride);
+  prologue_consts_kernel<T><<<static_cast<unsigned>((C + 255) / 256), 256, 0, stream>>>(
+      C, pro.in->gamma->data_as<float>(), pro.in->beta->data_as<float>(), pro.in->save_mean->data_as<float>(),
+      pro.in->save_invstd->data_as<float>(), scale_f, shift_f, scale_t, shift_t);
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  if (pro.scale_type == PrologueScaleType::Float) return {scale_f, shift_f};
+  return {scale_t, shift_t};
+}
+
+// a = relu(bn(x)) of a chained input, into the activation scratch (the separate-kernel path).
+template <class T>
+Tensor materialise_activation(CudaState& st, const Tensor& x, const ops::ChainedInput& in) {
+  const std::int64_t C = x.dim(3);
+  const std::int64_t M = x.numel() / std::max<std::int64_t>(C, 1);
+  void* a = st.ensure_activations(x.nbytes());
+  const int V = vector_width<T>(C, {x.data(), a});
+  const Layout l = make_layout(M, C, V);
+  with_width<T>(V, [&](auto v) {
+    apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
+        static_cast<const T*>(x.data()), M, C, in.save_mean->data_as<float>(), in.save_invstd->data_as<float>(),
+        in.gamma->data_as<float>(), in.beta->data_as<float>(), static_cast<T*>(a));
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  return Tensor::wrap(a, x.shape(), x.dtype(), x.device());
+}
+
+// The GenStats graph (with the chained input's prologue when `pro` is set).
 template <class T>
 Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, const Tensor& x, const Tensor& w,
-                                Tensor& conv_out) {
+                                Tensor& conv_out, const Prologue* pro) {
   cudaStream_t stream = st.cuda_stream();
   const std::int64_t K = conv_out.dim(3);
+  const std::int64_t C = x.dim(3);
   const std::size_t ws = round_up(static_cast<std::size_t>(plan.workspace_bytes()));
   const std::size_t sums = round_up(sizeof(float) * static_cast<std::size_t>(K));
-  char* base = static_cast<char*>(st.ensure_workspace(ws + 2 * sums));
+  const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(C));
+  char* base = static_cast<char*>(st.ensure_workspace(ws + 2 * sums + (pro != nullptr ? 4 * consts : 0)));
   Partials<T> r;
   r.p1 = reinterpret_cast<float*>(base + ws);
   r.p2 = reinterpret_cast<float*>(base + ws + sums);
-  const std::vector<std::int64_t> uids{kUidX, kUidW, kUidY, kUidSum, kUidSqSum};
-  const std::vector<void*> ptrs{const_cast<void*>(x.data()), const_cast<void*>(w.data()), conv_out.data(), r.p1,
-                                r.p2};
+  std::vector<std::int64_t> uids{kUidX, kUidW, kUidY, kUidSum, kUidSqSum};
+  std::vector<void*> ptrs{const_cast<void*>(x.data()), const_cast<void*>(w.data()), conv_out.data(), r.p1, r.p2};
+  if (pro != nullptr) {
+    const std::array<void*, 2> sb = prologue_consts<T>(stream, *pro, C, base + ws + 2 * sums, consts);
+    uids.insert(uids.end(), {kUidInScale, kUidInShift});
+    ptrs.insert(ptrs.end(), {sb[0], sb[1]});
+  }
   void* ws_ptr = plan.workspace_bytes() > 0 ? base : nullptr;
   plan.tune(st.cudnn, stream, uids, ptrs, ws_ptr);  // before zeroing: GenStats may accumulate
   DSTRAIN_CUDA_CHECK(cudaMemsetAsync(r.p1, 0, 2 * sums, stream));
@@ -450,11 +536,18 @@ Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, con
 
 template <class T>
 Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
-                            const ops::Conv2dParams& p, bool conv_out_given) {
+                            const ops::Conv2dParams& p, bool conv_out_given, const ops::ChainedInput* in) {
   cudaStream_t stream = st.cuda_stream();
   const std::int64_t K = conv_out.dim(3);
   const std::int64_t M = conv_out.numel() / K;
-  if (!conv_out_given) cuda::conv2d_forward(ctx, x, w, conv_out, p);
+  if (!conv_out_given) {
+    if (in != nullptr) {
+      const Tensor a = materialise_activation<T>(st, x, *in);
+      cuda::conv2d_forward(ctx, a, w, conv_out, p);
+    } else {
+      cuda::conv2d_forward(ctx, x, w, conv_out, p);
+    }
+  }
   const T* y = static_cast<const T*>(conv_out.data());
   const int V = vector_width<T>(K, {conv_out.data()});
   const Layout l = make_layout(M, K, V);
@@ -479,42 +572,145 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   cudaStream_t stream = st.cuda_stream();
   const std::int64_t K = conv_out.dim(3);
   const std::int64_t M = conv_out.numel() / K;
-  cudnn_graph::TunedPlan* plan =
-      p.conv_out_given
-          ? nullptr
-          : conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
-                            {x.data(), w.data(), conv_out.data()});
+  Prologue pro;
+  pro.in = p.chained_input;
+  const Prologue* prologue = pro.in != nullptr ? &pro : nullptr;
+  cudnn_graph::TunedPlan* plan = nullptr;
+  if (prologue != nullptr)
+    plan = prologue_plan(st, ConvGraph::ForwardBnReluGenStats, x, w, conv_out, p.conv, &pro.scale_type);
+  else if (!p.conv_out_given)
+    plan = conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
+                           {x.data(), w.data(), conv_out.data()});
   StatsSource source = StatsSource::Pass;
   if (plan != nullptr) {
-    const std::array<std::int64_t, 13> key{st.device, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
+    const std::array<std::int64_t, 14> key{st.device, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
                                            w.dim(2), p.conv.stride_h, p.conv.stride_w, p.conv.pad_h, p.conv.pad_w,
-                                           static_cast<std::int64_t>(x.dtype())};
+                                           static_cast<std::int64_t>(x.dtype()), prologue != nullptr ? 1 : 0};
     StatsChoices& choices = stats_choices();
     std::lock_guard<std::mutex> lock(choices.mutex);
     source = choices.chosen[key];
     if (source == StatsSource::Unknown) {
       // Both write only conv_out and scratch: safe to run before the real call.
-      const float t_genstats =
-          cudnn_graph::time_calls_ms(stream, 3, [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out); });
+      const float t_genstats = cudnn_graph::time_calls_ms(
+          stream, 3, [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
       const float t_pass = cudnn_graph::time_calls_ms(
-          stream, 3, [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false); });
+          stream, 3, [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
       source = t_genstats <= t_pass ? StatsSource::GenStats : StatsSource::Pass;
       choices.chosen[key] = source;
     }
   }
-  const Partials<T> part = source == StatsSource::GenStats ? stats_with_genstats<T>(st, *plan, x, w, conv_out)
-                                                           : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv,
-                                                                                p.conv_out_given);
+  const Partials<T> part = source == StatsSource::GenStats
+                               ? stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue)
+                               : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
   finalize_forward_kernel<T><<<finalize_grid(K), finalize_block(), 0, stream>>>(
       part.p1, part.p2, part.chunks, part.shift, M, K, p.bn.eps, p.bn.momentum, save_mean.data_as<float>(),
       save_invstd.data_as<float>(), running_mean.data_as<float>(), running_var.data_as<float>());
   DSTRAIN_CUDA_CHECK_LAUNCH();
+  if (p.chained_output) return;  // the next layer applies BN + ReLU in its own prologue
   const int V = vector_width<T>(K, {conv_out.data(), z.data()});
   const Layout l = make_layout(M, K, V);
   with_width<T>(V, [&](auto v) {
     apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
         static_cast<const T*>(conv_out.data()), M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(),
         gamma.data_as<float>(), beta.data_as<float>(), static_cast<T*>(z.data()));
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+// Backward through relu(bn(y)): dgamma, dbeta and out = dL/dy from dz = dL/drelu (out may be dz).
+template <class T>
+void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_t M, std::int64_t K,
+                             const float* mean, const float* invstd, const float* gamma, const float* beta,
+                             float* dgamma, float* dbeta, T* out) {
+  cudaStream_t stream = st.cuda_stream();
+  if (M == 0) {
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, sizeof(float) * static_cast<std::size_t>(K), stream));
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta, 0, sizeof(float) * static_cast<std::size_t>(K), stream));
+    return;
+  }
+  const int V = vector_width<T>(K, {dz, y, out});
+  const Layout l = make_layout(M, K, V);
+  const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
+  char* base = static_cast<char*>(st.ensure_workspace(2 * part));
+  float* p1 = reinterpret_cast<float*>(base);
+  float* p2 = reinterpret_cast<float*>(base + part);
+  with_width<T>(V, [&](auto v) {
+    backward_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(dz, y, M, K, mean, invstd,
+                                                                                            gamma, beta, p1, p2);
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  finalize_backward_kernel<<<finalize_grid(K), finalize_block(), 0, stream>>>(p1, p2, l.gy, K, invstd, dgamma, dbeta);
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  with_width<T>(V, [&](auto v) {
+    apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
+        dz, y, M, K, mean, invstd, gamma, beta, dgamma, dbeta, out);
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+}
+
+// dw and dx of a layer whose input is chained: wgrad reads a = relu(bn(x)) (fused prologue or the
+// materialised activation); dgrad goes on through the producing layer's ReLU and BatchNorm (fused
+// dReLU + BN backward weights in dgrad's epilogue, or the separate passes), then one pass writes
+// dx = dL/dx.
+template <class T>
+void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, const Tensor& x, const Tensor& w,
+                           Tensor& dw, Tensor& dx, const ops::ChainedInput& in, const ops::Conv2dParams& p) {
+  cudaStream_t stream = st.cuda_stream();
+  const std::int64_t C = x.dim(3);
+  const std::int64_t M_in = x.numel() / std::max<std::int64_t>(C, 1);
+  Prologue pro;
+  pro.in = &in;
+  if (cudnn_graph::TunedPlan* plan = prologue_plan(st, ConvGraph::BackwardFilterBnRelu, x, dw, dconv, p,
+                                                   &pro.scale_type)) {
+    const std::size_t ws = round_up(static_cast<std::size_t>(plan->workspace_bytes()));
+    const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(C));
+    char* base = static_cast<char*>(st.ensure_workspace(ws + 4 * consts));
+    const std::array<void*, 2> sb = prologue_consts<T>(stream, pro, C, base + ws, consts);
+    plan->execute(st.cudnn, stream, {kUidX, kUidW, kUidY, kUidInScale, kUidInShift},
+                  {const_cast<void*>(x.data()), dw.data(), const_cast<void*>(dconv.data()), sb[0], sb[1]},
+                  plan->workspace_bytes() > 0 ? base : nullptr);
+  } else {
+    const Tensor a = materialise_activation<T>(st, x, in);
+    cuda::conv2d_backward_filter(ctx, a, dconv, dw, p);
+  }
+
+  const T* xp = static_cast<const T*>(x.data());
+  T* dxp = static_cast<T*>(dx.data());
+  const float* mean = in.save_mean->data_as<float>();
+  const float* invstd = in.save_invstd->data_as<float>();
+  const float* gamma = in.gamma->data_as<float>();
+  const float* beta = in.beta->data_as<float>();
+  float* dgamma = in.dgamma->data_as<float>();
+  float* dbeta = in.dbeta->data_as<float>();
+  cudnn_graph::TunedPlan* plan =
+      conv_graph_plan(st, ConvGraph::BackwardDataDreluBnBwd, dx, w, dconv, p,
+                      {dx.data(), w.data(), dconv.data(), x.data(), mean, invstd, gamma, beta, dgamma, dbeta});
+  if (plan == nullptr || M_in == 0) {
+    cuda::conv2d_backward_data(ctx, dconv, w, dx, p);
+    bn_relu_backward_passes<T>(st, dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
+    return;
+  }
+  const std::size_t ws = round_up(static_cast<std::size_t>(plan->workspace_bytes()));
+  const std::size_t eq = round_up(sizeof(float) * static_cast<std::size_t>(C));
+  char* base = static_cast<char*>(st.ensure_workspace(ws + 3 * eq));
+  const std::vector<std::int64_t> uids{kUidX,        kUidW,      kUidY,      kUidInX,      kUidInMean,
+                                       kUidInInvstd, kUidInGamma, kUidInBeta, kUidInDgamma, kUidInDbeta,
+                                       kUidEqDy,     kUidEqX,    kUidEqBias};
+  const std::vector<void*> ptrs{dx.data(), const_cast<void*>(w.data()), const_cast<void*>(dconv.data()),
+                                const_cast<T*>(xp), const_cast<float*>(mean), const_cast<float*>(invstd),
+                                const_cast<float*>(gamma), const_cast<float*>(beta), dgamma, dbeta,
+                                base + ws, base + ws + eq, base + ws + 2 * eq};
+  void* ws_ptr = plan->workspace_bytes() > 0 ? base : nullptr;
+  plan->tune(st.cudnn, stream, uids, ptrs, ws_ptr);  // before zeroing: the reductions may accumulate
+  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
+  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
+  plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
+  // dx holds g = dL/da masked by the ReLU; dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
+  const int V = vector_width<T>(C, {xp, dxp});
+  const Layout l = make_layout(M_in, C, V);
+  with_width<T>(V, [&](auto v) {
+    apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
+        dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
   });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
@@ -539,41 +735,23 @@ void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, cons
                            Tensor& dbeta, const ops::ConvBnReluParams& p) {
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
-  cudaStream_t stream = st.cuda_stream();
   const std::int64_t K = conv_out.dim(3);
   const std::int64_t M = conv_out.numel() / std::max<std::int64_t>(K, 1);
-  if (K > 0 && M > 0) {
-    DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "conv_bn_relu_backward", {
-      const int V = vector_width<T>(K, {dz.data(), conv_out.data(), dconv.data()});
-      const Layout l = make_layout(M, K, V);
-      const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
-      char* base = static_cast<char*>(st.ensure_workspace(2 * part));
-      float* p1 = reinterpret_cast<float*>(base);
-      float* p2 = reinterpret_cast<float*>(base + part);
-      const T* dzp = static_cast<const T*>(dz.data());
-      const T* y = static_cast<const T*>(conv_out.data());
-      with_width<T>(V, [&](auto v) {
-        backward_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-            dzp, y, M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(), gamma.data_as<float>(),
-            beta.data_as<float>(), p1, p2);
-      });
-      DSTRAIN_CUDA_CHECK_LAUNCH();
-      finalize_backward_kernel<<<finalize_grid(K), finalize_block(), 0, stream>>>(p1, p2, l.gy, K, save_invstd.data_as<float>(), dgamma.data_as<float>(),
-                                           dbeta.data_as<float>());
-      DSTRAIN_CUDA_CHECK_LAUNCH();
-      with_width<T>(V, [&](auto v) {
-        apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-            dzp, y, M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(), gamma.data_as<float>(),
-            beta.data_as<float>(), dgamma.data_as<float>(), dbeta.data_as<float>(), static_cast<T*>(dconv.data()));
-      });
-      DSTRAIN_CUDA_CHECK_LAUNCH();
-    });
-  } else if (K > 0) {
-    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma.data(), 0, dgamma.nbytes(), stream));
-    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta.data(), 0, dbeta.nbytes(), stream));
-  }
-  cuda::conv2d_backward_filter(ctx, x, dconv, dw, p.conv);
-  if (dx != nullptr) cuda::conv2d_backward_data(ctx, dconv, w, *dx, p.conv);
+  // With a chained output, dz is dL/dconv_out already (the next layer went through this BN).
+  const Tensor& grad_conv = p.chained_output ? dz : dconv;
+  DSTRAIN_DISPATCH_ACT_DTYPE(x.dtype(), "conv_bn_relu_backward", {
+    if (!p.chained_output && K > 0)
+      bn_relu_backward_passes<T>(st, static_cast<const T*>(dz.data()), static_cast<const T*>(conv_out.data()), M, K,
+                                 save_mean.data_as<float>(), save_invstd.data_as<float>(), gamma.data_as<float>(),
+                                 beta.data_as<float>(), dgamma.data_as<float>(), dbeta.data_as<float>(),
+                                 static_cast<T*>(dconv.data()));
+    if (p.chained_input != nullptr) {
+      chained_backward_impl<T>(ctx, st, grad_conv, x, w, dw, *dx, *p.chained_input, p.conv);
+    } else {
+      cuda::conv2d_backward_filter(ctx, x, grad_conv, dw, p.conv);
+      if (dx != nullptr) cuda::conv2d_backward_data(ctx, grad_conv, w, *dx, p.conv);
+    }
+  });
 }
 
 void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,

@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kCandidatePlans = 4;  // the heuristics' first few: timed once, the fastest kept
 
-using GraphKey = std::array<std::int64_t, 14>;
+using GraphKey = std::array<std::int64_t, 15>;
 
 struct GraphCache {
   std::mutex mutex;
@@ -47,12 +47,36 @@ const char* graph_name(ConvGraph kind) {
     case ConvGraph::BackwardFilter: return "conv2d_backward_filter";
     case ConvGraph::ForwardGenStats: return "conv_bn_relu (convolution with GenStats)";
     case ConvGraph::ForwardFp8: return "conv2d_forward_fp8";
+    case ConvGraph::ForwardBnReluGenStats: return "chained conv_bn_relu forward (BN + ReLU prologue, GenStats)";
+    case ConvGraph::BackwardFilterBnRelu: return "chained conv_bn_relu backward filter (BN + ReLU prologue)";
+    case ConvGraph::BackwardDataDreluBnBwd: return "chained conv_bn_relu backward data (dReLU + BN backward weights)";
     default: return "conv_bias_relu (convolution + bias + ReLU)";
   }
 }
 
+// The prologue a = relu(x * InScale + InShift) over tensors[0] (x): appends its tensors and
+// operations and returns the index of a (virtual, fp32) in `tensors`.
+std::size_t add_bn_relu_prologue(std::vector<cudnn_graph::Descriptor>& tensors,
+                                 std::vector<cudnn_graph::Descriptor>& ops, cudnnDataType_t scale_dtype,
+                                 const Tensor& x) {
+  namespace g = cudnn_graph;
+  enum : std::int64_t { kUidScaled = 110, kUidShifted = 111, kUidActivated = 112 };
+  const std::int64_t n = x.dim(0), c = x.dim(3), h = x.dim(1), wd = x.dim(2);
+  const std::size_t base = tensors.size();
+  tensors.push_back(g::tensor_channels(kUidInScale, scale_dtype, c));
+  tensors.push_back(g::tensor_channels(kUidInShift, scale_dtype, c));
+  tensors.push_back(g::tensor_nhwc(kUidScaled, CUDNN_DATA_FLOAT, n, c, h, wd, /*is_virtual=*/true));
+  tensors.push_back(g::tensor_nhwc(kUidShifted, CUDNN_DATA_FLOAT, n, c, h, wd, /*is_virtual=*/true));
+  tensors.push_back(g::tensor_nhwc(kUidActivated, CUDNN_DATA_FLOAT, n, c, h, wd, /*is_virtual=*/true));
+  ops.push_back(g::pointwise_op(CUDNN_POINTWISE_MUL, tensors[0], &tensors[base], tensors[base + 2]));
+  ops.push_back(g::pointwise_op(CUDNN_POINTWISE_ADD, tensors[base + 2], &tensors[base + 1], tensors[base + 3]));
+  ops.push_back(g::pointwise_op(CUDNN_POINTWISE_RELU_FWD, tensors[base + 3], nullptr, tensors[base + 4]));
+  return base + 4;
+}
+
 std::unique_ptr<cudnn_graph::TunedPlan> build(cudnnHandle_t h, ConvGraph kind, const Tensor& x, const Tensor& w,
-                                              const Tensor& y, const ops::Conv2dParams& p, std::string* why_not) {
+                                              const Tensor& y, const ops::Conv2dParams& p,
+                                              PrologueScaleType scale_type, std::string* why_not) {
   namespace g = cudnn_graph;
   const cudnnDataType_t io = x.dtype() == DType::F16      ? CUDNN_DATA_HALF
                              : x.dtype() == DType::F8E4M3 ? CUDNN_DATA_FP8_E4M3
@@ -102,6 +126,44 @@ std::unique_ptr<cudnn_graph::TunedPlan> build(cudnnHandle_t h, ConvGraph kind, c
       ops.push_back(g::pointwise_op(CUDNN_POINTWISE_ADD, tensors[2], &tensors[3], tensors[4]));
       ops.push_back(g::pointwise_op(CUDNN_POINTWISE_RELU_FWD, tensors[4], nullptr, tensors[5]));
       break;
+    case ConvGraph::ForwardBnReluGenStats: {
+      const std::size_t a = add_bn_relu_prologue(tensors, ops, scale_type == PrologueScaleType::Float ? CUDNN_DATA_FLOAT : io, x);
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      tensors.push_back(g::tensor_channels(kUidSum, CUDNN_DATA_FLOAT, k));
+      tensors.push_back(g::tensor_channels(kUidSqSum, CUDNN_DATA_FLOAT, k));
+      const std::size_t t = tensors.size();
+      ops.push_back(g::conv_forward_op(tensors[a], tensors[1], tensors[t - 3], conv));
+      ops.push_back(g::genstats_op(tensors[t - 3], tensors[t - 2], tensors[t - 1]));
+      break;
+    }
+    case ConvGraph::BackwardFilterBnRelu: {
+      const std::size_t a = add_bn_relu_prologue(tensors, ops, scale_type == PrologueScaleType::Float ? CUDNN_DATA_FLOAT : io, x);
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
+      ops.push_back(g::conv_backward_filter_op(tensors[a], tensors.back(), tensors[1], conv));
+      break;
+    }
+    case ConvGraph::BackwardDataDreluBnBwd: {
+      // tensors[0] is the output here: the gradient through the ReLU, in x's dtype.
+      enum : std::int64_t { kUidDgradOut = 120, kUidCentered = 121, kUidNormed = 122, kUidScaledN = 123,
+                            kUidPreact = 124 };
+      const std::int64_t c = x.dim(3), hi = x.dim(1), wi = x.dim(2), ni = x.dim(0);
+      tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));                                        // 2 dy
+      tensors.push_back(g::tensor_nhwc(kUidInX, io, ni, c, hi, wi));                                     // 3
+      for (std::int64_t uid : {kUidInMean, kUidInInvstd, kUidInGamma, kUidInBeta, kUidInDgamma, kUidInDbeta,
+                               kUidEqDy, kUidEqX, kUidEqBias})
+        tensors.push_back(g::tensor_channels(uid, CUDNN_DATA_FLOAT, c));                                 // 4..12
+      for (std::int64_t uid : {kUidDgradOut, kUidCentered, kUidNormed, kUidScaledN, kUidPreact})
+        tensors.push_back(g::tensor_nhwc(uid, CUDNN_DATA_FLOAT, ni, c, hi, wi, /*is_virtual=*/true));    // 13..17
+      ops.push_back(g::conv_backward_data_op(tensors[2], tensors[1], tensors[13], conv));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_ADD, tensors[3], &tensors[4], tensors[14], -1.0f));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_MUL, tensors[14], &tensors[5], tensors[15]));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_MUL, tensors[15], &tensors[6], tensors[16]));
+      ops.push_back(g::pointwise_op(CUDNN_POINTWISE_ADD, tensors[16], &tensors[7], tensors[17]));
+      ops.push_back(g::relu_backward_op(tensors[13], tensors[17], tensors[0]));
+      ops.push_back(g::bn_backward_weights_op({&tensors[3], &tensors[4], &tensors[5], &tensors[6], &tensors[0],
+                                               &tensors[8], &tensors[9], &tensors[10], &tensors[11], &tensors[12]}));
+      break;
+    }
   }
   tensors.push_back(std::move(conv));
   std::shared_ptr<g::Graph> graph = g::Graph::build(h, std::move(tensors), std::move(ops), why_not);
@@ -115,13 +177,14 @@ std::unique_ptr<cudnn_graph::TunedPlan> build(cudnnHandle_t h, ConvGraph kind, c
 
 cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w,
                                         const Tensor& y, const ops::Conv2dParams& p,
-                                        std::initializer_list<const void*> data) {
+                                        std::initializer_list<const void*> data, PrologueScaleType scale_type) {
   if (x.dtype() == DType::F32 || ops::deterministic() || !graphs_enabled()) return nullptr;
   if (x.numel() == 0 || w.numel() == 0 || y.numel() == 0) return nullptr;
   for (const void* ptr : data)
     if (!aligned16(ptr)) return nullptr;
   const GraphKey key{st.device, static_cast<int>(kind), x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
-                     w.dim(2), p.stride_h, p.stride_w, p.pad_h, p.pad_w, static_cast<std::int64_t>(x.dtype())};
+                     w.dim(2), p.stride_h, p.stride_w, p.pad_h, p.pad_w, static_cast<std::int64_t>(x.dtype()),
+                     static_cast<std::int64_t>(scale_type)};
   GraphCache& cache = graph_cache();
   {
     std::lock_guard<std::mutex> lock(cache.mutex);
@@ -131,7 +194,7 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
   std::string why;
   std::unique_ptr<cudnn_graph::TunedPlan> plan;
   try {
-    plan = build(st.cudnn, kind, x, w, y, p, &why);  // outside the lock: may take a while
+    plan = build(st.cudnn, kind, x, w, y, p, scale_type, &why);  // outside the lock: may take a while
   } catch (const Error& e) {
     if (e.code() != ErrorCode::Cudnn) throw;
     why = e.what();  // a descriptor cuDNN refuses for this shape: no graph plan

@@ -22,7 +22,21 @@ enum class ConvGraph : int {
   ForwardBiasRelu = 4,
   // x, w E4M3; y (bf16) = conv(x, w) * descale_x * descale_w (fp32 device scalars).
   ForwardFp8 = 5,
+  // Chained layers: x is the raw convolution output of the layer before, whose BatchNorm and ReLU
+  // are applied in the convolution's operand prologue: a = relu(x * InScale + InShift).
+  // Forward: y = conv(a, w) with GenStats (Sum, SqSum) in the epilogue.
+  ForwardBnReluGenStats = 6,
+  // Backward filter: dw = wgrad(a, dy).
+  BackwardFilterBnRelu = 7,
+  // Backward data through the previous layer's ReLU and BatchNorm: dx = dgrad(dy, w) where
+  // (InX - InMean) * InInvstd * InGamma + InBeta > 0, else 0; InDgamma, InDbeta and the EqDy, EqX,
+  // EqBias coefficients from BatchNorm's backward weight terms over (InX, dx).
+  BackwardDataDreluBnBwd = 8,
 };
+
+// The dtype of InScale / InShift in the prologue graphs: the activations' (fp16/bf16), the
+// pattern cuDNN's fused engines document, or fp32; tried in this order.
+enum class PrologueScaleType : int { Activation = 0, Float = 1 };
 
 // Tensor UIDs: X is x or dx, W is w or dw, Y is y or dy (the GenStats graph's conv output, the
 // bias graph's ReLU output); Sum / SqSum: fp32 [K] (GenStats); Bias: fp32 [K].
@@ -35,14 +49,28 @@ enum ConvGraphUid : std::int64_t {
   kUidBias = 6,
   kUidDescaleX = 7,
   kUidDescaleW = 8,
+  kUidInScale = 9,
+  kUidInShift = 10,
+  kUidInX = 11,
+  kUidInMean = 12,
+  kUidInInvstd = 13,
+  kUidInGamma = 14,
+  kUidInBeta = 15,
+  kUidInDgamma = 16,
+  kUidInDbeta = 17,
+  kUidEqDy = 18,
+  kUidEqX = 19,
+  kUidEqBias = 20,
 };
 
 // The tuned plan, or null when the graph path does not apply: fp32 data (cuDNN's graph engines
 // may use TF32), deterministic mode, DSTRAIN_CONV_GRAPHS=0, a pointer in `data` that is not
 // 16-byte aligned, or no plan from cuDNN for the shape (logged once per shape).
-// x: [N,H,W,C] (x or dx), w: [K,R,S,C] (w or dw), y: [N,Ho,Wo,K] (y or dy).
+// x: [N,H,W,C] (x or dx), w: [K,R,S,C] (w or dw), y: [N,Ho,Wo,K] (y or dy). `scale_type` only
+// matters for the prologue graphs.
 cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w,
                                         const Tensor& y, const ops::Conv2dParams& p,
-                                        std::initializer_list<const void*> data);
+                                        std::initializer_list<const void*> data,
+                                        PrologueScaleType scale_type = PrologueScaleType::Activation);
 
 }  // namespace dstrain::kernels::cuda

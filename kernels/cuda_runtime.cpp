@@ -340,6 +340,9 @@ void destroy_cuda_state(CudaState* s) noexcept {
   if (s->workspace != nullptr) warn_cuda(cudaFree(s->workspace), "cudaFree (workspace)");
   s->workspace = nullptr;
   s->workspace_bytes = 0;
+  if (s->activations != nullptr) warn_cuda(cudaFree(s->activations), "cudaFree (activations)");
+  s->activations = nullptr;
+  s->activations_bytes = 0;
   delete s;  // destroys the stream
   if (have_previous && previous != -1) {
     int now = -1;
@@ -353,24 +356,34 @@ StreamHandle cuda_state_stream(const CudaState* s) {
   return s->stream.handle();
 }
 
-void* CudaState::ensure_workspace(std::size_t bytes) {
-  if (bytes <= workspace_bytes && workspace != nullptr) return workspace;
-  // Grow geometrically, in whole MiB, so that a sequence of slightly larger requests does not
-  // reallocate (and synchronise) each time.
-  std::size_t want = bytes > workspace_bytes + workspace_bytes / 2 ? bytes : workspace_bytes + workspace_bytes / 2;
+namespace {
+
+// Grows `buffer` to at least `bytes`: geometrically, in whole MiB, so that a sequence of slightly
+// larger requests does not reallocate (and synchronise) each time.
+void* grow_scratch(CudaState& s, void*& buffer, std::size_t& size, std::size_t bytes) {
+  if (bytes <= size && buffer != nullptr) return buffer;
+  std::size_t want = bytes > size + size / 2 ? bytes : size + size / 2;
   const std::size_t mib = std::size_t(1) << 20;
   want = (want + mib - 1) / mib * mib;
-  DeviceGuard guard(device);
-  if (workspace != nullptr) {
+  DeviceGuard guard(s.device);
+  if (buffer != nullptr) {
     // Queued work may still read or write the old buffer.
-    DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(cuda_stream()));
-    DSTRAIN_CUDA_CHECK(cudaFree(workspace));
-    workspace = nullptr;
-    workspace_bytes = 0;
+    DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(s.cuda_stream()));
+    DSTRAIN_CUDA_CHECK(cudaFree(buffer));
+    buffer = nullptr;
+    size = 0;
   }
-  workspace = device_malloc(want, device);
-  workspace_bytes = want;
-  return workspace;
+  buffer = device_malloc(want, s.device);
+  size = want;
+  return buffer;
+}
+
+}  // namespace
+
+void* CudaState::ensure_workspace(std::size_t bytes) { return grow_scratch(*this, workspace, workspace_bytes, bytes); }
+
+void* CudaState::ensure_activations(std::size_t bytes) {
+  return grow_scratch(*this, activations, activations_bytes, bytes);
 }
 
 }  // namespace kernels

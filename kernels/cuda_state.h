@@ -17,10 +17,16 @@ struct CudaState {
   cublasLtHandle_t cublaslt = nullptr;
   void* workspace = nullptr;  // shared scratch for cuDNN and cuBLASLt on this stream
   std::size_t workspace_bytes = 0;
+  // Scratch of activation size for ops that must materialise an intermediate tensor while they
+  // also call cuDNN (which may grow `workspace`): a chained layer's activated input, say.
+  void* activations = nullptr;
+  std::size_t activations_bytes = 0;
 
   cudaStream_t cuda_stream() const { return reinterpret_cast<cudaStream_t>(stream.handle()); }
   // Grows the workspace to at least `bytes` (synchronising the stream first when it reallocates).
   void* ensure_workspace(std::size_t bytes);
+  // The same for the activation scratch.
+  void* ensure_activations(std::size_t bytes);
 };
 
 }  // namespace dstrain::kernels

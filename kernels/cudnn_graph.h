@@ -61,8 +61,17 @@ Descriptor conv_backward_data_op(const Descriptor& dy, const Descriptor& w, cons
                                  const Descriptor& conv);
 Descriptor conv_backward_filter_op(const Descriptor& x, const Descriptor& dy, const Descriptor& dw,
                                    const Descriptor& conv);
-// y = mode(x) or mode(x, b), computed in fp32.
-Descriptor pointwise_op(cudnnPointwiseMode_t mode, const Descriptor& x, const Descriptor* b, const Descriptor& y);
+// y = mode(x) or mode(x, alpha2 * b), computed in fp32.
+Descriptor pointwise_op(cudnnPointwiseMode_t mode, const Descriptor& x, const Descriptor* b, const Descriptor& y,
+                        float alpha2 = 1.0f);
+// dx = dy where x > 0, else 0.
+Descriptor relu_backward_op(const Descriptor& dy, const Descriptor& x, const Descriptor& dx);
+// BatchNorm backward's weight terms from x, its saved mean / invstd, gamma and dy: dgamma, dbeta
+// and the coefficients of dx = eq_dy * dy + eq_x * x + eq_bias (all per-channel fp32).
+struct BnBackwardWeightTensors {
+  const Descriptor *x, *mean, *invstd, *gamma, *dy, *dgamma, *dbeta, *eq_dy, *eq_x, *eq_bias;
+};
+Descriptor bn_backward_weights_op(const BnBackwardWeightTensors& t);
 // Per-channel sum and sum of squares of x.
 Descriptor genstats_op(const Descriptor& x, const Descriptor& sum, const Descriptor& sqsum);
 

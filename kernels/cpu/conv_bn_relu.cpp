@@ -29,6 +29,69 @@ inline float bn_preactivation(float y, float mean, float scale, float beta) {
   return std::fma(y - mean, scale, beta);
 }
 
+// a = relu(bn(x)) of a chained input, rounded to x's dtype as the GPU's separate-kernel path
+// stores it (cuDNN's prologue keeps it in fp32: the difference is within the dtype's rounding).
+Tensor chained_activation(const Tensor& x, const ops::ChainedInput& in) {
+  Tensor a = x.dtype() == DType::F32 ? x.to(x.device()) : widened(x);  // a copy either way
+  const std::int64_t C = x.dim(-1);
+  const std::int64_t rows = C > 0 ? x.numel() / C : 0;
+  const float* gp = in.gamma->data_as<float>();
+  const float* bp = in.beta->data_as<float>();
+  const float* mp = in.save_mean->data_as<float>();
+  const float* ip = in.save_invstd->data_as<float>();
+  float* ap = a.data_as<float>();
+  for (std::int64_t i = 0; i < rows; ++i) {
+    float* r = ap + i * C;
+    for (std::int64_t c = 0; c < C; ++c) {
+      const float v = bn_preactivation(r[c], mp[c], gp[c] * ip[c], bp[c]);
+      r[c] = v < 0.0f ? 0.0f : v;
+    }
+  }
+  if (x.dtype() != DType::F32) {
+    Tensor stored = Tensor::empty(x.shape(), x.dtype(), x.device());
+    store_rounded(a, stored);
+  }
+  return a;
+}
+
+// Backward through relu(bn(y)) given dz = dL/drelu: g = dz where the pre-activation is positive;
+// dbeta = sum g, dgamma = sum g * xhat; out = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
+// `out` may be `dz`.
+void bn_relu_backward_rows(const float* dzp, const float* yp, std::int64_t rows, std::int64_t K, const float* gp,
+                           const float* bp, const float* sm, const float* si, float* out, float* dgp, float* dbp) {
+  std::vector<float> scale(K);
+  for (std::int64_t k = 0; k < K; ++k) scale[k] = gp[k] * si[k];
+  std::vector<double> sum_g(K, 0.0), sum_g_xhat(K, 0.0);
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const float* yr = yp + i * K;
+    const float* dr = dzp + i * K;
+    for (std::int64_t k = 0; k < K; ++k) {
+      if (!(bn_preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f)) continue;
+      const float xhat = (yr[k] - sm[k]) * si[k];
+      sum_g[k] += dr[k];
+      sum_g_xhat[k] += static_cast<double>(dr[k]) * xhat;
+    }
+  }
+  std::vector<float> g_shift(K), xhat_coeff(K);  // dbeta / M and dgamma / M
+  const double M = static_cast<double>(rows);
+  for (std::int64_t k = 0; k < K; ++k) {
+    dbp[k] = static_cast<float>(sum_g[k]);
+    dgp[k] = static_cast<float>(sum_g_xhat[k]);
+    g_shift[k] = static_cast<float>(sum_g[k] / M);
+    xhat_coeff[k] = static_cast<float>(sum_g_xhat[k] / M);
+  }
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const float* yr = yp + i * K;
+    const float* dr = dzp + i * K;
+    float* o = out + i * K;
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float g = bn_preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f ? dr[k] : 0.0f;
+      const float xhat = (yr[k] - sm[k]) * si[k];
+      o[k] = scale[k] * (g - g_shift[k] - xhat * xhat_coeff[k]);
+    }
+  }
+}
+
 }  // namespace
 
 void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& gamma,
@@ -39,7 +102,8 @@ void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, 
     conv_f = widened(conv_out);  // computed by the caller
   } else {
     conv_f = f32_output(conv_out);
-    cpu::conv2d_forward(ctx, widened(x), widened(w), conv_f, p.conv);
+    const Tensor input = p.chained_input != nullptr ? chained_activation(x, *p.chained_input) : widened(x);
+    cpu::conv2d_forward(ctx, input, widened(w), conv_f, p.conv);
     store_rounded(conv_f, conv_out);
   }
 
@@ -80,6 +144,7 @@ void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, 
     rv[k] = static_cast<float>((1.0 - mom) * rv[k] + mom * unbiased);
     scale[k] = gp[k] * si[k];
   }
+  if (p.chained_output) return;  // the next layer applies BN + ReLU
 
   Tensor z_f = f32_output(z);
   float* zp = z_f.data_as<float>();
@@ -100,64 +165,38 @@ void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, cons
                            Tensor& dbeta, const ops::ConvBnReluParams& p) {
   const std::int64_t K = conv_out.dim(-1);
   const std::int64_t rows = K > 0 ? conv_out.numel() / K : 0;
-  const Tensor y_f = widened(conv_out);
-  const Tensor dz_f = widened(dz);
-  const float* yp = y_f.data_as<float>();
-  const float* dzp = dz_f.data_as<float>();
-  const float* gp = gamma.data_as<float>();
-  const float* bp = beta.data_as<float>();
-  const float* sm = save_mean.data_as<float>();
-  const float* si = save_invstd.data_as<float>();
-
-  std::vector<float> scale(K);
-  for (std::int64_t k = 0; k < K; ++k) scale[k] = gp[k] * si[k];
-
-  // g = dz where the forward's pre-activation was positive; sums of g and g * xhat.
-  std::vector<double> sum_g(K, 0.0), sum_g_xhat(K, 0.0);
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const float* yr = yp + i * K;
-    const float* dr = dzp + i * K;
-    for (std::int64_t k = 0; k < K; ++k) {
-      if (!(bn_preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f)) continue;
-      const float xhat = (yr[k] - sm[k]) * si[k];
-      sum_g[k] += dr[k];
-      sum_g_xhat[k] += static_cast<double>(dr[k]) * xhat;
-    }
+  Tensor dconv_f;
+  if (p.chained_output) {
+    dconv_f = widened(dz);  // dz is dL/dconv_out: the next layer went through this BN and ReLU
+  } else {
+    const Tensor y_f = widened(conv_out);
+    const Tensor dz_f = widened(dz);
+    dconv_f = f32_output(dconv);
+    bn_relu_backward_rows(dz_f.data_as<float>(), y_f.data_as<float>(), rows, K, gamma.data_as<float>(),
+                          beta.data_as<float>(), save_mean.data_as<float>(), save_invstd.data_as<float>(),
+                          dconv_f.data_as<float>(), dgamma.data_as<float>(), dbeta.data_as<float>());
+    // dw and dx are computed from the stored (rounded) dconv.
+    store_rounded(dconv_f, dconv);
   }
 
-  float* dgp = dgamma.data_as<float>();
-  float* dbp = dbeta.data_as<float>();
-  std::vector<float> g_shift(K), xhat_coeff(K);  // dbeta / M and dgamma / M
-  const double M = static_cast<double>(rows);
-  for (std::int64_t k = 0; k < K; ++k) {
-    dbp[k] = static_cast<float>(sum_g[k]);
-    dgp[k] = static_cast<float>(sum_g_xhat[k]);
-    g_shift[k] = static_cast<float>(sum_g[k] / M);
-    xhat_coeff[k] = static_cast<float>(sum_g_xhat[k] / M);
-  }
-
-  Tensor dconv_f = f32_output(dconv);
-  float* dcp = dconv_f.data_as<float>();
-  for (std::int64_t i = 0; i < rows; ++i) {
-    const float* yr = yp + i * K;
-    const float* dr = dzp + i * K;
-    float* o = dcp + i * K;
-    for (std::int64_t k = 0; k < K; ++k) {
-      const float g = bn_preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f ? dr[k] : 0.0f;
-      const float xhat = (yr[k] - sm[k]) * si[k];
-      o[k] = scale[k] * (g - g_shift[k] - xhat * xhat_coeff[k]);
-    }
-  }
-  // dw and dx are computed from the stored (rounded) dconv.
-  store_rounded(dconv_f, dconv);
-
+  const ops::ChainedInput* in = p.chained_input;
   Tensor dw_f = f32_output(dw);
-  cpu::conv2d_backward_filter(ctx, widened(x), dconv_f, dw_f, p.conv);
+  const Tensor input = in != nullptr ? chained_activation(x, *in) : widened(x);
+  cpu::conv2d_backward_filter(ctx, input, dconv_f, dw_f, p.conv);
   store_rounded(dw_f, dw);
   if (dx != nullptr) {
     Tensor dx_f = f32_output(*dx);
     cpu::conv2d_backward_data(ctx, dconv_f, widened(w), dx_f, p.conv);
-    store_rounded(dx_f, *dx);
+    store_rounded(dx_f, *dx);  // dL/da as stored before the producing layer's BN backward
+    if (in != nullptr) {
+      const std::int64_t C = x.dim(-1);
+      const Tensor x_f = widened(x);
+      bn_relu_backward_rows(dx_f.data_as<float>(), x_f.data_as<float>(), C > 0 ? x.numel() / C : 0, C,
+                            in->gamma->data_as<float>(), in->beta->data_as<float>(),
+                            in->save_mean->data_as<float>(), in->save_invstd->data_as<float>(),
+                            dx_f.data_as<float>(), in->dgamma->data_as<float>(), in->dbeta->data_as<float>());
+      store_rounded(dx_f, *dx);
+    }
   }
 }
 

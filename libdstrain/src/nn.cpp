@@ -186,16 +186,41 @@ std::vector<WorkingCopy> ConvBnRelu::working_copies() {
   return {{&weight_, &w_low_}};
 }
 
+bool ConvBnRelu::chain(ConvBnRelu& producer, ConvBnRelu& consumer) {
+  if (&producer == &consumer || producer.consumer_ != nullptr || consumer.producer_ != nullptr) return false;
+  if (producer.out_ != consumer.in_ || producer.dtype_ != consumer.dtype_) return false;
+  if (producer.x_meta_ || consumer.x_meta_) return false;  // FP8 convolutions take an FP8 input
+  producer.consumer_ = &consumer;
+  consumer.producer_ = &producer;
+  consumer.chained_.gamma = &producer.gamma_.value;
+  consumer.chained_.beta = &producer.beta_.value;
+  consumer.chained_.save_mean = &producer.save_mean_;
+  consumer.chained_.save_invstd = &producer.save_invstd_;
+  consumer.chained_.dgamma = &producer.gamma_.grad;
+  consumer.chained_.dbeta = &producer.beta_.grad;
+  consumer.needs_input_grad_ = true;  // the producer's BatchNorm gradients come from it
+  return true;
+}
+
 const Tensor& ConvBnRelu::forward(Context& ctx, const Tensor& x, bool training) {
+  if (training && producer_ != nullptr) {
+    // The producer's raw output, in this layer's dtype: anything else would skip its BN + ReLU.
+    DSTRAIN_CHECK(x.data() == producer_->conv_out_.data() && producer_->last_forward_training_,
+                  name() + ": chained after " + producer_->name() +
+                      ", a training forward takes that layer's training output and nothing else");
+  }
   input_dtype_ = x.dtype();
   x_ = &as_dtype(ctx, x, dtype_, x_cast_);
   const Tensor& w = working_weight(ctx, weight_, dtype_, w_low_, working_copies_external_);
   const Shape out = ops::conv2d_output_shape(x.shape(), weight_.value.shape(), params_.conv);
-  ensure(z_, out, ctx, dtype_);
   last_forward_training_ = training;
   if (training) {
     ensure(conv_out_, out, ctx, dtype_);
     ops::ConvBnReluParams p = params_;
+    p.chained_input = producer_ != nullptr ? &chained_ : nullptr;
+    p.chained_output = consumer_ != nullptr;
+    if (p.chained_output) z_ = Tensor();  // never written: the consumer applies BN + ReLU
+    else ensure(z_, out, ctx, dtype_);
     if (fp8_forward_) {
       amp::cast_to_fp8(ctx, *x_, ensure(x_fp8_, x_->shape(), ctx, DType::F8E4M3), *x_meta_);
       amp::cast_to_fp8(ctx, weight_.value, ensure(w_fp8_, weight_.value.shape(), ctx, DType::F8E4M3), *w_meta_);
@@ -205,8 +230,9 @@ const Tensor& ConvBnRelu::forward(Context& ctx, const Tensor& x, bool training) 
     }
     ops::conv_bn_relu_forward_train(ctx, *x_, w, gamma_.value, beta_.value, running_mean_, running_var_, conv_out_,
                                     z_, save_mean_, save_invstd_, p);
-    return z_;
+    return p.chained_output ? conv_out_ : z_;
   }
+  ensure(z_, out, ctx, dtype_);
   ops::conv_bn_fold(ctx, w, gamma_.value, beta_.value, running_mean_, running_var_,
                     ensure(w_folded_, w.shape(), ctx, dtype_), ensure(folded_bias_, {out_}, ctx), params_.bn);
   ops::conv_bias_relu_forward(ctx, *x_, w_folded_, folded_bias_, z_, params_.conv);
@@ -220,11 +246,14 @@ const Tensor& ConvBnRelu::backward(Context& ctx, const Tensor& dy) {
   const Tensor& w = dtype_ == DType::F32 ? weight_.value : w_low_;
   Tensor& dw = dtype_ == DType::F32 ? weight_.grad : ensure(dw_low_, weight_.value.shape(), ctx, dtype_);
   Tensor* dx = nullptr;
-  if (needs_input_grad_) dx = &ensure(dx_, x.shape(), ctx, dtype_);
+  if (needs_input_grad_ || producer_ != nullptr) dx = &ensure(dx_, x.shape(), ctx, dtype_);
   else dx_ = Tensor();
-  ops::conv_bn_relu_backward(ctx, dz, x, w, gamma_.value, beta_.value, conv_out_, save_mean_, save_invstd_,
-                             ensure(dconv_, conv_out_.shape(), ctx, dtype_), dx, dw, gamma_.grad, beta_.grad,
-                             params_);
+  ops::ConvBnReluParams p = params_;
+  p.chained_input = producer_ != nullptr ? &chained_ : nullptr;
+  p.chained_output = consumer_ != nullptr;  // dz is dL/dconv_out: the consumer wrote dgamma and dbeta
+  Tensor& dconv = p.chained_output ? dconv_ : ensure(dconv_, conv_out_.shape(), ctx, dtype_);
+  ops::conv_bn_relu_backward(ctx, dz, x, w, gamma_.value, beta_.value, conv_out_, save_mean_, save_invstd_, dconv,
+                             dx, dw, gamma_.grad, beta_.grad, p);
   if (dtype_ != DType::F32) ops::convert(ctx, dw_low_, weight_.grad);
   if (dx == nullptr || input_dtype_ == dtype_) return dx_;
   ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));

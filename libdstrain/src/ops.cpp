@@ -245,6 +245,17 @@ Shape check_conv_bn(Context& ctx, const Tensor& x, const Tensor& w, const ConvBn
   const Shape out = conv2d_output_shape(x.shape(), w.shape(), p.conv);
   DSTRAIN_CHECK(p.bn.eps > 0.0f && p.bn.momentum >= 0.0f && p.bn.momentum <= 1.0f,
                 std::string(op) + ": eps must be positive and momentum in [0, 1]");
+  if (p.chained_input != nullptr) {
+    const ChainedInput& in = *p.chained_input;
+    const std::int64_t c = x.dim(3);
+    DSTRAIN_CHECK(in.gamma && in.beta && in.save_mean && in.save_invstd,
+                  std::string(op) + ": a chained input needs the producing layer's gamma, beta, mean and invstd");
+    DSTRAIN_CHECK(!p.conv_out_given, std::string(op) + ": a chained input cannot come with a given conv_out");
+    check_channel_vector(ctx, *in.gamma, c, "conv_bn_relu chained_input gamma");
+    check_channel_vector(ctx, *in.beta, c, "conv_bn_relu chained_input beta");
+    check_channel_vector(ctx, *in.save_mean, c, "conv_bn_relu chained_input save_mean");
+    check_channel_vector(ctx, *in.save_invstd, c, "conv_bn_relu chained_input save_invstd");
+  }
   return out;
 }
 }  // namespace
@@ -258,8 +269,10 @@ void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, 
                                               "the convolution's output has shape " + shape_str(out));
   check_like(ctx, conv_out, x, "conv_bn_relu conv_out");
   check_shape(conv_out, out, "conv_bn_relu conv_out");
-  check_like(ctx, z, x, "conv_bn_relu z");
-  check_shape(z, out, "conv_bn_relu z");
+  if (!p.chained_output) {
+    check_like(ctx, z, x, "conv_bn_relu z");
+    check_shape(z, out, "conv_bn_relu z");
+  }
   check_channel_vector(ctx, gamma, k, "conv_bn_relu gamma");
   check_channel_vector(ctx, beta, k, "conv_bn_relu beta");
   check_channel_vector(ctx, running_mean, k, "conv_bn_relu running_mean");
@@ -280,8 +293,17 @@ void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, cons
   check_shape(dz, out, "conv_bn_relu dz");
   check_like(ctx, conv_out, x, "conv_bn_relu conv_out");
   check_shape(conv_out, out, "conv_bn_relu conv_out");
-  check_like(ctx, dconv, x, "conv_bn_relu dconv");
-  check_shape(dconv, out, "conv_bn_relu dconv");
+  if (!p.chained_output) {
+    check_like(ctx, dconv, x, "conv_bn_relu dconv");
+    check_shape(dconv, out, "conv_bn_relu dconv");
+  }
+  if (p.chained_input != nullptr) {
+    const std::int64_t c = x.dim(3);
+    DSTRAIN_CHECK(dx != nullptr && p.chained_input->dgamma != nullptr && p.chained_input->dbeta != nullptr,
+                  "conv_bn_relu_backward: a chained input needs dx and the producing layer's dgamma and dbeta");
+    check_channel_vector(ctx, *p.chained_input->dgamma, c, "conv_bn_relu chained_input dgamma");
+    check_channel_vector(ctx, *p.chained_input->dbeta, c, "conv_bn_relu chained_input dbeta");
+  }
   check_like(ctx, dw, x, "conv_bn_relu dw");
   check_shape(dw, w.shape(), "conv_bn_relu dw");
   if (dx != nullptr) {

@@ -637,3 +637,152 @@ TEST_CASE("small_cnn is built from ConvBnRelu layers", "[conv_bn_relu][nn]") {
   CHECK(net->buffers().size() == 6 * 2);
   CHECK(nn::parameter_count(*net) == 288170);
 }
+
+namespace {
+
+// Two fused layers with the same random parameters as another two: for chained vs unchained.
+struct FusedStack {
+  nn::ConvBnRelu first, second;
+  FusedStack(int in, int mid, int out, int stride, amp::Policy policy)
+      : first(Device::cpu(), in, mid, 3, 1, 1, policy, 0.2f, 1e-4f),
+        second(Device::cpu(), mid, out, 3, stride, 1, policy, 0.2f, 1e-4f) {}
+  void copy_parameters_from(FusedStack& o) {
+    for (auto [dst, src] : {std::pair{&first, &o.first}, std::pair{&second, &o.second}}) {
+      for (std::size_t i = 0; i < dst->parameters().size(); ++i)
+        set_values(dst->parameters()[i]->value, *&src->parameters()[i]->value);
+      for (std::size_t i = 0; i < dst->buffers().size(); ++i) set_values(*dst->buffers()[i], *src->buffers()[i]);
+    }
+  }
+  void randomise(std::mt19937& rng) {
+    for (nn::ConvBnRelu* l : {&first, &second}) {
+      set_values(l->weight().value, random_f32(l->weight().value.shape(), rng));
+      set_values(l->gamma().value, random_f32(l->gamma().value.shape(), rng, -1.5f, 1.5f));
+      set_values(l->beta().value, random_f32(l->beta().value.shape(), rng, -0.5f, 0.5f));
+    }
+  }
+  const Tensor& forward(Context& ctx, const Tensor& x, bool training) {
+    return second.forward(ctx, first.forward(ctx, x, training), training);
+  }
+  const Tensor& backward(Context& ctx, const Tensor& dy) { return first.backward(ctx, second.backward(ctx, dy)); }
+};
+
+}  // namespace
+
+TEST_CASE("chained ConvBnRelu layers equal the same layers unchained", "[conv_bn_relu][nn][chain]") {
+  Context ctx = Context::cpu();
+  for (const amp::Policy policy : {amp::Policy::fp32(), amp::Policy::fp16(), amp::Policy::bf16()}) {
+    const DType dt = policy.compute_dtype(amp::OpKind::Conv);
+    for (const int stride : {1, 2}) {
+      DYNAMIC_SECTION(dtype_name(dt) << " stride " << stride) {
+        std::mt19937 rng(static_cast<unsigned>(40 + stride + 3 * static_cast<int>(dt)));
+        FusedStack plain(3, 5, 7, stride, policy), chained(3, 5, 7, stride, policy);
+        plain.randomise(rng);
+        chained.copy_parameters_from(plain);
+        REQUIRE(nn::ConvBnRelu::chain(chained.first, chained.second));
+        CHECK(chained.first.chained_output());
+        CHECK(chained.second.chained_input());
+        CHECK_FALSE(plain.first.chained_output());
+        chained.first.set_needs_input_grad(true);
+        plain.first.set_needs_input_grad(true);
+        // The same arithmetic in the same order: equal bit for bit, in every dtype.
+        for (int step = 0; step < 2; ++step) {
+          INFO("training step " << step);
+          Tensor x = random_act({2, 6, 7, 3}, dt, rng, -0.5f, 1.5f);
+          const Tensor& z_chained = chained.forward(ctx, x, true);
+          const Tensor& z_plain = plain.forward(ctx, x, true);
+          require_equal(z_chained, z_plain, "z");
+          require_equal(chained.first.running_mean(), plain.first.running_mean(), "first running_mean");
+          require_equal(chained.first.running_var(), plain.first.running_var(), "first running_var");
+          require_equal(chained.second.running_var(), plain.second.running_var(), "second running_var");
+          Tensor dy = random_act(z_plain.shape(), dt, rng);
+          for (nn::ConvBnRelu* l : {&chained.first, &chained.second})
+            for (nn::Parameter* prm : l->parameters()) prm->grad.fill_bytes(0xFF);  // poisoned
+          const Tensor& dx_chained = chained.backward(ctx, dy);
+          const Tensor& dx_plain = plain.backward(ctx, dy);
+          require_equal(dx_chained, dx_plain, "dx");
+          for (std::size_t i = 0; i < 3; ++i) {
+            require_equal(chained.first.parameters()[i]->grad, plain.first.parameters()[i]->grad,
+                          "first layer gradient " + std::to_string(i));
+            require_equal(chained.second.parameters()[i]->grad, plain.second.parameters()[i]->grad,
+                          "second layer gradient " + std::to_string(i));
+          }
+        }
+        // Evaluation is not chained: the first layer returns its activated output.
+        Tensor x = random_act({2, 6, 7, 3}, dt, rng);
+        require_equal(chained.forward(ctx, x, false), plain.forward(ctx, x, false), "z in evaluation");
+      }
+    }
+  }
+}
+
+TEST_CASE("ConvBnRelu chains only layers that fit, and a chained layer takes only its producer's output",
+          "[conv_bn_relu][nn][chain]") {
+  Context ctx = Context::cpu();
+  nn::ConvBnRelu a(Device::cpu(), 3, 4, 3, 1, 1), b(Device::cpu(), 4, 4, 3, 1, 1), c(Device::cpu(), 5, 4, 3, 1, 1);
+  nn::ConvBnRelu d(Device::cpu(), 4, 4, 3, 1, 1, amp::Policy::fp16());
+  nn::ConvBnRelu e(Device::cpu(), 4, 4, 3, 1, 1, amp::Policy::fp8_hybrid());
+  CHECK_FALSE(nn::ConvBnRelu::chain(a, c));  // 4 channels out, 5 in
+  CHECK_FALSE(nn::ConvBnRelu::chain(a, d));  // fp32 and fp16
+  CHECK_FALSE(nn::ConvBnRelu::chain(a, e));  // FP8 convolution
+  CHECK_FALSE(nn::ConvBnRelu::chain(b, b));
+  REQUIRE(nn::ConvBnRelu::chain(a, b));
+  CHECK_FALSE(nn::ConvBnRelu::chain(a, b));  // chained already
+  CHECK_FALSE(a.chained_input());
+  std::mt19937 rng(50);
+  Tensor x = random_f32({2, 5, 5, 3}, rng);
+  Tensor other = random_f32({2, 5, 5, 4}, rng);
+  // Before the producer ran, and with a tensor that is not the producer's output.
+  CHECK(error_code_of([&] { b.forward(ctx, other, true); }) == dstrain::ErrorCode::InvalidArgument);
+  const Tensor& raw = a.forward(ctx, x, true);
+  CHECK(raw.shape() == Shape{2, 5, 5, 4});
+  CHECK(error_code_of([&] { b.forward(ctx, other, true); }) == dstrain::ErrorCode::InvalidArgument);
+  CHECK(b.forward(ctx, raw, true).shape() == Shape{2, 5, 5, 4});
+  // Evaluation is not chained: any input is taken.
+  CHECK(b.forward(ctx, other, false).shape() == Shape{2, 5, 5, 4});
+}
+
+TEST_CASE("chained conv_bn_relu ops reject bad arguments", "[conv_bn_relu][chain]") {
+  Context ctx = Context::cpu();
+  std::mt19937 rng(51);
+  const FusedCase fc{2, 5, 5, 3, 4, 3, 1, 1};
+  Tensor x = random_f32({2, 5, 5, 3}, rng), w = random_f32({4, 3, 3, 3}, rng);
+  Tensor gamma = random_f32({4}, rng), beta = random_f32({4}, rng);
+  Tensor rm = Tensor::zeros({4}, DType::F32, Device::cpu()), rv = random_f32({4}, rng, 0.5f, 1.0f);
+  Tensor conv_out = poisoned({2, 5, 5, 4}), z = poisoned({2, 5, 5, 4});
+  Tensor sm = poisoned({4}), si = poisoned({4});
+  Tensor in_gamma = random_f32({3}, rng), in_beta = random_f32({3}, rng), in_mean = random_f32({3}, rng);
+  Tensor in_invstd = random_f32({3}, rng, 0.5f, 1.0f), wrong = random_f32({4}, rng);
+  Tensor in_dgamma = poisoned({3}), in_dbeta = poisoned({3});
+  ops::ChainedInput in{&in_gamma, &in_beta, &in_mean, &in_invstd, &in_dgamma, &in_dbeta};
+  ops::ConvBnReluParams p = fc.params();
+  p.chained_input = &in;
+  // The producer's vectors must have x's channel count.
+  ops::ChainedInput bad = in;
+  bad.save_mean = &wrong;
+  ops::ConvBnReluParams pb = p;
+  pb.chained_input = &bad;
+  CHECK(error_code_of([&] {
+          ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, pb);
+        }) == dstrain::ErrorCode::InvalidArgument);
+  bad = in;
+  bad.gamma = nullptr;
+  CHECK(error_code_of([&] {
+          ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, pb);
+        }) == dstrain::ErrorCode::InvalidArgument);
+  ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p);
+  Tensor dz = random_f32({2, 5, 5, 4}, rng), dconv = poisoned({2, 5, 5, 4}), dw = poisoned({4, 3, 3, 3});
+  Tensor dgamma = poisoned({4}), dbeta = poisoned({4}), dx = poisoned({2, 5, 5, 3});
+  // Backward through a chained input needs dx and somewhere to put the producer's gradients.
+  CHECK(error_code_of([&] {
+          ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, nullptr, dw, dgamma, dbeta,
+                                     p);
+        }) == dstrain::ErrorCode::InvalidArgument);
+  bad = in;
+  bad.dbeta = nullptr;
+  CHECK(error_code_of([&] {
+          ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dgamma, dbeta, pb);
+        }) == dstrain::ErrorCode::InvalidArgument);
+  ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dgamma, dbeta, p);
+  for (const Tensor* t : {&dx, &dw, &dgamma, &dbeta, &in_dgamma, &in_dbeta})
+    for (float v : t->to_host_floats()) REQUIRE(std::isfinite(v));
+}

@@ -161,7 +161,21 @@ class ConvBnRelu final : public Layer {
   Tensor& running_var() { return running_var_; }
   DType compute_dtype() const { return dtype_; }
 
+  // Chains two fused layers that follow each other: in training the producer hands its raw
+  // convolution output to the consumer, which applies the producer's BatchNorm and ReLU in its
+  // own convolution's prologue and goes back through them in its dgrad (ops::ChainedInput), so
+  // the activated tensor is never stored. Evaluation forwards are not chained. Returns false (and
+  // chains nothing) when the consumer's input channels are not the producer's output channels,
+  // the compute dtypes differ, either layer runs its convolution in FP8, or either is chained on
+  // that side already.
+  static bool chain(ConvBnRelu& producer, ConvBnRelu& consumer);
+  bool chained_input() const { return producer_ != nullptr; }
+  bool chained_output() const { return consumer_ != nullptr; }
+
  private:
+  ConvBnRelu* producer_ = nullptr;
+  ConvBnRelu* consumer_ = nullptr;
+  ops::ChainedInput chained_;  // the producer's BatchNorm, for forward and backward
   int in_, out_, kernel_;
   ops::ConvBnReluParams params_;
   Parameter weight_, gamma_, beta_;

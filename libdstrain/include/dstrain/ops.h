@@ -61,12 +61,34 @@ void batchnorm_backward(Context& ctx, const Tensor& dy, const Tensor& x, const T
 // x, w, conv_out, z, dz, dconv, dx and dw share one dtype (fp32, fp16 or bf16); gamma, beta, the
 // running and saved statistics, dgamma and dbeta are fp32 [K]. conv_out, z, dz, dconv: the conv
 // output's shape [N,Ho,Wo,K].
+// Chained layers (training only): a fused layer may hand its raw conv_out to the next fused layer
+// instead of z, and the next layer applies the first one's BatchNorm and ReLU itself, on the fly
+// (in the convolution's operand prologue on the GPU where cuDNN fuses it), so that z is never
+// stored. ChainedInput describes the layer that produced x: its gamma and beta, the batch mean
+// and invstd of its training forward (fp32 [C]), and, for backward, where its dgamma and dbeta go.
+// The activated input is a = relu(v), v = fma(x - mean, gamma * invstd, beta) (the formula of z).
+struct ChainedInput {
+  const Tensor* gamma = nullptr;
+  const Tensor* beta = nullptr;
+  const Tensor* save_mean = nullptr;
+  const Tensor* save_invstd = nullptr;
+  Tensor* dgamma = nullptr;  // backward outputs of the producing layer's BatchNorm
+  Tensor* dbeta = nullptr;
+};
+
 struct ConvBnReluParams {
   Conv2dParams conv;
   BatchNormParams bn;
   // Training forward only: conv_out already holds conv2d(x, w), computed by the caller (an FP8
   // convolution, say); the op computes the statistics, running statistics and z from it.
   bool conv_out_given = false;
+  // x is the raw conv_out of the fused layer described here (not null): the convolution reads
+  // a = relu(bn(x)) instead of x. Backward then returns dx = dL/dx through that ReLU and
+  // BatchNorm, and writes the producing layer's dgamma and dbeta.
+  const ChainedInput* chained_input = nullptr;
+  // The next layer takes conv_out chained: the forward leaves z unwritten (z may be empty), and
+  // backward's dz is dL/dconv_out itself (the next layer went through this BN and ReLU).
+  bool chained_output = false;
 };
 // Training forward. conv_out = conv2d(x, w) (stored in the dtype, kept for backward); per-channel
 // batch statistics of conv_out (biased variance; the running variance gets the unbiased one, as
