@@ -36,6 +36,7 @@ struct Options {
   long stop_after_steps = 0;  // 0: run to the end
   std::string log_losses;     // rank 0 writes "step loss" lines (loss as hex float) here
   bool deterministic = false;
+  bool chain = true;  // chained ConvBnRelu pairs (models::small_cnn)
   double timeout_s = 0;  // 0: DSTRAIN_TIMEOUT_S or 600
   double bucket_mb = 25.0;  // 0: one AllReduce after backward
   std::string grad_compression = "none";
@@ -63,6 +64,8 @@ const char* kUsage =
     "  --stop-after-steps N  stop after N optimizer steps in total (as if interrupted)\n"
     "  --log-losses FILE   rank 0 writes each step's loss (its shard's sum, as a hex float) to FILE\n"
     "  --deterministic     deterministic cuDNN algorithms (bit-identical runs on the GPU)\n"
+    "  --no-chain          run the six fused Conv+BN+ReLU layers unchained (each applies its own BN +\n"
+    "                      ReLU; by default the second of each pair applies the first's in its prologue)\n"
     "  --bucket-mb X       gradient buckets of X MiB reduced during backward (default 25; 0: one\n"
     "                      AllReduce after backward)\n"
     "  --grad-compression C  none, fp16 or bf16: the precision gradients travel in (default none)\n"
@@ -95,6 +98,10 @@ bool parse(int argc, char** argv, Options& o, bool& help, std::string& error) {
     }
     if (flag == "--deterministic") {
       o.deterministic = true;
+      continue;
+    }
+    if (flag == "--no-chain") {
+      o.chain = false;
       continue;
     }
     if (i + 1 >= argc) {
@@ -251,7 +258,7 @@ int train(dstrain::Runtime& rt, const Options& opt) {
       static_cast<long long>(test.count), opt.data.c_str(), seconds_since(t_load));
 
   const dstrain::amp::Policy policy = dstrain::amp::Policy::parse(opt.precision);
-  auto model = dstrain::models::small_cnn(dev, 10, 1, policy);
+  auto model = dstrain::models::small_cnn(dev, 10, 1, policy, opt.chain);
   dstrain::nn::init_parameters(*model, opt.seed);
   // Broadcasts rank 0's state; gradients in buckets reduced while backward still runs.
   dstrain::BucketOptions buckets;

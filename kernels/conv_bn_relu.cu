@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -426,21 +427,34 @@ std::size_t round_up(std::size_t v) { return (v + 255) & ~std::size_t(255); }
 
 namespace {
 
-// Where the batch statistics of a training forward come from, per (device, shape, dtype, input
-// kind): the GenStats graph, or the convolution alone followed by one statistics pass. cuDNN's
-// GenStats kernels are not always the faster (bf16 ones, for some shapes): both are timed on
-// first use. For a chained input the first is the fused prologue graph and the second also
-// materialises the activated input.
-enum class StatsSource : int { Unknown = 0, GenStats = 1, Pass = 2 };
+// Where a fused cuDNN graph competes with separate kernels, both are timed when a (device, site,
+// shape, dtype) is first seen and the faster is kept. cuDNN's fused kernels are not always the
+// faster: GenStats in bf16 for some shapes, the runtime-fused prologue and epilogue graphs of
+// chained layers for others. Sites: the training forward's statistics (GenStats graph, or the
+// convolution and one statistics pass; for a chained input, the prologue graph, or materialising
+// the activation first), and a chained input's wgrad and dgrad.
+enum class Site : std::int64_t { ForwardStats = 0, ChainedForwardStats = 1, ChainedWgrad = 2, ChainedDgrad = 3 };
 
-struct StatsChoices {
+struct FusedChoices {
   std::mutex mutex;
-  std::map<std::array<std::int64_t, 14>, StatsSource> chosen;
+  std::map<std::array<std::int64_t, 14>, bool> fused_faster;
 };
 
-StatsChoices& stats_choices() {
-  static auto* c = new StatsChoices();  // never destroyed, as the plan caches
-  return *c;
+// True when `fused` was the faster of the two at the first call for this key. Both must write
+// only their outputs and scratch (they run here before the caller's real call).
+bool fused_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                     const std::function<void()>& fused, const std::function<void()>& separate) {
+  if (conv_graphs_forced()) return true;
+  static auto* choices = new FusedChoices();  // never destroyed, as the plan caches
+  const std::array<std::int64_t, 14> key{st.device, static_cast<std::int64_t>(site), x.dim(0), x.dim(1), x.dim(2),
+                                         x.dim(3), w.dim(0), w.dim(1), w.dim(2), p.stride_h, p.stride_w, p.pad_h,
+                                         p.pad_w, static_cast<std::int64_t>(x.dtype())};
+  std::lock_guard<std::mutex> lock(choices->mutex);
+  auto it = choices->fused_faster.find(key);
+  if (it != choices->fused_faster.end()) return it->second;
+  const float t_fused = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, fused);
+  const float t_separate = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, separate);
+  return choices->fused_faster[key] = t_fused <= t_separate;
 }
 
 // Partial sums for finalize_forward_kernel.
@@ -581,27 +595,14 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   else if (!p.conv_out_given)
     plan = conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
                            {x.data(), w.data(), conv_out.data()});
-  StatsSource source = StatsSource::Pass;
-  if (plan != nullptr) {
-    const std::array<std::int64_t, 14> key{st.device, x.dim(0), x.dim(1), x.dim(2), x.dim(3), w.dim(0), w.dim(1),
-                                           w.dim(2), p.conv.stride_h, p.conv.stride_w, p.conv.pad_h, p.conv.pad_w,
-                                           static_cast<std::int64_t>(x.dtype()), prologue != nullptr ? 1 : 0};
-    StatsChoices& choices = stats_choices();
-    std::lock_guard<std::mutex> lock(choices.mutex);
-    source = choices.chosen[key];
-    if (source == StatsSource::Unknown) {
-      // Both write only conv_out and scratch: safe to run before the real call.
-      const float t_genstats = cudnn_graph::time_calls_ms(
-          stream, 3, [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
-      const float t_pass = cudnn_graph::time_calls_ms(
-          stream, 3, [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
-      source = t_genstats <= t_pass ? StatsSource::GenStats : StatsSource::Pass;
-      choices.chosen[key] = source;
-    }
-  }
-  const Partials<T> part = source == StatsSource::GenStats
-                               ? stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue)
-                               : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
+  const bool use_graph =
+      plan != nullptr &&
+      fused_is_faster(
+          st, prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv,
+          [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); },
+          [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
+  const Partials<T> part = use_graph ? stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue)
+                                     : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
   finalize_forward_kernel<T><<<finalize_grid(K), finalize_block(), 0, stream>>>(
       part.p1, part.p2, part.chunks, part.shift, M, K, p.bn.eps, p.bn.momentum, save_mean.data_as<float>(),
       save_invstd.data_as<float>(), running_mean.data_as<float>(), running_var.data_as<float>());
@@ -660,19 +661,25 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
   const std::int64_t M_in = x.numel() / std::max<std::int64_t>(C, 1);
   Prologue pro;
   pro.in = &in;
-  if (cudnn_graph::TunedPlan* plan = prologue_plan(st, ConvGraph::BackwardFilterBnRelu, x, dw, dconv, p,
-                                                   &pro.scale_type)) {
-    const std::size_t ws = round_up(static_cast<std::size_t>(plan->workspace_bytes()));
+  cudnn_graph::TunedPlan* wgrad_plan = prologue_plan(st, ConvGraph::BackwardFilterBnRelu, x, dw, dconv, p,
+                                                     &pro.scale_type);
+  auto wgrad_fused = [&] {
+    const std::size_t ws = round_up(static_cast<std::size_t>(wgrad_plan->workspace_bytes()));
     const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(C));
     char* base = static_cast<char*>(st.ensure_workspace(ws + 4 * consts));
     const std::array<void*, 2> sb = prologue_consts<T>(stream, pro, C, base + ws, consts);
-    plan->execute(st.cudnn, stream, {kUidX, kUidW, kUidY, kUidInScale, kUidInShift},
-                  {const_cast<void*>(x.data()), dw.data(), const_cast<void*>(dconv.data()), sb[0], sb[1]},
-                  plan->workspace_bytes() > 0 ? base : nullptr);
-  } else {
+    wgrad_plan->execute(st.cudnn, stream, {kUidX, kUidW, kUidY, kUidInScale, kUidInShift},
+                        {const_cast<void*>(x.data()), dw.data(), const_cast<void*>(dconv.data()), sb[0], sb[1]},
+                        wgrad_plan->workspace_bytes() > 0 ? base : nullptr);
+  };
+  auto wgrad_separate = [&] {
     const Tensor a = materialise_activation<T>(st, x, in);
     cuda::conv2d_backward_filter(ctx, a, dconv, dw, p);
-  }
+  };
+  if (wgrad_plan != nullptr && fused_is_faster(st, Site::ChainedWgrad, x, dw, p, wgrad_fused, wgrad_separate))
+    wgrad_fused();
+  else
+    wgrad_separate();
 
   const T* xp = static_cast<const T*>(x.data());
   T* dxp = static_cast<T*>(dx.data());
@@ -682,37 +689,44 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
   const float* beta = in.beta->data_as<float>();
   float* dgamma = in.dgamma->data_as<float>();
   float* dbeta = in.dbeta->data_as<float>();
-  cudnn_graph::TunedPlan* plan =
-      conv_graph_plan(st, ConvGraph::BackwardDataDreluBnBwd, dx, w, dconv, p,
-                      {dx.data(), w.data(), dconv.data(), x.data(), mean, invstd, gamma, beta, dgamma, dbeta});
-  if (plan == nullptr || M_in == 0) {
+  cudnn_graph::TunedPlan* dgrad_plan =
+      M_in == 0 ? nullptr
+                : conv_graph_plan(st, ConvGraph::BackwardDataDreluBnBwd, dx, w, dconv, p,
+                                  {dx.data(), w.data(), dconv.data(), x.data(), mean, invstd, gamma, beta, dgamma,
+                                   dbeta});
+  auto dgrad_separate = [&] {
     cuda::conv2d_backward_data(ctx, dconv, w, dx, p);
     bn_relu_backward_passes<T>(st, dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
-    return;
-  }
-  const std::size_t ws = round_up(static_cast<std::size_t>(plan->workspace_bytes()));
-  const std::size_t eq = round_up(sizeof(float) * static_cast<std::size_t>(C));
-  char* base = static_cast<char*>(st.ensure_workspace(ws + 3 * eq));
-  const std::vector<std::int64_t> uids{kUidX,        kUidW,      kUidY,      kUidInX,      kUidInMean,
-                                       kUidInInvstd, kUidInGamma, kUidInBeta, kUidInDgamma, kUidInDbeta,
-                                       kUidEqDy,     kUidEqX,    kUidEqBias};
-  const std::vector<void*> ptrs{dx.data(), const_cast<void*>(w.data()), const_cast<void*>(dconv.data()),
-                                const_cast<T*>(xp), const_cast<float*>(mean), const_cast<float*>(invstd),
-                                const_cast<float*>(gamma), const_cast<float*>(beta), dgamma, dbeta,
-                                base + ws, base + ws + eq, base + ws + 2 * eq};
-  void* ws_ptr = plan->workspace_bytes() > 0 ? base : nullptr;
-  plan->tune(st.cudnn, stream, uids, ptrs, ws_ptr);  // before zeroing: the reductions may accumulate
-  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
-  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
-  plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
-  // dx holds g = dL/da masked by the ReLU; dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
-  const int V = vector_width<T>(C, {xp, dxp});
-  const Layout l = make_layout(M_in, C, V);
-  with_width<T>(V, [&](auto v) {
-    apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-        dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
-  });
-  DSTRAIN_CUDA_CHECK_LAUNCH();
+  };
+  auto dgrad_fused = [&] {
+    const std::size_t ws = round_up(static_cast<std::size_t>(dgrad_plan->workspace_bytes()));
+    const std::size_t eq = round_up(sizeof(float) * static_cast<std::size_t>(C));
+    char* base = static_cast<char*>(st.ensure_workspace(ws + 3 * eq));
+    const std::vector<std::int64_t> uids{kUidX,        kUidW,       kUidY,      kUidInX,      kUidInMean,
+                                         kUidInInvstd, kUidInGamma, kUidInBeta, kUidInDgamma, kUidInDbeta,
+                                         kUidEqDy,     kUidEqX,     kUidEqBias};
+    const std::vector<void*> ptrs{dx.data(), const_cast<void*>(w.data()), const_cast<void*>(dconv.data()),
+                                  const_cast<T*>(xp), const_cast<float*>(mean), const_cast<float*>(invstd),
+                                  const_cast<float*>(gamma), const_cast<float*>(beta), dgamma, dbeta,
+                                  base + ws, base + ws + eq, base + ws + 2 * eq};
+    void* ws_ptr = dgrad_plan->workspace_bytes() > 0 ? base : nullptr;
+    dgrad_plan->tune(st.cudnn, stream, uids, ptrs, ws_ptr);  // before zeroing: the reductions may accumulate
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
+    dgrad_plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
+    // dx holds g = dL/da masked by the ReLU; dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
+    const int V = vector_width<T>(C, {xp, dxp});
+    const Layout l = make_layout(M_in, C, V);
+    with_width<T>(V, [&](auto v) {
+      apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
+          dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
+    });
+    DSTRAIN_CUDA_CHECK_LAUNCH();
+  };
+  if (dgrad_plan != nullptr && fused_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
+    dgrad_fused();
+  else
+    dgrad_separate();
 }
 
 }  // namespace

@@ -30,11 +30,13 @@ GraphCache& graph_cache() {
   return *cache;
 }
 
+const char* graphs_setting() {
+  const char* env = std::getenv("DSTRAIN_CONV_GRAPHS");
+  return env == nullptr ? "" : env;
+}
+
 bool graphs_enabled() {
-  static const bool enabled = [] {
-    const char* env = std::getenv("DSTRAIN_CONV_GRAPHS");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool enabled = std::string(graphs_setting()) != "0";
   return enabled;
 }
 
@@ -168,12 +170,21 @@ std::unique_ptr<cudnn_graph::TunedPlan> build(cudnnHandle_t h, ConvGraph kind, c
   tensors.push_back(std::move(conv));
   std::shared_ptr<g::Graph> graph = g::Graph::build(h, std::move(tensors), std::move(ops), why_not);
   if (!graph) return nullptr;
-  std::vector<std::unique_ptr<g::Plan>> plans = g::Plan::build_all(h, graph, kCandidatePlans, why_not);
+  // The runtime-fused graphs of chained layers vary more between configurations: more are timed.
+  const bool chained = kind == ConvGraph::ForwardBnReluGenStats || kind == ConvGraph::BackwardFilterBnRelu ||
+                       kind == ConvGraph::BackwardDataDreluBnBwd;
+  std::vector<std::unique_ptr<g::Plan>> plans =
+      g::Plan::build_all(h, graph, chained ? 2 * kCandidatePlans : kCandidatePlans, why_not);
   if (plans.empty()) return nullptr;
   return std::make_unique<g::TunedPlan>(std::move(plans));
 }
 
 }  // namespace
+
+bool conv_graphs_forced() {
+  static const bool forced = std::string(graphs_setting()) == "force";
+  return forced;
+}
 
 cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w,
                                         const Tensor& y, const ops::Conv2dParams& p,
@@ -191,6 +202,7 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
     auto it = cache.plans.find(key);
     if (it != cache.plans.end()) return it->second.get();
   }
+  const bool prologue = kind == ConvGraph::ForwardBnReluGenStats || kind == ConvGraph::BackwardFilterBnRelu;
   std::string why;
   std::unique_ptr<cudnn_graph::TunedPlan> plan;
   try {
@@ -202,8 +214,10 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
   if (!plan)
     detail::log_warning(std::string(graph_name(kind)) + ": cuDNN offers no graph plan for x " +
                         shape_str(x.shape()) + " w " + shape_str(w.shape()) + " stride " +
-                        std::to_string(p.stride_h) + " " + dtype_name(x.dtype()) + " (" + why +
-                        "); the separate kernels are used");
+                        std::to_string(p.stride_h) + " " + dtype_name(x.dtype()) + " (" + why + "); " +
+                        (prologue && scale_type == PrologueScaleType::Activation
+                             ? "trying fp32 prologue scales"
+                             : "the separate kernels are used"));
   std::lock_guard<std::mutex> lock(cache.mutex);
   auto ins = cache.plans.emplace(key, std::move(plan));  // another thread may have won: keep its plan
   return ins.first->second.get();

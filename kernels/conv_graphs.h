@@ -63,6 +63,10 @@ enum ConvGraphUid : std::int64_t {
   kUidEqBias = 20,
 };
 
+// DSTRAIN_CONV_GRAPHS=force: where a fused graph competes with separate kernels, the graph is
+// taken without timing the two (for tests of the fused path). DSTRAIN_CONV_GRAPHS=0: no graphs.
+bool conv_graphs_forced();
+
 // The tuned plan, or null when the graph path does not apply: fp32 data (cuDNN's graph engines
 // may use TF32), deterministic mode, DSTRAIN_CONV_GRAPHS=0, a pointer in `data` that is not
 // 16-byte aligned, or no plan from cuDNN for the shape (logged once per shape).
