@@ -66,15 +66,19 @@ double max_abs(const Tensor& t) {
 
 // Every element within units * eps * scale + 4 eps |ref| of the reference; scale is max|ref|
 // unless given (a batch mean is small next to the values it averages: its scale is theirs).
+// `eps`: the precision unit (default: the dtype's, fp32 for fp32 tensors). fp32 results computed
+// from low-precision data (statistics, BatchNorm weight gradients) pass the data's dtype: one path
+// may reduce the values before they are rounded to that dtype (cuDNN's fused epilogues), the other
+// after.
 void require_close(Context& g, const Tensor& dev, const Tensor& ref, double units, const char* what,
-                   double scale = -1.0) {
+                   double scale = -1.0, double eps = 0.0) {
   REQUIRE(dev.shape() == ref.shape());
   g.synchronize();
   const std::vector<float> got = dev.to_host_floats(), want = ref.to_host_floats();
   double max_ref = scale;
   if (max_ref < 0)
     for (float v : want) max_ref = std::max(max_ref, static_cast<double>(std::abs(v)));
-  const double eps = eps_of(dev.dtype() == DType::F32 ? ref.dtype() : dev.dtype());
+  if (eps <= 0.0) eps = eps_of(dev.dtype() == DType::F32 ? ref.dtype() : dev.dtype());
   const double atol = units * eps * std::max(max_ref, 1e-3), rtol = 4.0 * eps;
   std::size_t bad = 0, first = 0;
   for (std::size_t i = 0; i < want.size(); ++i) {
@@ -144,10 +148,10 @@ TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU refer
         ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, p.bn);
         ops::relu_forward(c, bn_r, z_r);
         const double y_scale = max_abs(y_h);
-        require_close(g, sm_g, sm_r, units(dt, 2, 16), "save_mean", y_scale);
-        require_close(g, si_g, si_r, units(dt, 2, 16), "save_invstd");
-        require_close(g, rm_g, rm_r, units(dt, 2, 16), "running_mean", y_scale);
-        require_close(g, rv_g, rv_r, units(dt, 2, 16), "running_var");
+        require_close(g, sm_g, sm_r, units(dt, 2, 16), "save_mean", y_scale, eps_of(dt));
+        require_close(g, si_g, si_r, units(dt, 4, 16), "save_invstd", -1.0, eps_of(dt));
+        require_close(g, rm_g, rm_r, units(dt, 2, 16), "running_mean", y_scale, eps_of(dt));
+        require_close(g, rv_g, rv_r, units(dt, 4, 16), "running_var", -1.0, eps_of(dt));
         require_close(g, z_g, z_r, units(dt, 8, 64), "z");
         require_close(g, z_g, z_c, units(dt, 16, 1024), "z against the CPU fused op");
 
@@ -258,9 +262,15 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
         ops::conv_bn_relu_forward_train(c, x, w, gamma, beta, rm_c, rv_c, y_c, no_z, sm_c, si_c, pc);
         ops::conv_bn_relu_forward_train(g, x_g, w_g, gamma_g, beta_g, rm_g, rv_g, y_g, no_z, sm_g, si_g, pg);
         require_close(g, y_g, y_c, units(dt, 8, 64), "chained conv_out");
-        const double y_scale = max_abs(y_c);
-        require_close(g, sm_g, sm_c, units(dt, 8, 64), "chained save_mean", y_scale);
-        require_close(g, si_g, si_c, units(dt, 8, 64), "chained save_invstd");
+        // The statistics against the CPU's from the GPU's own conv_out (as in the test above).
+        const Tensor y_h = y_g.to(cpu());
+        Tensor rm_r = Tensor::zeros({K}, DType::F32, cpu()), rv_r = Tensor::zeros({K}, DType::F32, cpu());
+        Tensor bn_r = poisoned(ys, cpu(), dt);
+        Tensor sm_r = poisoned({K}, cpu(), DType::F32), si_r = poisoned({K}, cpu(), DType::F32);
+        ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, p.bn);
+        const double y_scale = max_abs(y_h);
+        require_close(g, sm_g, sm_r, units(dt, 2, 16), "chained save_mean", y_scale, eps_of(dt));
+        require_close(g, si_g, si_r, units(dt, 4, 16), "chained save_invstd", -1.0, eps_of(dt));
 
         // Backward from dL/dconv_out: dw from relu(bn(x)), dx through the producer's ReLU and BN.
         Tensor dconv = random_tensor(ys, dt, rng);
@@ -270,12 +280,13 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
         Tensor dw_c = poisoned(ws, cpu(), dt), dw_g = poisoned(ws, gpu(), dt);
         Tensor dg_c = Tensor::zeros({K}, DType::F32, cpu()), db_c = Tensor::zeros({K}, DType::F32, cpu());
         Tensor dg_g = Tensor::zeros({K}, DType::F32, gpu()), db_g = Tensor::zeros({K}, DType::F32, gpu());
-        ops::conv_bn_relu_backward(c, dconv, x, w, gamma, beta, y_c, sm_c, si_c, unused, &dx_c, dw_c, dg_c, db_c, pc);
+        ops::conv_bn_relu_backward(c, dconv, x, w, gamma, beta, y_h, sm_r, si_r, unused, &dx_c, dw_c, dg_c, db_c, pc);
         ops::conv_bn_relu_backward(g, dconv_g, x_g, w_g, gamma_g, beta_g, y_g, sm_g, si_g, unused, &dx_g, dw_g, dg_g,
                                    db_g, pg);
         require_close(g, dw_g, dw_c, units(dt, 32, 256), "chained dw");
-        require_close(g, in_db_g, in_db_c, units(dt, 16, 64), "producer dbeta");
-        require_close(g, in_dg_g, in_dg_c, units(dt, 16, 64), "producer dgamma");
+        // Sums over dgrad's output: in fp32 they carry dgrad's own error (cuDNN may pick Winograd).
+        require_close(g, in_db_g, in_db_c, units(dt, 16, 4096), "producer dbeta", -1.0, eps_of(dt));
+        require_close(g, in_dg_g, in_dg_c, units(dt, 16, 4096), "producer dgamma", -1.0, eps_of(dt));
         require_close(g, dx_g, dx_c, units(dt, 32, 256), "chained dx");
       }
     }
