@@ -299,17 +299,30 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(y.data(), 0, y.nbytes(), st.cuda_stream()));
     return;
   }
-  if (run_graph(st, ConvGraph::Forward, x, w, y, p)) return;
-  const ConvShape s = shape_of(x, w, y);
-  ConvPlan& plan =
-      get_plan(st, ConvOp::Forward, s, p, aligned16(x.data()) && aligned16(w.data()) && aligned16(y.data()),
-               x.dtype());
-  const float alpha = 1.0f, beta = 0.0f;
-  run_plan(st, plan, ConvOp::Forward, [&](int algo, void* ws, std::size_t bytes) {
-    return cudnnConvolutionForward(st.cudnn, &alpha, plan.x, x.data(), plan.w, w.data(), plan.conv,
-                                   static_cast<cudnnConvolutionFwdAlgo_t>(algo), ws, bytes, &beta, plan.y,
-                                   y.data());
-  });
+  auto with_cudnn = [&] {
+    if (run_graph(st, ConvGraph::Forward, x, w, y, p)) return;
+    const ConvShape s = shape_of(x, w, y);
+    ConvPlan& plan =
+        get_plan(st, ConvOp::Forward, s, p, aligned16(x.data()) && aligned16(w.data()) && aligned16(y.data()),
+                 x.dtype());
+    const float alpha = 1.0f, beta = 0.0f;
+    run_plan(st, plan, ConvOp::Forward, [&](int algo, void* ws, std::size_t bytes) {
+      return cudnnConvolutionForward(st.cudnn, &alpha, plan.x, x.data(), plan.w, w.data(), plan.conv,
+                                     static_cast<cudnnConvolutionFwdAlgo_t>(algo), ws, bytes, &beta, plan.y,
+                                     y.data());
+    });
+  };
+  // A 1x1 convolution is a GEMM: cuBLASLt's or cuDNN's kernels, whichever was faster for the shape.
+  // In deterministic mode cuDNN's deterministic choice stands.
+  if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
+    bool gemm_ran = false;
+    auto with_gemm = [&] { gemm_ran = pointwise_conv_gemm(st, x, w, nullptr, y); };
+    if (first_is_faster(st, Site::PointwiseForward, x, w, p, with_gemm, with_cudnn)) {
+      with_gemm();
+      if (gemm_ran) return;
+    }
+  }
+  with_cudnn();
 }
 
 void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tensor& dx,

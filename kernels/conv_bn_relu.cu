@@ -427,36 +427,6 @@ std::size_t round_up(std::size_t v) { return (v + 255) & ~std::size_t(255); }
 
 namespace {
 
-// Where a fused cuDNN graph competes with separate kernels, both are timed when a (device, site,
-// shape, dtype) is first seen and the faster is kept. cuDNN's fused kernels are not always the
-// faster: GenStats in bf16 for some shapes, the runtime-fused prologue and epilogue graphs of
-// chained layers for others. Sites: the training forward's statistics (GenStats graph, or the
-// convolution and one statistics pass; for a chained input, the prologue graph, or materialising
-// the activation first), and a chained input's wgrad and dgrad.
-enum class Site : std::int64_t { ForwardStats = 0, ChainedForwardStats = 1, ChainedWgrad = 2, ChainedDgrad = 3 };
-
-struct FusedChoices {
-  std::mutex mutex;
-  std::map<std::array<std::int64_t, 14>, bool> fused_faster;
-};
-
-// True when `fused` was the faster of the two at the first call for this key. Both must write
-// only their outputs and scratch (they run here before the caller's real call).
-bool fused_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                     const std::function<void()>& fused, const std::function<void()>& separate) {
-  if (conv_graphs_forced()) return true;
-  static auto* choices = new FusedChoices();  // never destroyed, as the plan caches
-  const std::array<std::int64_t, 14> key{st.device, static_cast<std::int64_t>(site), x.dim(0), x.dim(1), x.dim(2),
-                                         x.dim(3), w.dim(0), w.dim(1), w.dim(2), p.stride_h, p.stride_w, p.pad_h,
-                                         p.pad_w, static_cast<std::int64_t>(x.dtype())};
-  std::lock_guard<std::mutex> lock(choices->mutex);
-  auto it = choices->fused_faster.find(key);
-  if (it != choices->fused_faster.end()) return it->second;
-  const float t_fused = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, fused);
-  const float t_separate = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, separate);
-  return choices->fused_faster[key] = t_fused <= t_separate;
-}
-
 // Partial sums for finalize_forward_kernel.
 template <class T>
 struct Partials {
@@ -597,7 +567,7 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
                            {x.data(), w.data(), conv_out.data()});
   const bool use_graph =
       plan != nullptr &&
-      fused_is_faster(
+      graph_is_faster(
           st, prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv,
           [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); },
           [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
@@ -676,7 +646,7 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     const Tensor a = materialise_activation<T>(st, x, in);
     cuda::conv2d_backward_filter(ctx, a, dconv, dw, p);
   };
-  if (wgrad_plan != nullptr && fused_is_faster(st, Site::ChainedWgrad, x, dw, p, wgrad_fused, wgrad_separate))
+  if (wgrad_plan != nullptr && graph_is_faster(st, Site::ChainedWgrad, x, dw, p, wgrad_fused, wgrad_separate))
     wgrad_fused();
   else
     wgrad_separate();
@@ -723,7 +693,7 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     });
     DSTRAIN_CUDA_CHECK_LAUNCH();
   };
-  if (dgrad_plan != nullptr && fused_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
+  if (dgrad_plan != nullptr && graph_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
     dgrad_fused();
   else
     dgrad_separate();
@@ -796,28 +766,40 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
   const std::int64_t K = z.dim(3);
   const std::int64_t M = z.numel() / std::max<std::int64_t>(K, 1);
   if (z.numel() == 0) return;
-  cudnn_graph::TunedPlan* plan =
-      conv_graph_plan(st, ConvGraph::ForwardBiasRelu, x, w, z, p, {x.data(), w.data(), z.data(), bias.data()});
-  if (plan != nullptr) {
-    void* ws = plan->workspace_bytes() > 0
-                   ? st.ensure_workspace(static_cast<std::size_t>(plan->workspace_bytes()))
-                   : nullptr;
-    plan->execute(st.cudnn, st.cuda_stream(), {kUidX, kUidW, kUidBias, kUidY},
-                  {const_cast<void*>(x.data()), const_cast<void*>(w.data()), const_cast<void*>(bias.data()),
-                   z.data()},
-                  ws);
-    return;
-  }
-  cuda::conv2d_forward(ctx, x, w, z, p);
-  DSTRAIN_DISPATCH_ACT_DTYPE(z.dtype(), "conv_bias_relu_forward", {
-    const int V = vector_width<T>(K, {z.data()});
-    const Layout l = make_layout(M, K, V);
-    with_width<T>(V, [&](auto v) {
-      bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
-          static_cast<T*>(z.data()), M, K, bias.data_as<float>());
+  auto with_cudnn = [&] {
+    cudnn_graph::TunedPlan* plan =
+        conv_graph_plan(st, ConvGraph::ForwardBiasRelu, x, w, z, p, {x.data(), w.data(), z.data(), bias.data()});
+    if (plan != nullptr) {
+      void* ws = plan->workspace_bytes() > 0
+                     ? st.ensure_workspace(static_cast<std::size_t>(plan->workspace_bytes()))
+                     : nullptr;
+      plan->execute(st.cudnn, st.cuda_stream(), {kUidX, kUidW, kUidBias, kUidY},
+                    {const_cast<void*>(x.data()), const_cast<void*>(w.data()), const_cast<void*>(bias.data()),
+                     z.data()},
+                    ws);
+      return;
+    }
+    cuda::conv2d_forward(ctx, x, w, z, p);
+    DSTRAIN_DISPATCH_ACT_DTYPE(z.dtype(), "conv_bias_relu_forward", {
+      const int V = vector_width<T>(K, {z.data()});
+      const Layout l = make_layout(M, K, V);
+      with_width<T>(V, [&](auto v) {
+        bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
+            static_cast<T*>(z.data()), M, K, bias.data_as<float>());
+      });
+      DSTRAIN_CUDA_CHECK_LAUNCH();
     });
-    DSTRAIN_CUDA_CHECK_LAUNCH();
-  });
+  };
+  // 1x1: a GEMM with bias + ReLU in cuBLASLt's epilogue, or cuDNN, whichever was faster.
+  if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
+    bool gemm_ran = false;
+    auto with_gemm = [&] { gemm_ran = pointwise_conv_gemm(st, x, w, &bias, z); };
+    if (first_is_faster(st, Site::PointwiseBiasRelu, x, w, p, with_gemm, with_cudnn)) {
+      with_gemm();
+      if (gemm_ran) return;
+    }
+  }
+  with_cudnn();
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -223,4 +223,31 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
   return ins.first->second.get();
 }
 
+namespace {
+
+struct SpeedChoices {
+  std::mutex mutex;
+  std::map<std::array<std::int64_t, 14>, bool> first_faster;
+};
+
+}  // namespace
+
+bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                     const std::function<void()>& first, const std::function<void()>& second) {
+  static auto* choices = new SpeedChoices();  // never destroyed, as the plan caches
+  const std::array<std::int64_t, 14> key{st.device, static_cast<std::int64_t>(site), x.dim(0), x.dim(1), x.dim(2),
+                                         x.dim(3), w.dim(0), w.dim(1), w.dim(2), p.stride_h, p.stride_w, p.pad_h,
+                                         p.pad_w, static_cast<std::int64_t>(x.dtype())};
+  {
+    std::lock_guard<std::mutex> lock(choices->mutex);
+    auto it = choices->first_faster.find(key);
+    if (it != choices->first_faster.end()) return it->second;
+  }
+  // Timed outside the lock: either candidate may make choices of its own (a convolution inside).
+  const float t_first = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, first);
+  const float t_second = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, second);
+  std::lock_guard<std::mutex> lock(choices->mutex);
+  return choices->first_faster.emplace(key, t_first <= t_second).first->second;  // another thread may have won
+}
+
 }  // namespace dstrain::kernels::cuda

@@ -5,6 +5,7 @@
 // Included only by CUDA translation units in kernels/.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <initializer_list>
 
 #include "cuda_state.h"
@@ -76,5 +77,41 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
                                         const Tensor& y, const ops::Conv2dParams& p,
                                         std::initializer_list<const void*> data,
                                         PrologueScaleType scale_type = PrologueScaleType::Activation);
+
+// A 1x1, stride-1, unpadded NHWC convolution is a GEMM: y[NHW, K] = x[NHW, C] * w[K, C]^T.
+// pointwise_conv_applies: such a convolution, in fp16 or bf16 (fp32 stays on cuDNN's FMA kernels).
+// pointwise_conv_gemm runs it through cuBLASLt, with bias (fp32 [K]) and ReLU in the epilogue when
+// bias_relu is given; false (nothing written) when cuBLASLt offers no algorithm. In linear.cu.
+bool pointwise_conv_applies(const Tensor& x, const Tensor& w, const ops::Conv2dParams& p);
+bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y);
+
+// Where two ways of computing the same outputs compete, both are timed when a (device, site,
+// shape, dtype) is first seen and the faster is kept: neither cuDNN's fused graphs nor its
+// kernels are always the faster (GenStats in bf16 for some shapes, the runtime-fused prologue
+// and epilogue graphs of chained layers for others, cuDNN against a plain GEMM for 1x1 convolutions).
+// Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
+// pass; for a chained input, the prologue graph, or materialising the activation first); a chained
+// input's wgrad and dgrad (fused graph, or separate kernels); a 1x1 convolution forward and the
+// inference conv + bias + ReLU (cuBLASLt GEMM, or cuDNN).
+enum class Site : std::int64_t {
+  ForwardStats = 0,
+  ChainedForwardStats = 1,
+  ChainedWgrad = 2,
+  ChainedDgrad = 3,
+  PointwiseForward = 4,
+  PointwiseBiasRelu = 5,
+};
+
+// True when `first` was the faster at the first call for this key (x, w, p and the dtype of x).
+// Both must write only their outputs and scratch: they run here, before the caller's real call.
+bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                     const std::function<void()>& first, const std::function<void()>& second);
+
+// first_is_faster for a fused graph against separate kernels; always true under
+// DSTRAIN_CONV_GRAPHS=force.
+inline bool graph_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                            const std::function<void()>& graph, const std::function<void()>& separate) {
+  return conv_graphs_forced() || first_is_faster(st, site, x, w, p, graph, separate);
+}
 
 }  // namespace dstrain::kernels::cuda

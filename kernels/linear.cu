@@ -20,6 +20,7 @@
 #include <string>
 #include <tuple>
 
+#include "conv_graphs.h"
 #include "cuda_check.h"
 #include "cuda_state.h"
 #include "elem_types.cuh"
@@ -66,6 +67,8 @@ struct GemmSpec {
   const void* B = nullptr;
   void* D = nullptr;
   const float* bias = nullptr;  // length m, via the BIAS epilogue
+  bool relu = false;             // with bias: the RELU_BIAS epilogue
+  bool bias_f32 = false;         // the bias is fp32 whatever D's dtype (else it has D's dtype)
   cudaDataType_t ab_type = CUDA_R_32F;  // A and B
   cudaDataType_t d_type = CUDA_R_32F;
 };
@@ -103,13 +106,20 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
       cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSA, &g.ta, sizeof(g.ta)));
   DSTRAIN_CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_TRANSB, &g.tb, sizeof(g.tb)));
-  const cublasLtEpilogue_t epilogue = g.bias != nullptr ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+  const cublasLtEpilogue_t epilogue = g.bias == nullptr ? CUBLASLT_EPILOGUE_DEFAULT
+                                      : g.relu          ? CUBLASLT_EPILOGUE_RELU_BIAS
+                                                        : CUBLASLT_EPILOGUE_BIAS;
   DSTRAIN_CUBLAS_CHECK(
       cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
   if (g.bias != nullptr) {
     const void* bias = g.bias;
     DSTRAIN_CUBLAS_CHECK(
         cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    if (g.bias_f32) {
+      const cudaDataType_t bias_type = CUDA_R_32F;
+      DSTRAIN_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc.d, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                          sizeof(bias_type)));
+    }
   }
 
   // Stored shapes (before op): A is m x k (N) or k x m (T); B is k x n (N) or n x k (T).
@@ -214,6 +224,53 @@ void add_bias(const Tensor& b, Tensor& y, std::int64_t rows, std::int64_t cols, 
 }
 
 }  // namespace
+
+bool pointwise_conv_applies(const Tensor& x, const Tensor& w, const ops::Conv2dParams& p) {
+  return x.dtype() != DType::F32 && w.dim(1) == 1 && w.dim(2) == 1 && p.stride_h == 1 && p.stride_w == 1 &&
+         p.pad_h == 0 && p.pad_w == 0 && x.numel() > 0 && w.numel() > 0;
+}
+
+bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y) {
+  const std::int64_t C = x.dim(3), K = w.dim(0), rows = x.numel() / C;
+  // Shapes cuBLASLt refused once are not asked again.
+  using RefusedKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, int, bool>;
+  static auto* refused = new std::map<RefusedKey, bool>();
+  static std::mutex refused_mutex;
+  const RefusedKey key{st.device, rows, K, C, static_cast<int>(x.dtype()), bias_relu != nullptr};
+  {
+    std::lock_guard<std::mutex> lock(refused_mutex);
+    if (refused->count(key) != 0) return false;
+  }
+  // y[rows, K] = x[rows, C] * w[K, C]^T; column-major for cuBLASLt: D[K, rows] = w^T-op * x.
+  GemmSpec g;
+  g.ta = CUBLAS_OP_T;
+  g.tb = CUBLAS_OP_N;
+  g.m = K;
+  g.n = rows;
+  g.k = C;
+  g.A = w.data();
+  g.lda = C;
+  g.B = x.data();
+  g.ldb = C;
+  g.D = y.data();
+  g.ldd = K;
+  g.ab_type = lt_type(x.dtype());
+  g.d_type = lt_type(y.dtype());
+  if (bias_relu != nullptr) {
+    g.bias = bias_relu->data_as<float>();
+    g.relu = true;
+    g.bias_f32 = true;
+  }
+  try {
+    lt_gemm(st, g);
+  } catch (const Error& e) {
+    if (e.code() != ErrorCode::Cublas) throw;
+    std::lock_guard<std::mutex> lock(refused_mutex);
+    refused->emplace(key, true);
+    return false;
+  }
+  return true;
+}
 
 void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
   const std::int64_t N = x.dim(0), I = x.dim(1), O = w.dim(0);
