@@ -246,6 +246,18 @@ bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w,
   // Timed outside the lock: either candidate may make choices of its own (a convolution inside).
   const float t_first = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, first);
   const float t_second = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, second);
+  static const bool log_choices = std::getenv("DSTRAIN_LOG_CHOICES") != nullptr;
+  if (log_choices) {
+    static const char* const names[] = {"training statistics: GenStats graph / conv + pass",
+                                        "chained forward: prologue graph / separate kernels",
+                                        "chained wgrad: prologue graph / separate kernels",
+                                        "chained dgrad: epilogue graph / separate kernels",
+                                        "1x1 forward: cuBLASLt / cuDNN",
+                                        "1x1 conv + bias + ReLU: cuBLASLt / cuDNN"};
+    detail::log_warning(std::string("choice ") + names[static_cast<int>(site)] + " for x " + shape_str(x.shape()) +
+                        " w " + shape_str(w.shape()) + " " + dtype_name(x.dtype()) + ": " +
+                        std::to_string(t_first / 3.0f) + " / " + std::to_string(t_second / 3.0f) + " ms");
+  }
   std::lock_guard<std::mutex> lock(choices->mutex);
   return choices->first_faster.emplace(key, t_first <= t_second).first->second;  // another thread may have won
 }

@@ -66,9 +66,9 @@ struct GemmSpec {
   const void* A = nullptr;
   const void* B = nullptr;
   void* D = nullptr;
-  const float* bias = nullptr;  // length m, via the BIAS epilogue
-  bool relu = false;             // with bias: the RELU_BIAS epilogue
-  bool bias_f32 = false;         // the bias is fp32 whatever D's dtype (else it has D's dtype)
+  const void* bias = nullptr;  // length m, via the BIAS epilogue
+  bool relu = false;            // with bias: the RELU_BIAS epilogue
+  bool bias_f32 = false;        // the bias is fp32 whatever D's dtype (else it has D's dtype)
   cudaDataType_t ab_type = CUDA_R_32F;  // A and B
   cudaDataType_t d_type = CUDA_R_32F;
 };
@@ -230,17 +230,18 @@ bool pointwise_conv_applies(const Tensor& x, const Tensor& w, const ops::Conv2dP
          p.pad_h == 0 && p.pad_w == 0 && x.numel() > 0 && w.numel() > 0;
 }
 
+namespace {
+
+template <class T>
+__global__ void bias_to_dtype_kernel(const float* __restrict__ b, T* __restrict__ out, std::int64_t n) {
+  const std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = store_f<T>(b[i]);
+}
+
+}  // namespace
+
 bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y) {
   const std::int64_t C = x.dim(3), K = w.dim(0), rows = x.numel() / C;
-  // Shapes cuBLASLt refused once are not asked again.
-  using RefusedKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, int, bool>;
-  static auto* refused = new std::map<RefusedKey, bool>();
-  static std::mutex refused_mutex;
-  const RefusedKey key{st.device, rows, K, C, static_cast<int>(x.dtype()), bias_relu != nullptr};
-  {
-    std::lock_guard<std::mutex> lock(refused_mutex);
-    if (refused->count(key) != 0) return false;
-  }
   // y[rows, K] = x[rows, C] * w[K, C]^T; column-major for cuBLASLt: D[K, rows] = w^T-op * x.
   GemmSpec g;
   g.ta = CUBLAS_OP_T;
@@ -256,20 +257,46 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
   g.ldd = K;
   g.ab_type = lt_type(x.dtype());
   g.d_type = lt_type(y.dtype());
-  if (bias_relu != nullptr) {
-    g.bias = bias_relu->data_as<float>();
-    g.relu = true;
-    g.bias_f32 = true;
-  }
-  try {
-    lt_gemm(st, g);
-  } catch (const Error& e) {
-    if (e.code() != ErrorCode::Cublas) throw;
-    std::lock_guard<std::mutex> lock(refused_mutex);
-    refused->emplace(key, true);
-    return false;
-  }
-  return true;
+  // Variants cuBLASLt refused once (no algorithm) are not asked again: 0 no bias, 1 an fp32 bias,
+  // 2 a bias in y's dtype.
+  using RefusedKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, int, int>;
+  static auto* refused = new std::map<RefusedKey, bool>();
+  static std::mutex refused_mutex;
+  auto attempt = [&](int variant) {
+    const RefusedKey key{st.device, rows, K, C, static_cast<int>(x.dtype()), variant};
+    {
+      std::lock_guard<std::mutex> lock(refused_mutex);
+      if (refused->count(key) != 0) return false;
+    }
+    try {
+      lt_gemm(st, g);
+    } catch (const Error& e) {
+      if (e.code() != ErrorCode::Cublas) throw;
+      std::lock_guard<std::mutex> lock(refused_mutex);
+      if (refused->emplace(key, true).second)
+        detail::log_warning(std::string("1x1 convolution as a cuBLASLt GEMM (") +
+                            (variant == 0 ? "no bias" : variant == 1 ? "fp32 bias + ReLU" : "bias + ReLU") +
+                            "): " + e.what() + "; cuDNN is used");
+      return false;
+    }
+    return true;
+  };
+  if (bias_relu == nullptr) return attempt(0);
+  g.relu = true;
+  g.bias = bias_relu->data();
+  g.bias_f32 = true;
+  if (attempt(1)) return true;
+  // A bias in y's dtype (cuBLASLt's default for 16-bit outputs), converted into the activation
+  // scratch (not the workspace, which the GEMM may grow).
+  void* low_bias = st.ensure_activations(static_cast<std::size_t>(K) * dtype_size(y.dtype()));
+  DSTRAIN_DISPATCH_ACT_DTYPE(y.dtype(), "conv_bias_relu bias", {
+    bias_to_dtype_kernel<T><<<static_cast<unsigned>((K + 255) / 256), 256, 0, st.cuda_stream()>>>(
+        bias_relu->data_as<float>(), static_cast<T*>(low_bias), K);
+  });
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  g.bias = low_bias;
+  g.bias_f32 = false;
+  return attempt(2);
 }
 
 void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor* b, Tensor& y) {
@@ -298,7 +325,7 @@ void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor
   g.ldd = O;
   g.ab_type = lt_type(x.dtype());
   g.d_type = lt_type(y.dtype());
-  g.bias = bias_epilogue ? b->data_as<float>() : nullptr;
+  g.bias = bias_epilogue ? b->data() : nullptr;
   lt_gemm(st, g);
   if (b != nullptr && !bias_epilogue) add_bias(*b, y, N, O, st.cuda_stream());
 }
