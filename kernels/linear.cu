@@ -179,6 +179,27 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
                                       ld.l, &choice.algo, ws, choice.workspace, st.cuda_stream()));
 }
 
+// y[rows, out] = x[rows, in] * w[out, in]^T for row-major tensors: in cuBLASLt's column-major
+// terms D[out, rows] = op(w) * x, with w transposed.
+GemmSpec x_times_w_transposed(const Tensor& x, const Tensor& w, Tensor& y, std::int64_t rows, std::int64_t in,
+                              std::int64_t out) {
+  GemmSpec g;
+  g.ta = CUBLAS_OP_T;
+  g.tb = CUBLAS_OP_N;
+  g.m = out;
+  g.n = rows;
+  g.k = in;
+  g.A = w.data();
+  g.lda = in;
+  g.B = x.data();
+  g.ldb = in;
+  g.D = y.data();
+  g.ldd = out;
+  g.ab_type = lt_type(x.dtype());
+  g.d_type = lt_type(y.dtype());
+  return g;
+}
+
 // y[r, o] += b[o] for a row-major [rows, cols] y.
 template <class T>
 __global__ void add_bias_kernel(T* __restrict__ y, const float* __restrict__ b, std::int64_t rows,
@@ -242,21 +263,7 @@ __global__ void bias_to_dtype_kernel(const float* __restrict__ b, T* __restrict_
 
 bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y) {
   const std::int64_t C = x.dim(3), K = w.dim(0), rows = x.numel() / C;
-  // y[rows, K] = x[rows, C] * w[K, C]^T; column-major for cuBLASLt: D[K, rows] = w^T-op * x.
-  GemmSpec g;
-  g.ta = CUBLAS_OP_T;
-  g.tb = CUBLAS_OP_N;
-  g.m = K;
-  g.n = rows;
-  g.k = C;
-  g.A = w.data();
-  g.lda = C;
-  g.B = x.data();
-  g.ldb = C;
-  g.D = y.data();
-  g.ldd = K;
-  g.ab_type = lt_type(x.dtype());
-  g.d_type = lt_type(y.dtype());
+  GemmSpec g = x_times_w_transposed(x, w, y, rows, C, K);  // y[rows, K] = x[rows, C] * w[K, C]^T
   // Variants cuBLASLt refused once (no algorithm) are not asked again: 0 no bias, 1 an fp32 bias,
   // 2 a bias in y's dtype.
   using RefusedKey = std::tuple<int, std::int64_t, std::int64_t, std::int64_t, int, int>;
@@ -311,20 +318,7 @@ void linear_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor
   }
   // The epilogue's bias has D's dtype: an fp32 bias fits an fp32 y only.
   const bool bias_epilogue = b != nullptr && aligned16(b->data()) && y.dtype() == DType::F32;
-  GemmSpec g;
-  g.ta = CUBLAS_OP_T;
-  g.tb = CUBLAS_OP_N;
-  g.m = O;
-  g.n = N;
-  g.k = I;
-  g.A = w.data();
-  g.lda = I;
-  g.B = x.data();
-  g.ldb = I;
-  g.D = y.data();
-  g.ldd = O;
-  g.ab_type = lt_type(x.dtype());
-  g.d_type = lt_type(y.dtype());
+  GemmSpec g = x_times_w_transposed(x, w, y, N, I, O);
   g.bias = bias_epilogue ? b->data() : nullptr;
   lt_gemm(st, g);
   if (b != nullptr && !bias_epilogue) add_bias(*b, y, N, O, st.cuda_stream());
