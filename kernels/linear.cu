@@ -283,7 +283,8 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
       if (refused->emplace(key, true).second)
         detail::log_warning(std::string("1x1 convolution as a cuBLASLt GEMM (") +
                             (variant == 0 ? "no bias" : variant == 1 ? "fp32 bias + ReLU" : "bias + ReLU") +
-                            "): " + e.what() + "; cuDNN is used");
+                            "): " + e.what() +
+                            (variant == 1 ? "; trying the bias in the output's dtype" : "; cuDNN is used"));
       return false;
     }
     return true;
