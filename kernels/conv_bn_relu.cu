@@ -790,14 +790,23 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
       DSTRAIN_CUDA_CHECK_LAUNCH();
     });
   };
-  // 1x1: a GEMM with bias + ReLU in cuBLASLt's epilogue, or cuDNN, whichever was faster.
+  // 1x1: a GEMM with bias + ReLU in the epilogue, ours or cuBLASLt's, or cuDNN, whichever was
+  // fastest (each falls back to the next where it does not apply).
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
-    bool gemm_ran = false;
-    auto with_gemm = [&] { gemm_ran = pointwise_conv_gemm(st, x, w, &bias, z); };
-    if (first_is_faster(st, Site::PointwiseBiasRelu, x, w, p, with_gemm, with_cudnn)) {
-      with_gemm();
-      if (gemm_ran) return;
-    }
+    auto with_lt = [&] {
+      if (!pointwise_conv_gemm(st, x, w, &bias, z)) with_cudnn();
+    };
+    auto with_own = [&] {
+      if (!pointwise_gemm_own(st, x, w, &bias, z)) with_lt();
+    };
+    const std::size_t pick = fastest_of(st, Site::PointwiseBiasRelu, x, w, p, {with_own, with_lt, with_cudnn});
+    if (pick == 0)
+      with_own();
+    else if (pick == 1)
+      with_lt();
+    else
+      with_cudnn();
+    return;
   }
   with_cudnn();
 }

@@ -1,5 +1,6 @@
 #include "conv_graphs.h"
 
+#include <algorithm>
 #include <array>
 #include <cstdlib>
 #include <map>
@@ -227,39 +228,59 @@ namespace {
 
 struct SpeedChoices {
   std::mutex mutex;
-  std::map<std::array<std::int64_t, 14>, bool> first_faster;
+  std::map<std::array<std::int64_t, 14>, std::size_t> fastest;
 };
+
+// DSTRAIN_FORCE_CHOICE=i: -1 when unset.
+long forced_choice() {
+  static const long forced = [] {
+    const char* env = std::getenv("DSTRAIN_FORCE_CHOICE");
+    if (env == nullptr || *env == '\0') return -1L;
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (*end != '\0' || v < 0)
+      DSTRAIN_THROW(ErrorCode::InvalidArgument,
+                    std::string("DSTRAIN_FORCE_CHOICE must be a candidate index (0, 1, 2...), not '") + env + "'");
+    return v;
+  }();
+  return forced;
+}
 
 }  // namespace
 
-bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                     const std::function<void()>& first, const std::function<void()>& second) {
+std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                       std::initializer_list<std::function<void()>> candidates) {
+  if (candidates.size() == 0) DSTRAIN_THROW(ErrorCode::Internal, "fastest_of: no candidate");
+  if (const long forced = forced_choice(); forced >= 0)
+    return std::min<std::size_t>(static_cast<std::size_t>(forced), candidates.size() - 1);
   static auto* choices = new SpeedChoices();  // never destroyed, as the plan caches
   const std::array<std::int64_t, 14> key{st.device, static_cast<std::int64_t>(site), x.dim(0), x.dim(1), x.dim(2),
                                          x.dim(3), w.dim(0), w.dim(1), w.dim(2), p.stride_h, p.stride_w, p.pad_h,
                                          p.pad_w, static_cast<std::int64_t>(x.dtype())};
   {
     std::lock_guard<std::mutex> lock(choices->mutex);
-    auto it = choices->first_faster.find(key);
-    if (it != choices->first_faster.end()) return it->second;
+    auto it = choices->fastest.find(key);
+    if (it != choices->fastest.end()) return it->second;
   }
-  // Timed outside the lock: either candidate may make choices of its own (a convolution inside).
-  const float t_first = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, first);
-  const float t_second = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, second);
+  // Timed outside the lock: a candidate may make choices of its own (a convolution inside).
+  std::vector<float> ms;
+  for (const auto& candidate : candidates) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, candidate) / 3.0f);
+  const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
   static const bool log_choices = std::getenv("DSTRAIN_LOG_CHOICES") != nullptr;
   if (log_choices) {
     static const char* const names[] = {"training statistics: GenStats graph / conv + pass",
                                         "chained forward: prologue graph / separate kernels",
                                         "chained wgrad: prologue graph / separate kernels",
                                         "chained dgrad: epilogue graph / separate kernels",
-                                        "1x1 forward: cuBLASLt / cuDNN",
-                                        "1x1 conv + bias + ReLU: cuBLASLt / cuDNN"};
+                                        "1x1 forward: own GEMM / cuBLASLt / cuDNN",
+                                        "1x1 conv + bias + ReLU: own GEMM / cuBLASLt / cuDNN"};
+    std::string times;
+    for (float t : ms) times += (times.empty() ? "" : " / ") + std::to_string(t);
     detail::log_warning(std::string("choice ") + names[static_cast<int>(site)] + " for x " + shape_str(x.shape()) +
-                        " w " + shape_str(w.shape()) + " " + dtype_name(x.dtype()) + ": " +
-                        std::to_string(t_first / 3.0f) + " / " + std::to_string(t_second / 3.0f) + " ms");
+                        " w " + shape_str(w.shape()) + " " + dtype_name(x.dtype()) + ": " + times + " ms");
   }
   std::lock_guard<std::mutex> lock(choices->mutex);
-  return choices->first_faster.emplace(key, t_first <= t_second).first->second;  // another thread may have won
+  return choices->fastest.emplace(key, best).first->second;  // another thread may have won
 }
 
 }  // namespace dstrain::kernels::cuda

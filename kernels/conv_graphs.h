@@ -4,6 +4,7 @@
 // and the fastest is kept (cudnn_graph::TunedPlan), cached per (device, graph, shape, dtype).
 // Included only by CUDA translation units in kernels/.
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
@@ -82,17 +83,22 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
 // pointwise_conv_applies: such a convolution, in fp16 or bf16 (fp32 stays on cuDNN's FMA kernels).
 // pointwise_conv_gemm runs it through cuBLASLt, with bias (fp32 [K]) and ReLU in the epilogue when
 // bias_relu is given; false (nothing written) when cuBLASLt offers no algorithm. In linear.cu.
+// pointwise_gemm_own runs it through our own tensor-core GEMM (pointwise_gemm.cu), the same
+// epilogue in registers; false (nothing written) unless x, w and y share a 16-bit dtype, C and K
+// are multiples of 8, the pointers are 16-byte aligned and the bias is fp32.
 bool pointwise_conv_applies(const Tensor& x, const Tensor& w, const ops::Conv2dParams& p);
 bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y);
+bool pointwise_gemm_own(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y);
 
-// Where two ways of computing the same outputs compete, both are timed when a (device, site,
-// shape, dtype) is first seen and the faster is kept: neither cuDNN's fused graphs nor its
+// Where several ways of computing the same outputs compete, all are timed when a (device, site,
+// shape, dtype) is first seen and the fastest is kept: neither cuDNN's fused graphs nor its
 // kernels are always the faster (GenStats in bf16 for some shapes, the runtime-fused prologue
-// and epilogue graphs of chained layers for others, cuDNN against a plain GEMM for 1x1 convolutions).
+// and epilogue graphs of chained layers for others; for 1x1 convolutions our GEMM, cuBLASLt's
+// and cuDNN's each win some shapes).
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
 // pass; for a chained input, the prologue graph, or materialising the activation first); a chained
 // input's wgrad and dgrad (fused graph, or separate kernels); a 1x1 convolution forward and the
-// inference conv + bias + ReLU (cuBLASLt GEMM, or cuDNN).
+// inference conv + bias + ReLU (our GEMM, cuBLASLt, cuDNN).
 enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,
@@ -102,10 +108,17 @@ enum class Site : std::int64_t {
   PointwiseBiasRelu = 5,
 };
 
-// True when `first` was the faster at the first call for this key (x, w, p and the dtype of x).
-// Both must write only their outputs and scratch: they run here, before the caller's real call.
-bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                     const std::function<void()>& first, const std::function<void()>& second);
+// Index of the candidate that was the fastest at the first call for this key (x, w, p and the
+// dtype of x). Every candidate must write only its outputs and scratch: they all run here, before
+// the caller's real call. DSTRAIN_FORCE_CHOICE=i takes candidate i (the last one if there are
+// fewer) without timing, for tests of each path.
+std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                       std::initializer_list<std::function<void()>> candidates);
+
+inline bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                            const std::function<void()>& first, const std::function<void()>& second) {
+  return fastest_of(st, site, x, w, p, {first, second}) == 0;
+}
 
 // first_is_faster for a fused graph against separate kernels; always true under
 // DSTRAIN_CONV_GRAPHS=force.

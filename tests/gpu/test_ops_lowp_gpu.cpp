@@ -121,6 +121,51 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
   }
 }
 
+// 1x1 convolutions are GEMMs: our own kernel, cuBLASLt's or cuDNN's, timed per shape (run with
+// DSTRAIN_FORCE_CHOICE=0, 1 and 2 by ctest to check each path). The shapes cover: a row count
+// that is no multiple of the 128-row tile, channel counts that fill a 64-channel chunk only in
+// part, more output tiles than resident CTAs (each CTA loops over tiles), 64 and 128-wide
+// output tiles, and channels that are no multiple of 8 (our kernel refuses: cuBLASLt or cuDNN).
+TEST_CASE("CUDA 1x1 convolution and conv + bias + ReLU in fp16/bf16 match the CPU reference",
+          "[gpu][lowp][conv][pointwise]") {
+  Context g = Context::cuda(0), c = Context::cpu();
+  struct Case {
+    Shape x;
+    std::int64_t K;
+  };
+  const Case cases[] = {
+      {{3, 7, 11, 8}, 8},       {{2, 9, 13, 64}, 256},  {{2, 9, 13, 256}, 64}, {{6, 80, 80, 72}, 136},
+      {{1, 5, 5, 24}, 40},      {{2, 6, 7, 20}, 12},    {{2, 11, 9, 200}, 64},
+  };
+  for (DType dt : kLowTypes) {
+    for (const Case& cs : cases) {
+      DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K) {
+        SEEDED_RNG(rng);
+        const ops::Conv2dParams p;  // stride 1, no padding
+        const std::int64_t C = cs.x[3];
+        Tensor x = random_low(cs.x, dt, rng), w = random_low({cs.K, 1, 1, C}, dt, rng);
+        Tensor bias = Tensor::from_vector({cs.K}, [&] {
+          std::uniform_real_distribution<float> d(-2.0f, 2.0f);
+          std::vector<float> v(static_cast<std::size_t>(cs.K));
+          for (float& b : v) b = d(rng);
+          return v;
+        }());
+        const Shape ys = ops::conv2d_output_shape(cs.x, w.shape(), p);
+        const Tensor x_g = x.to(gpu()), w_g = w.to(gpu()), bias_g = bias.to(gpu());
+        Tensor y_ref = poisoned(ys, Device::cpu(), dt), y = poisoned(ys, gpu(), dt);
+        ops::conv2d_forward(c, x, w, y_ref, p);
+        ops::conv2d_forward(g, x_g, w_g, y, p);
+        require_close(g, y, y_ref, 8.0);
+
+        Tensor z_ref = poisoned(ys, Device::cpu(), dt), z = poisoned(ys, gpu(), dt);
+        ops::conv_bias_relu_forward(c, x, w, bias, z_ref, p);
+        ops::conv_bias_relu_forward(g, x_g, w_g, bias_g, z, p);
+        require_close(g, z, z_ref, 8.0);
+      }
+    }
+  }
+}
+
 TEST_CASE("CUDA batchnorm in fp16/bf16 matches the CPU reference", "[gpu][lowp][batchnorm]") {
   Context g = Context::cuda(0), c = Context::cpu();
   for (DType dt : kLowTypes) {
