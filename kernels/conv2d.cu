@@ -312,20 +312,14 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
                                      y.data());
     });
   };
-  // A 1x1 convolution is a GEMM: our own, cuBLASLt's or cuDNN's kernels, whichever was fastest for
-  // the shape (each falls back to the next where it does not apply). In deterministic mode cuDNN's
+  // A 1x1 convolution is a GEMM: cuBLASLt's or cuDNN's kernels, whichever was fastest for the
+  // shape (cuBLASLt falls back to cuDNN where it does not apply). In deterministic mode cuDNN's
   // deterministic choice stands.
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
     auto with_lt = [&] {
       if (!pointwise_conv_gemm(st, x, w, nullptr, y)) with_cudnn();
     };
-    auto with_own = [&] {
-      if (!pointwise_gemm_own(st, x, w, nullptr, y)) with_lt();
-    };
-    const std::size_t pick = fastest_of(st, Site::PointwiseForward, x, w, p, {with_own, with_lt, with_cudnn});
-    if (pick == 0)
-      with_own();
-    else if (pick == 1)
+    if (first_is_faster(st, Site::PointwiseForward, x, w, p, with_lt, with_cudnn))
       with_lt();
     else
       with_cudnn();

@@ -790,19 +790,13 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
       DSTRAIN_CUDA_CHECK_LAUNCH();
     });
   };
-  // 1x1: a GEMM with bias + ReLU in the epilogue, ours or cuBLASLt's, or cuDNN, whichever was
-  // fastest (each falls back to the next where it does not apply).
+  // 1x1: a cuBLASLt GEMM with bias + ReLU in its epilogue, or cuDNN, whichever was fastest
+  // (cuBLASLt falls back to cuDNN where it does not apply).
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
     auto with_lt = [&] {
       if (!pointwise_conv_gemm(st, x, w, &bias, z)) with_cudnn();
     };
-    auto with_own = [&] {
-      if (!pointwise_gemm_own(st, x, w, &bias, z)) with_lt();
-    };
-    const std::size_t pick = fastest_of(st, Site::PointwiseBiasRelu, x, w, p, {with_own, with_lt, with_cudnn});
-    if (pick == 0)
-      with_own();
-    else if (pick == 1)
+    if (first_is_faster(st, Site::PointwiseBiasRelu, x, w, p, with_lt, with_cudnn))
       with_lt();
     else
       with_cudnn();

@@ -272,8 +272,8 @@ std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& 
                                         "chained forward: prologue graph / separate kernels",
                                         "chained wgrad: prologue graph / separate kernels",
                                         "chained dgrad: epilogue graph / separate kernels",
-                                        "1x1 forward: own GEMM / cuBLASLt / cuDNN",
-                                        "1x1 conv + bias + ReLU: own GEMM / cuBLASLt / cuDNN"};
+                                        "1x1 forward: cuBLASLt / cuDNN",
+                                        "1x1 conv + bias + ReLU: cuBLASLt / cuDNN"};
     std::string times;
     for (float t : ms) times += (times.empty() ? "" : " / ") + std::to_string(t);
     detail::log_warning(std::string("choice ") + names[static_cast<int>(site)] + " for x " + shape_str(x.shape()) +

@@ -83,22 +83,18 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
 // pointwise_conv_applies: such a convolution, in fp16 or bf16 (fp32 stays on cuDNN's FMA kernels).
 // pointwise_conv_gemm runs it through cuBLASLt, with bias (fp32 [K]) and ReLU in the epilogue when
 // bias_relu is given; false (nothing written) when cuBLASLt offers no algorithm. In linear.cu.
-// pointwise_gemm_own runs it through our own tensor-core GEMM (pointwise_gemm.cu), the same
-// epilogue in registers; false (nothing written) unless x, w and y share a 16-bit dtype, C and K
-// are multiples of 8, the pointers are 16-byte aligned and the bias is fp32.
 bool pointwise_conv_applies(const Tensor& x, const Tensor& w, const ops::Conv2dParams& p);
 bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y);
-bool pointwise_gemm_own(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y);
 
 // Where several ways of computing the same outputs compete, all are timed when a (device, site,
 // shape, dtype) is first seen and the fastest is kept: neither cuDNN's fused graphs nor its
 // kernels are always the faster (GenStats in bf16 for some shapes, the runtime-fused prologue
-// and epilogue graphs of chained layers for others; for 1x1 convolutions our GEMM, cuBLASLt's
-// and cuDNN's each win some shapes).
+// and epilogue graphs of chained layers for others; for 1x1 convolutions cuBLASLt's GEMMs and
+// cuDNN's kernels each win some shapes).
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
 // pass; for a chained input, the prologue graph, or materialising the activation first); a chained
 // input's wgrad and dgrad (fused graph, or separate kernels); a 1x1 convolution forward and the
-// inference conv + bias + ReLU (our GEMM, cuBLASLt, cuDNN).
+// inference conv + bias + ReLU (cuBLASLt, cuDNN).
 enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,

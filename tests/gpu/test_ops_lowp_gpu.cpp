@@ -121,11 +121,10 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
   }
 }
 
-// 1x1 convolutions are GEMMs: our own kernel, cuBLASLt's or cuDNN's, timed per shape (run with
-// DSTRAIN_FORCE_CHOICE=0, 1 and 2 by ctest to check each path). The shapes cover: a row count
-// that is no multiple of the 128-row tile, channel counts that fill a 64-channel chunk only in
-// part, more output tiles than resident CTAs (each CTA loops over tiles), 64 and 128-wide
-// output tiles, and channels that are no multiple of 8 (our kernel refuses: cuBLASLt or cuDNN).
+// 1x1 convolutions are GEMMs: cuBLASLt's (its fastest algorithm for the shape) or cuDNN's, timed
+// per shape (run with DSTRAIN_FORCE_CHOICE=0 and 1 by ctest to check each path). The shapes
+// cover row counts that are no multiple of a tile, channel counts that fill a tile only in part,
+// narrow and wide outputs, and channels that are no multiple of 8.
 TEST_CASE("CUDA 1x1 convolution and conv + bias + ReLU in fp16/bf16 match the CPU reference",
           "[gpu][lowp][conv][pointwise]") {
   Context g = Context::cuda(0), c = Context::cpu();
