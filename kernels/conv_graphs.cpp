@@ -248,6 +248,11 @@ long forced_choice() {
 
 }  // namespace
 
+bool choices_logged() {
+  static const bool logged = std::getenv("DSTRAIN_LOG_CHOICES") != nullptr;
+  return logged;
+}
+
 std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                        std::initializer_list<std::function<void()>> candidates) {
   if (candidates.size() == 0) DSTRAIN_THROW(ErrorCode::Internal, "fastest_of: no candidate");
@@ -266,8 +271,7 @@ std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& 
   std::vector<float> ms;
   for (const auto& candidate : candidates) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, candidate) / 3.0f);
   const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
-  static const bool log_choices = std::getenv("DSTRAIN_LOG_CHOICES") != nullptr;
-  if (log_choices) {
+  if (choices_logged()) {
     static const char* const names[] = {"training statistics: GenStats graph / conv + pass",
                                         "chained forward: prologue graph / separate kernels",
                                         "chained wgrad: prologue graph / separate kernels",

@@ -65,6 +65,10 @@ enum ConvGraphUid : std::int64_t {
   kUidEqBias = 20,
 };
 
+// DSTRAIN_LOG_CHOICES set: each timed choice (graph or kernels, cuBLASLt algorithm...) is logged
+// with its times.
+bool choices_logged();
+
 // DSTRAIN_CONV_GRAPHS=force: where a fused graph competes with separate kernels, the graph is
 // taken without timing the two (for tests of the fused path). DSTRAIN_CONV_GRAPHS=0: no graphs.
 bool conv_graphs_forced();
