@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -45,18 +44,6 @@ struct TensorTable {
 static_assert(sizeof(TensorTable<1>) <= kTableBytes, "table over the parameter budget");
 static_assert(sizeof(TensorTable<5>) <= kTableBytes, "table over the parameter budget");
 static_assert(TensorTable<1>::kMax >= 161, "a ResNet-50's gradients must fit one unscale launch");
-
-int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> cached{};  // per device ordinal; 0: not asked yet
-  if (device >= 0 && device < 64) {
-    const int known = cached[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int n = 0;
-  DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cached[static_cast<std::size_t>(device)].store(n, std::memory_order_relaxed);
-  return n;
-}
 
 // Fills tables of at most kMax tensors each (empty tensors left out) and calls launch(table, vec)
 // for each, where vec says every pointer of column d in that table is aligned to align[d] bytes

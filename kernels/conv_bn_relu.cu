@@ -44,7 +44,7 @@ namespace dstrain::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxChunks = 1024;
+constexpr int kMaxChunks = 4096;
 constexpr int kRowsPerThread = 8;
 
 // ---- vector access: V elements of T, 16 bytes when V > 1.
@@ -74,6 +74,48 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
   }
 }
 
+// A vector's raw bits, so that a batch of loads sits in registers before any is converted.
+template <class T, int V>
+struct RawVec {
+  std::conditional_t<(V > 1), uint4, T> bits;
+};
+template <class T, int V>
+__device__ __forceinline__ RawVec<T, V> load_raw(const T* p) {
+  if constexpr (V == 1)
+    return {p[0]};
+  else
+    return {*reinterpret_cast<const uint4*>(p)};
+}
+template <class T, int V>
+__device__ __forceinline__ void unpack(const RawVec<T, V>& raw, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = load_f(raw.bits);
+  } else {
+    const T* e = reinterpret_cast<const T*>(&raw.bits);
+#pragma unroll
+    for (int j = 0; j < V; ++j) out[j] = load_f(e[j]);
+  }
+}
+
+// This thread's rows r = first, first + step, ... < M, in batches of kBatch: every load of a
+// batch is issued before its first use or store, so each thread keeps kBatch 16-byte loads per
+// tensor in flight (the passes are bound by memory latency otherwise), and a pass may write the
+// tensor it reads.
+constexpr int kBatch = 4;
+template <class Load, class Use>
+__device__ __forceinline__ void for_rows(std::int64_t M, Load load, Use use) {
+  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M;
+       r += kBatch * step) {
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (r + u * step < M) load(u, r + u * step);
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u)
+      if (r + u * step < M) use(u, r + u * step);
+  }
+}
+
 // v = (y - mean) * (gamma * invstd) + beta as one fma, the formula the CPU reference uses too,
 // so the ReLU mask agrees bit for bit.
 __device__ __forceinline__ float bn_value(float y, float mean, float scale, float beta) {
@@ -87,7 +129,13 @@ struct Layout {
   int gx = 1, gy = 1;
 };
 
-Layout make_layout(std::int64_t M, std::int64_t K, int V) {
+// Blocks per multiprocessor that every pass kernel fits (__launch_bounds__ says so to the compiler).
+constexpr int kPassBlocksPerSm = 2;
+int pass_blocks(int device) { return kPassBlocksPerSm * sm_count(device); }
+
+// max_blocks: how many blocks of the pass's kernel the device holds at once. The grid is at most
+// that (one wave, no tail of half-empty waves), each thread striding over rows.
+Layout make_layout(std::int64_t M, std::int64_t K, int V, int max_blocks) {
   Layout l;
   l.M = M;
   l.K = K;
@@ -104,7 +152,7 @@ Layout make_layout(std::int64_t M, std::int64_t K, int V) {
   // of the data (one row per thread would write as many partial sums as it reads values).
   const std::int64_t needed = (M + static_cast<std::int64_t>(l.by) * kRowsPerThread - 1) /
                               (static_cast<std::int64_t>(l.by) * kRowsPerThread);
-  const std::int64_t want = std::max<std::int64_t>(1, 2048 / l.gx);
+  const std::int64_t want = std::max<std::int64_t>(1, max_blocks / l.gx);
   l.gy = static_cast<int>(std::clamp<std::int64_t>(std::min(needed, want), 1, kMaxChunks));
   return l;
 }
@@ -148,7 +196,7 @@ __device__ __forceinline__ void store_partials(float (&a1)[V], float (&a2)[V], f
 // Forward statistics without GenStats: per chunk, sum (y - s) and sum (y - s)^2 with s = row 0's
 // value of the channel (a sample of the channel keeps the variance free of cancellation).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) stats_partials_kernel(const T* __restrict__ y, std::int64_t M,
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) stats_partials_kernel(const T* __restrict__ y, std::int64_t M,
                                                                   std::int64_t K, float* __restrict__ p1,
                                                                   float* __restrict__ p2) {
   __shared__ float smem[V * kThreads];
@@ -159,19 +207,19 @@ __global__ void __launch_bounds__(kThreads) stats_partials_kernel(const T* __res
   for (int j = 0; j < V; ++j) a1[j] = a2[j] = shift[j] = 0.0f;
   if (active) {
     load_vec<T, V>(y + c0, shift);
-    const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
-#pragma unroll 4
-  #pragma unroll 4
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
-      float v[V];
-      load_vec<T, V>(y + r * K + c0, v);
+    RawVec<T, V> yr[kBatch];
+    for_rows(
+        M, [&](int u, std::int64_t r) { yr[u] = load_raw<T, V>(y + r * K + c0); },
+        [&](int u, std::int64_t) {
+          float v[V];
+          unpack(yr[u], v);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float d = v[j] - shift[j];
-        a1[j] += d;
-        a2[j] = fmaf(d, d, a2[j]);
-      }
-    }
+          for (int j = 0; j < V; ++j) {
+            const float d = v[j] - shift[j];
+            a1[j] += d;
+            a2[j] = fmaf(d, d, a2[j]);
+          }
+        });
   }
   store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
 }
@@ -244,7 +292,7 @@ __device__ __forceinline__ void load_consts(ChannelConsts<V>& k, std::int64_t c0
 
 // z = relu(bn(y)).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) apply_forward_kernel(const T* __restrict__ y, std::int64_t M,
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_forward_kernel(const T* __restrict__ y, std::int64_t M,
                                                                  std::int64_t K, const float* __restrict__ mean,
                                                                  const float* __restrict__ invstd,
                                                                  const float* __restrict__ gamma,
@@ -253,20 +301,21 @@ __global__ void __launch_bounds__(kThreads) apply_forward_kernel(const T* __rest
   if (c0 >= K) return;
   ChannelConsts<V> k;
   load_consts<V>(k, c0, mean, invstd, gamma, beta);
-  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
-#pragma unroll 4
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
-    float v[V];
-    load_vec<T, V>(y + r * K + c0, v);
+  RawVec<T, V> yr[kBatch];
+  for_rows(
+      M, [&](int u, std::int64_t r) { yr[u] = load_raw<T, V>(y + r * K + c0); },
+      [&](int u, std::int64_t r) {
+        float v[V];
+        unpack(yr[u], v);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
-    store_vec<T, V>(z + r * K + c0, v);
-  }
+        for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
+        store_vec<T, V>(z + r * K + c0, v);
+      });
 }
 
 // Backward partials: sum g and sum g * (y - mean), g = dz where bn(y) > 0.
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) backward_partials_kernel(
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) backward_partials_kernel(
     const T* __restrict__ dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
     float* __restrict__ p1, float* __restrict__ p2) {
@@ -279,20 +328,24 @@ __global__ void __launch_bounds__(kThreads) backward_partials_kernel(
   if (active) {
     ChannelConsts<V> k;
     load_consts<V>(k, c0, mean, invstd, gamma, beta);
-    const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
-#pragma unroll 4
-  #pragma unroll 4
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
-      float yv[V], g[V];
-      load_vec<T, V>(y + r * K + c0, yv);
-      load_vec<T, V>(dz + r * K + c0, g);
+    RawVec<T, V> yr[kBatch], gr[kBatch];
+    for_rows(
+        M,
+        [&](int u, std::int64_t r) {
+          yr[u] = load_raw<T, V>(y + r * K + c0);
+          gr[u] = load_raw<T, V>(dz + r * K + c0);
+        },
+        [&](int u, std::int64_t) {
+          float yv[V], g[V];
+          unpack(yr[u], yv);
+          unpack(gr[u], g);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
-        a1[j] += gm;
-        a2[j] = fmaf(gm, yv[j] - k.mean[j], a2[j]);
-      }
-    }
+          for (int j = 0; j < V; ++j) {
+            const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
+            a1[j] += gm;
+            a2[j] = fmaf(gm, yv[j] - k.mean[j], a2[j]);
+          }
+        });
   }
   store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
 }
@@ -313,7 +366,7 @@ __global__ void finalize_backward_kernel(const float* __restrict__ p1, const flo
 // dconv = scale * (g - dbeta / M - xhat * dgamma / M).
 // dz may be dconv itself (each element is read before it is written, by the same thread).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) apply_backward_kernel(
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_kernel(
     const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* dconv) {
@@ -328,40 +381,46 @@ __global__ void __launch_bounds__(kThreads) apply_backward_kernel(
     db[j] = dbeta[c0 + j] * inv_m;
     dgx[j] = dgamma[c0 + j] * inv_m * k.invstd[j];
   }
-  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
-#pragma unroll 4
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
-    float yv[V], g[V];
-    load_vec<T, V>(y + r * K + c0, yv);
-    load_vec<T, V>(dz + r * K + c0, g);
+  RawVec<T, V> yr[kBatch], gr[kBatch];
+  for_rows(
+      M,
+      [&](int u, std::int64_t r) {
+        yr[u] = load_raw<T, V>(y + r * K + c0);
+        gr[u] = load_raw<T, V>(dz + r * K + c0);
+      },
+      [&](int u, std::int64_t r) {
+        float yv[V], g[V];
+        unpack(yr[u], yv);
+        unpack(gr[u], g);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float d = yv[j] - k.mean[j];
-      const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
-      g[j] = k.scale[j] * (gm - db[j] - d * dgx[j]);
-    }
-    store_vec<T, V>(dconv + r * K + c0, g);
-  }
+        for (int j = 0; j < V; ++j) {
+          const float d = yv[j] - k.mean[j];
+          const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
+          g[j] = k.scale[j] * (gm - db[j] - d * dgx[j]);
+        }
+        store_vec<T, V>(dconv + r * K + c0, g);
+      });
 }
 
 // z = relu(z + bias) in place (inference without the fused graph).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) bias_relu_kernel(T* __restrict__ z, std::int64_t M, std::int64_t K,
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) bias_relu_kernel(T* __restrict__ z, std::int64_t M, std::int64_t K,
                                                              const float* __restrict__ bias) {
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   float b[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) b[j] = bias[c0 + j];
-  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
-#pragma unroll 4
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y; r < M; r += step) {
-    float v[V];
-    load_vec<T, V>(z + r * K + c0, v);
+  RawVec<T, V> zr[kBatch];
+  for_rows(
+      M, [&](int u, std::int64_t r) { zr[u] = load_raw<T, V>(z + r * K + c0); },
+      [&](int u, std::int64_t r) {
+        float v[V];
+        unpack(zr[u], v);
 #pragma unroll
-    for (int j = 0; j < V; ++j) v[j] = fmaxf(v[j] + b[j], 0.0f);
-    store_vec<T, V>(z + r * K + c0, v);
-  }
+        for (int j = 0; j < V; ++j) v[j] = fmaxf(v[j] + b[j], 0.0f);
+        store_vec<T, V>(z + r * K + c0, v);
+      });
 }
 
 // The prologue constants of a chained input: scale = gamma * invstd, shift = beta - mean * scale,
@@ -480,7 +539,7 @@ Tensor materialise_activation(CudaState& st, const Tensor& x, const ops::Chained
   const std::int64_t M = x.numel() / std::max<std::int64_t>(C, 1);
   void* a = st.ensure_activations(x.nbytes());
   const int V = vector_width<T>(C, {x.data(), a});
-  const Layout l = make_layout(M, C, V);
+  const Layout l = make_layout(M, C, V, pass_blocks(st.device));
   with_width<T>(V, [&](auto v) {
     apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
         static_cast<const T*>(x.data()), M, C, in.save_mean->data_as<float>(), in.save_invstd->data_as<float>(),
@@ -534,7 +593,7 @@ Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const 
   }
   const T* y = static_cast<const T*>(conv_out.data());
   const int V = vector_width<T>(K, {conv_out.data()});
-  const Layout l = make_layout(M, K, V);
+  const Layout l = make_layout(M, K, V, pass_blocks(st.device));
   const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
   char* base = static_cast<char*>(st.ensure_workspace(2 * part));  // after the convolution: may reallocate
   Partials<T> r;
@@ -579,7 +638,7 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   DSTRAIN_CUDA_CHECK_LAUNCH();
   if (p.chained_output) return;  // the next layer applies BN + ReLU in its own prologue
   const int V = vector_width<T>(K, {conv_out.data(), z.data()});
-  const Layout l = make_layout(M, K, V);
+  const Layout l = make_layout(M, K, V, pass_blocks(st.device));
   with_width<T>(V, [&](auto v) {
     apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
         static_cast<const T*>(conv_out.data()), M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(),
@@ -600,7 +659,7 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
     return;
   }
   const int V = vector_width<T>(K, {dz, y, out});
-  const Layout l = make_layout(M, K, V);
+  const Layout l = make_layout(M, K, V, pass_blocks(st.device));
   const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
   char* base = static_cast<char*>(st.ensure_workspace(2 * part));
   float* p1 = reinterpret_cast<float*>(base);
@@ -686,7 +745,7 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     dgrad_plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
     // dx holds g = dL/da masked by the ReLU; dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
     const int V = vector_width<T>(C, {xp, dxp});
-    const Layout l = make_layout(M_in, C, V);
+    const Layout l = make_layout(M_in, C, V, pass_blocks(st.device));
     with_width<T>(V, [&](auto v) {
       apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
           dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
@@ -782,7 +841,7 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
     cuda::conv2d_forward(ctx, x, w, z, p);
     DSTRAIN_DISPATCH_ACT_DTYPE(z.dtype(), "conv_bias_relu_forward", {
       const int V = vector_width<T>(K, {z.data()});
-      const Layout l = make_layout(M, K, V);
+      const Layout l = make_layout(M, K, V, pass_blocks(st.device));
       with_width<T>(V, [&](auto v) {
         bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
             static_cast<T*>(z.data()), M, K, bias.data_as<float>());

@@ -12,6 +12,8 @@
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
+#include <array>
+#include <atomic>
 #include <cstddef>
 #include <string>
 
@@ -172,6 +174,18 @@ int device_of(const void* p) {
 }
 
 }  // namespace
+
+int sm_count(int device) {
+  static std::array<std::atomic<int>, 64> cached{};  // per device ordinal; 0: not asked yet
+  if (device >= 0 && device < 64) {
+    const int known = cached[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  int n = 0;
+  DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  if (device >= 0 && device < 64) cached[static_cast<std::size_t>(device)].store(n, std::memory_order_relaxed);
+  return n;
+}
 
 int cuda_device_count() noexcept {
   int n = 0;

@@ -29,4 +29,7 @@ struct CudaState {
   void* ensure_activations(std::size_t bytes);
 };
 
+// Multiprocessors of a device (asked once per device ordinal), for grids sized to the chip.
+int sm_count(int device);
+
 }  // namespace dstrain::kernels
