@@ -136,6 +136,9 @@ AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t de
   DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
   if (offered.size() == 1 || ops::deterministic() || capture != cudaStreamCaptureStatusNone) return offered[0];
 
+  // Ten calls each: the candidates of a memory-bound product are often within a few percent, and
+  // three calls of a 70 us product did not tell them apart reliably.
+  constexpr int kRuns = 10;
   const float alpha = 1.0f, beta = 0.0f;
   std::size_t best = 0;
   float best_ms = -1.0f;
@@ -143,12 +146,12 @@ AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t de
   for (std::size_t i = 0; i < offered.size(); ++i) {
     void* ws = offered[i].workspace > 0 ? st.ensure_workspace(offered[i].workspace) : nullptr;
     bool ran = true;
-    const float ms = cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] {
+    const float ms = cudnn_graph::time_calls_ms(st.cuda_stream(), kRuns, [&] {
       ran = ran && cublasLtMatmul(st.cublaslt, desc, &alpha, g.A, la, g.B, lb, &beta, g.D, ld, g.D, ld,
                                   &offered[i].algo, ws, offered[i].workspace, st.cuda_stream()) ==
                        CUBLAS_STATUS_SUCCESS;
     });
-    times += (times.empty() ? "" : " / ") + (ran ? std::to_string(ms / 3.0f) : std::string("failed"));
+    times += (times.empty() ? "" : " / ") + (ran ? std::to_string(ms / kRuns) : std::string("failed"));
     if (ran && (best_ms < 0.0f || ms < best_ms)) {
       best_ms = ms;
       best = i;
