@@ -25,32 +25,12 @@
 
 #include "amp_cuda.h"
 #include "cuda_check.h"
+#include "cublaslt_util.h"
 #include "cuda_state.h"
 
 namespace dstrain::kernels::cuda {
 
 namespace {
-
-constexpr std::size_t kMaxWorkspace = std::size_t(32) << 20;
-
-struct MatmulDesc {
-  cublasLtMatmulDesc_t d = nullptr;
-  ~MatmulDesc() {
-    if (d) cublasLtMatmulDescDestroy(d);
-  }
-};
-struct Layout {
-  cublasLtMatrixLayout_t l = nullptr;
-  ~Layout() {
-    if (l) cublasLtMatrixLayoutDestroy(l);
-  }
-};
-struct Preference {
-  cublasLtMatmulPreference_t p = nullptr;
-  ~Preference() {
-    if (p) cublasLtMatmulPreferenceDestroy(p);
-  }
-};
 
 cudaDataType_t lt_type(DType dt) {
   switch (dt) {
@@ -61,13 +41,6 @@ cudaDataType_t lt_type(DType dt) {
     case DType::F8E5M2: return CUDA_R_8F_E5M2;
     default: DSTRAIN_THROW(ErrorCode::Unsupported, std::string("gemm: no cuBLASLt type for ") + dtype_name(dt));
   }
-}
-
-int alignment_of(const void* p) {
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
-  int align = 256;
-  while (align > 1 && (a % static_cast<std::uintptr_t>(align)) != 0) align /= 2;
-  return align;
 }
 
 // device, dtypes a/b/d, M, N, K, fast accumulate, amax wanted, alignments a/b/d
@@ -91,8 +64,8 @@ struct Problem {
   Problem() = default;
   Problem(const Problem&) = delete;
   Problem& operator=(const Problem&) = delete;
-  MatmulDesc desc;
-  Layout la, lb, lc, ld;
+  LtMatmulDesc desc;
+  LtLayout la, lb, lc, ld;
 };
 
 // Builds the descriptors; with_amax adds the AMAX_D pointer.
@@ -132,21 +105,8 @@ void describe(Problem& pr, const Tensor& a, const Tensor& b, Tensor& d, const am
 
 // The first heuristic answer, or false when cuBLASLt offers none for these descriptors.
 bool heuristic(CudaState& st, Problem& pr, int al_a, int al_b, int al_d, Choice& out) {
-  Preference pref;
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.p));
-  const std::uint64_t max_ws = kMaxWorkspace;
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                            &max_ws, sizeof(max_ws)));
-  const std::uint32_t aa = static_cast<std::uint32_t>(al_b), ab = static_cast<std::uint32_t>(al_a),
-                      ad = static_cast<std::uint32_t>(al_d);  // cuBLASLt's A is our b
-  DSTRAIN_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa, sizeof(aa)));
-  DSTRAIN_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab, sizeof(ab)));
-  DSTRAIN_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ad, sizeof(ad)));
-  DSTRAIN_CUBLAS_CHECK(
-      cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad, sizeof(ad)));
+  LtPreference pref;
+  lt_preference(pref, al_b, al_a, al_d);  // cuBLASLt's A is our b
   cublasLtMatmulHeuristicResult_t result{};
   int returned = 0;
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(st.cublaslt, pr.desc.d, pr.la.l, pr.lb.l, pr.lc.l,
@@ -194,7 +154,7 @@ void amp_gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, cons
   cudaStream_t s = st.cuda_stream();
   const bool fp8 = a.dtype() == DType::F8E4M3 || a.dtype() == DType::F8E5M2;
   const bool want_amax = fp8 && o.d_amax != nullptr;
-  const int al_a = alignment_of(a.data()), al_b = alignment_of(b.data()), al_d = alignment_of(d.data());
+  const int al_a = lt_alignment(a.data()), al_b = lt_alignment(b.data()), al_d = lt_alignment(d.data());
   const Key key{st.device,
                 static_cast<int>(a.dtype()),
                 static_cast<int>(b.dtype()),
@@ -240,7 +200,7 @@ void amp_gemm_nt(Context& ctx, const Tensor& a, const Tensor& b, Tensor& d, cons
   // Scale factors that are not 16-byte aligned (views into an Fp8Meta's state) are copied to the
   // end of the workspace first: cuBLASLt's sm_90 FP8 kernels refuse such scale pointers at launch.
   const bool scales_aligned =
-      !fp8 || (alignment_of(o.a_scale_inv->data()) >= 16 && alignment_of(o.b_scale_inv->data()) >= 16);
+      !fp8 || (lt_alignment(o.a_scale_inv->data()) >= 16 && lt_alignment(o.b_scale_inv->data()) >= 16);
   const std::size_t ws_bytes = (choice.workspace + 255) / 256 * 256;
   const std::size_t ws_total = ws_bytes + (scales_aligned ? 0 : 256);
   void* ws = ws_total > 0 ? st.ensure_workspace(ws_total) : nullptr;

@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "conv_graphs.h"
+#include "cublaslt_util.h"
 #include "cuda_check.h"
 #include "cuda_state.h"
 #include "elem_types.cuh"
@@ -30,35 +31,6 @@
 namespace dstrain::kernels::cuda {
 
 namespace {
-
-constexpr std::size_t kMaxLtWorkspace = std::size_t(32) << 20;
-
-int alignment_of(const void* p) {
-  const auto a = reinterpret_cast<std::uintptr_t>(p);
-  int align = 256;
-  while (align > 1 && (a % static_cast<std::uintptr_t>(align)) != 0) align /= 2;
-  return align;
-}
-
-// RAII for the cuBLASLt descriptors of one call.
-struct LtMatmulDesc {
-  cublasLtMatmulDesc_t d = nullptr;
-  ~LtMatmulDesc() {
-    if (d) cublasLtMatmulDescDestroy(d);
-  }
-};
-struct LtLayout {
-  cublasLtMatrixLayout_t l = nullptr;
-  ~LtLayout() {
-    if (l) cublasLtMatrixLayoutDestroy(l);
-  }
-};
-struct LtPreference {
-  cublasLtMatmulPreference_t p = nullptr;
-  ~LtPreference() {
-    if (p) cublasLtMatmulPreferenceDestroy(p);
-  }
-};
 
 struct GemmSpec {
   cublasOperation_t ta = CUBLAS_OP_N, tb = CUBLAS_OP_N;
@@ -107,20 +79,7 @@ std::map<AlgoKey, AlgoChoice>& algo_cache() {
 AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t la,
                        cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld, int al_a, int al_b, int al_d) {
   LtPreference pref;
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref.p));
-  const std::uint64_t max_ws = kMaxLtWorkspace;
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                                                            &max_ws, sizeof(max_ws)));
-  const std::uint32_t aa = static_cast<std::uint32_t>(al_a), ab = static_cast<std::uint32_t>(al_b),
-                      ad = static_cast<std::uint32_t>(al_d);
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &aa,
-                                                            sizeof(aa)));
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &ab,
-                                                            sizeof(ab)));
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &ad,
-                                                            sizeof(ad)));
-  DSTRAIN_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref.p, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &ad,
-                                                            sizeof(ad)));
+  lt_preference(pref, al_a, al_b, al_d);
   constexpr int kCandidates = 8;
   cublasLtMatmulHeuristicResult_t results[kCandidates] = {};
   int returned = 0;
@@ -199,9 +158,9 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
   DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb.l, g.ab_type, b_rows, b_cols, g.ldb));
   DSTRAIN_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld.l, g.d_type, g.m, g.n, g.ldd));
 
-  const int al_a = alignment_of(g.A), al_b = alignment_of(g.B), al_d = alignment_of(g.D);
+  const int al_a = lt_alignment(g.A), al_b = lt_alignment(g.B), al_d = lt_alignment(g.D);
   const AlgoKey key{st.device, static_cast<int>(g.ta), static_cast<int>(g.tb), g.m, g.n, g.k,
-                    static_cast<int>(epilogue), al_a, al_b, al_d, g.bias != nullptr ? alignment_of(g.bias) : 0,
+                    static_cast<int>(epilogue), al_a, al_b, al_d, g.bias != nullptr ? lt_alignment(g.bias) : 0,
                     static_cast<int>(g.ab_type), static_cast<int>(g.d_type)};
   AlgoChoice choice{};
   bool found = false;
