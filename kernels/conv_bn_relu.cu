@@ -17,8 +17,10 @@
 //
 // The passes share one 2-D launch layout: a thread owns V consecutive channels (one 16-byte
 // vector when the channel count and pointers allow it, else V = 1) and strides over rows, so
-// per-channel constants stay in registers; reductions write one partial per (row chunk,
-// channel), added in a fixed order by the finalize kernels: results are deterministic.
+// per-channel constants stay in registers; it loads four rows before using any (memory-level
+// parallelism), and the grid is one wave of resident blocks. Reductions write one partial per
+// (row chunk, channel), added in a fixed order by the finalize kernels: results are deterministic
+// on a given device.
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
