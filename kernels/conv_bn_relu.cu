@@ -46,7 +46,7 @@ namespace dstrain::kernels::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxChunks = 4096;
+constexpr int kMaxChunks = 1024;
 constexpr int kRowsPerThread = 8;
 
 // ---- vector access: V elements of T, 16 bytes when V > 1.
@@ -133,11 +133,10 @@ struct Layout {
 
 // Blocks per multiprocessor that every pass kernel fits (__launch_bounds__ says so to the compiler).
 constexpr int kPassBlocksPerSm = 2;
-int pass_blocks(int device) { return kPassBlocksPerSm * sm_count(device); }
 
-// max_blocks: how many blocks of the pass's kernel the device holds at once. The grid is at most
-// that (one wave, no tail of half-empty waves), each thread striding over rows.
-Layout make_layout(std::int64_t M, std::int64_t K, int V, int max_blocks) {
+// The grid is at most one wave of resident blocks on `device` (no tail of half-empty waves), each
+// thread striding over rows.
+Layout make_layout(std::int64_t M, std::int64_t K, int V, int device) {
   Layout l;
   l.M = M;
   l.K = K;
@@ -154,7 +153,7 @@ Layout make_layout(std::int64_t M, std::int64_t K, int V, int max_blocks) {
   // of the data (one row per thread would write as many partial sums as it reads values).
   const std::int64_t needed = (M + static_cast<std::int64_t>(l.by) * kRowsPerThread - 1) /
                               (static_cast<std::int64_t>(l.by) * kRowsPerThread);
-  const std::int64_t want = std::max<std::int64_t>(1, max_blocks / l.gx);
+  const std::int64_t want = std::max<std::int64_t>(1, kPassBlocksPerSm * sm_count(device) / l.gx);
   l.gy = static_cast<int>(std::clamp<std::int64_t>(std::min(needed, want), 1, kMaxChunks));
   return l;
 }
@@ -198,9 +197,9 @@ __device__ __forceinline__ void store_partials(float (&a1)[V], float (&a2)[V], f
 // Forward statistics without GenStats: per chunk, sum (y - s) and sum (y - s)^2 with s = row 0's
 // value of the channel (a sample of the channel keeps the variance free of cancellation).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) stats_partials_kernel(const T* __restrict__ y, std::int64_t M,
-                                                                  std::int64_t K, float* __restrict__ p1,
-                                                                  float* __restrict__ p2) {
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
+    stats_partials_kernel(const T* __restrict__ y, std::int64_t M, std::int64_t K, float* __restrict__ p1,
+                          float* __restrict__ p2) {
   __shared__ float smem[V * kThreads];
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < K;
@@ -294,11 +293,10 @@ __device__ __forceinline__ void load_consts(ChannelConsts<V>& k, std::int64_t c0
 
 // z = relu(bn(y)).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_forward_kernel(const T* __restrict__ y, std::int64_t M,
-                                                                 std::int64_t K, const float* __restrict__ mean,
-                                                                 const float* __restrict__ invstd,
-                                                                 const float* __restrict__ gamma,
-                                                                 const float* __restrict__ beta, T* __restrict__ z) {
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
+    apply_forward_kernel(const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
+                         const float* __restrict__ invstd, const float* __restrict__ gamma,
+                         const float* __restrict__ beta, T* __restrict__ z) {
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   ChannelConsts<V> k;
@@ -406,8 +404,8 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_ker
 
 // z = relu(z + bias) in place (inference without the fused graph).
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) bias_relu_kernel(T* __restrict__ z, std::int64_t M, std::int64_t K,
-                                                             const float* __restrict__ bias) {
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
+    bias_relu_kernel(T* __restrict__ z, std::int64_t M, std::int64_t K, const float* __restrict__ bias) {
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   float b[V];
@@ -541,7 +539,7 @@ Tensor materialise_activation(CudaState& st, const Tensor& x, const ops::Chained
   const std::int64_t M = x.numel() / std::max<std::int64_t>(C, 1);
   void* a = st.ensure_activations(x.nbytes());
   const int V = vector_width<T>(C, {x.data(), a});
-  const Layout l = make_layout(M, C, V, pass_blocks(st.device));
+  const Layout l = make_layout(M, C, V, st.device);
   with_width<T>(V, [&](auto v) {
     apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
         static_cast<const T*>(x.data()), M, C, in.save_mean->data_as<float>(), in.save_invstd->data_as<float>(),
@@ -595,7 +593,7 @@ Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const 
   }
   const T* y = static_cast<const T*>(conv_out.data());
   const int V = vector_width<T>(K, {conv_out.data()});
-  const Layout l = make_layout(M, K, V, pass_blocks(st.device));
+  const Layout l = make_layout(M, K, V, st.device);
   const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
   char* base = static_cast<char*>(st.ensure_workspace(2 * part));  // after the convolution: may reallocate
   Partials<T> r;
@@ -640,7 +638,7 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   DSTRAIN_CUDA_CHECK_LAUNCH();
   if (p.chained_output) return;  // the next layer applies BN + ReLU in its own prologue
   const int V = vector_width<T>(K, {conv_out.data(), z.data()});
-  const Layout l = make_layout(M, K, V, pass_blocks(st.device));
+  const Layout l = make_layout(M, K, V, st.device);
   with_width<T>(V, [&](auto v) {
     apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
         static_cast<const T*>(conv_out.data()), M, K, save_mean.data_as<float>(), save_invstd.data_as<float>(),
@@ -661,7 +659,7 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
     return;
   }
   const int V = vector_width<T>(K, {dz, y, out});
-  const Layout l = make_layout(M, K, V, pass_blocks(st.device));
+  const Layout l = make_layout(M, K, V, st.device);
   const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
   char* base = static_cast<char*>(st.ensure_workspace(2 * part));
   float* p1 = reinterpret_cast<float*>(base);
@@ -747,7 +745,7 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     dgrad_plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
     // dx holds g = dL/da masked by the ReLU; dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
     const int V = vector_width<T>(C, {xp, dxp});
-    const Layout l = make_layout(M_in, C, V, pass_blocks(st.device));
+    const Layout l = make_layout(M_in, C, V, st.device);
     with_width<T>(V, [&](auto v) {
       apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
           dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
@@ -843,7 +841,7 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
     cuda::conv2d_forward(ctx, x, w, z, p);
     DSTRAIN_DISPATCH_ACT_DTYPE(z.dtype(), "conv_bias_relu_forward", {
       const int V = vector_width<T>(K, {z.data()});
-      const Layout l = make_layout(M, K, V, pass_blocks(st.device));
+      const Layout l = make_layout(M, K, V, st.device);
       with_width<T>(V, [&](auto v) {
         bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
             static_cast<T*>(z.data()), M, K, bias.data_as<float>());

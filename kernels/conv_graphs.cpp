@@ -269,7 +269,8 @@ std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& 
   }
   // Timed outside the lock: a candidate may make choices of its own (a convolution inside).
   std::vector<float> ms;
-  for (const auto& candidate : candidates) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, candidate) / 3.0f);
+  for (const auto& candidate : candidates)
+    ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, candidate) / 3.0f);
   const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
   if (choices_logged()) {
     static const char* const names[] = {"training statistics: GenStats graph / conv + pass",

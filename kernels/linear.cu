@@ -88,9 +88,8 @@ AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t de
   std::vector<AlgoChoice> offered;
   for (int i = 0; i < returned; ++i)
     if (results[i].state == CUBLAS_STATUS_SUCCESS) offered.push_back({results[i].algo, results[i].workspaceSize});
-  if (offered.empty())
-    DSTRAIN_THROW(ErrorCode::Cublas, "cuBLASLt found no algorithm for a " + std::to_string(g.m) + "x" +
-                                         std::to_string(g.n) + "x" + std::to_string(g.k) + " product");
+  const std::string product = std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
+  if (offered.empty()) DSTRAIN_THROW(ErrorCode::Cublas, "cuBLASLt found no algorithm for a " + product + " product");
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
   if (offered.size() == 1 || ops::deterministic() || capture != cudaStreamCaptureStatusNone) return offered[0];
@@ -116,13 +115,11 @@ AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t de
       best = i;
     }
   }
-  if (best_ms < 0.0f)
-    DSTRAIN_THROW(ErrorCode::Cublas, "no cuBLASLt algorithm ran for a " + std::to_string(g.m) + "x" +
-                                         std::to_string(g.n) + "x" + std::to_string(g.k) + " product");
+  if (best_ms < 0.0f) DSTRAIN_THROW(ErrorCode::Cublas, "no cuBLASLt algorithm ran for a " + product + " product");
   if (choices_logged())
-    detail::log_warning("choice cuBLASLt algorithm for " + std::to_string(g.m) + "x" + std::to_string(g.n) + "x" +
-                        std::to_string(g.k) + (g.bias == nullptr ? "" : g.relu ? " RELU_BIAS" : " BIAS") +
-                        ": heuristic order " + times + " ms; took #" + std::to_string(best));
+    detail::log_warning("choice cuBLASLt algorithm for " + product +
+                        (g.bias == nullptr ? "" : g.relu ? " RELU_BIAS" : " BIAS") + ": heuristic order " + times +
+                        " ms; took #" + std::to_string(best));
   return offered[best];
 }
 
