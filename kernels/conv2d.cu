@@ -31,6 +31,7 @@
 #include "cuda_check.h"
 #include "conv_graphs.h"
 #include "cuda_state.h"
+#include "implicit_gemm_conv.h"
 #include "ops_cuda.h"
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -312,17 +313,23 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
                                      y.data());
     });
   };
-  // A 1x1 convolution is a GEMM: cuBLASLt's or cuDNN's kernels, whichever was fastest for the
-  // shape (cuBLASLt falls back to cuDNN where it does not apply). In deterministic mode cuDNN's
+  // Where our implicit GEMM applies (Hopper, fp16/bf16, stride 1, C and K multiples of 64) it
+  // competes with cuDNN; a 1x1 convolution is also a GEMM for cuBLASLt (which falls back to cuDNN
+  // where it does not apply). The fastest for the shape is kept. In deterministic mode cuDNN's
   // deterministic choice stands.
+  const bool own = implicit_gemm_forward_applies(st.device, x, w, y, p, false);
+  auto with_own = [&] { implicit_gemm_forward(st, x, w, y, p, nullptr, nullptr); };
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
     auto with_lt = [&] {
       if (!pointwise_conv_gemm(st, x, w, nullptr, y)) with_cudnn();
     };
-    if (first_is_faster(st, Site::PointwiseForward, x, w, p, with_lt, with_cudnn))
-      with_lt();
-    else
-      with_cudnn();
+    std::vector<Way> ways{{"cuBLASLt", with_lt}, {"cuDNN", with_cudnn}};
+    if (own) ways.push_back({"implicit GEMM", with_own});
+    ways[fastest_way(st, Site::PointwiseForward, x, w, p, ways)].run();
+    return;
+  }
+  if (own && !first_is_faster(st, Site::Forward, x, w, p, with_cudnn, with_own)) {
+    with_own();
     return;
   }
   with_cudnn();

@@ -39,6 +39,7 @@
 #include "cuda_state.h"
 #include "conv_graphs.h"
 #include "elem_types.cuh"
+#include "implicit_gemm_conv.h"
 #include "ops_cuda.h"
 
 namespace dstrain::kernels::cuda {
@@ -577,6 +578,19 @@ Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, con
   return r;
 }
 
+// The implicit GEMM with the column sums and sums of squares in its epilogue (as GenStats).
+template <class T>
+Partials<T> stats_with_implicit_gemm(CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
+                                     const ops::Conv2dParams& p) {
+  const std::size_t sums = round_up(sizeof(float) * static_cast<std::size_t>(conv_out.dim(3)));
+  char* base = static_cast<char*>(st.ensure_workspace(2 * sums));
+  Partials<T> r;
+  r.p1 = reinterpret_cast<float*>(base);
+  r.p2 = reinterpret_cast<float*>(base + sums);
+  implicit_gemm_forward(st, x, w, conv_out, p, r.p1, r.p2);
+  return r;
+}
+
 template <class T>
 Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
                             const ops::Conv2dParams& p, bool conv_out_given, const ops::ChainedInput* in) {
@@ -624,14 +638,31 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   else if (!p.conv_out_given)
     plan = conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
                            {x.data(), w.data(), conv_out.data()});
-  const bool use_graph =
-      plan != nullptr &&
-      graph_is_faster(
-          st, prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv,
-          [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); },
-          [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
-  const Partials<T> part = use_graph ? stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue)
-                                     : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
+  Partials<T> part;
+  if (prologue == nullptr && !p.conv_out_given &&
+      implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true)) {
+    // Three ways: cuDNN's GenStats graph, the convolution and a statistics pass, or our implicit
+    // GEMM with the statistics in its epilogue.
+    std::vector<Way> ways;
+    std::vector<std::function<Partials<T>()>> runs;
+    if (plan != nullptr) runs.push_back([&] { return stats_with_genstats<T>(st, *plan, x, w, conv_out, nullptr); });
+    if (plan != nullptr) ways.push_back({"GenStats graph", [&] { runs.front()(); }});
+    runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, nullptr); });
+    runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv); });
+    ways.push_back({"conv + pass", [&] { runs[runs.size() - 2](); }});
+    ways.push_back({"implicit GEMM", [&] { runs.back()(); }});
+    part = plan != nullptr && conv_graphs_forced() ? runs.front()()
+                                                   : runs[fastest_way(st, Site::ForwardStats, x, w, p.conv, ways)]();
+  } else {
+    const bool use_graph =
+        plan != nullptr &&
+        graph_is_faster(
+            st, prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv,
+            [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); },
+            [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
+    part = use_graph ? stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue)
+                     : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
+  }
   finalize_forward_kernel<T><<<finalize_grid(K), finalize_block(), 0, stream>>>(
       part.p1, part.p2, part.chunks, part.shift, M, K, p.bn.eps, p.bn.momentum, save_mean.data_as<float>(),
       save_invstd.data_as<float>(), running_mean.data_as<float>(), running_var.data_as<float>());

@@ -228,7 +228,7 @@ namespace {
 
 struct SpeedChoices {
   std::mutex mutex;
-  std::map<std::array<std::int64_t, 14>, std::size_t> fastest;
+  std::map<std::array<std::int64_t, 15>, std::size_t> fastest;
 };
 
 // DSTRAIN_FORCE_CHOICE=i: -1 when unset.
@@ -253,39 +253,47 @@ bool choices_logged() {
   return logged;
 }
 
-std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                       std::initializer_list<std::function<void()>> candidates) {
-  if (candidates.size() == 0) DSTRAIN_THROW(ErrorCode::Internal, "fastest_of: no candidate");
+std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                        const std::vector<Way>& ways) {
+  if (ways.empty()) DSTRAIN_THROW(ErrorCode::Internal, "fastest_way: no way offered");
   if (const long forced = forced_choice(); forced >= 0)
-    return std::min<std::size_t>(static_cast<std::size_t>(forced), candidates.size() - 1);
+    return std::min<std::size_t>(static_cast<std::size_t>(forced), ways.size() - 1);
   static auto* choices = new SpeedChoices();  // never destroyed, as the plan caches
-  const std::array<std::int64_t, 14> key{st.device, static_cast<std::int64_t>(site), x.dim(0), x.dim(1), x.dim(2),
+  const std::array<std::int64_t, 15> key{st.device, static_cast<std::int64_t>(site), x.dim(0), x.dim(1), x.dim(2),
                                          x.dim(3), w.dim(0), w.dim(1), w.dim(2), p.stride_h, p.stride_w, p.pad_h,
-                                         p.pad_w, static_cast<std::int64_t>(x.dtype())};
+                                         p.pad_w, static_cast<std::int64_t>(x.dtype()),
+                                         static_cast<std::int64_t>(ways.size())};
   {
     std::lock_guard<std::mutex> lock(choices->mutex);
     auto it = choices->fastest.find(key);
     if (it != choices->fastest.end()) return it->second;
   }
-  // Timed outside the lock: a candidate may make choices of its own (a convolution inside).
+  // Timed outside the lock: a way may make choices of its own (a convolution inside).
   std::vector<float> ms;
-  for (const auto& candidate : candidates)
-    ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, candidate) / 3.0f);
+  for (const Way& way : ways) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, way.run) / 3.0f);
   const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
   if (choices_logged()) {
-    static const char* const names[] = {"training statistics: GenStats graph / conv + pass",
-                                        "chained forward: prologue graph / separate kernels",
-                                        "chained wgrad: prologue graph / separate kernels",
-                                        "chained dgrad: epilogue graph / separate kernels",
-                                        "1x1 forward: cuBLASLt / cuDNN",
-                                        "1x1 conv + bias + ReLU: cuBLASLt / cuDNN"};
+    static const char* const sites[] = {"training statistics",  "chained forward", "chained wgrad",
+                                        "chained dgrad",        "1x1 forward",     "1x1 conv + bias + ReLU",
+                                        "convolution forward"};
     std::string times;
-    for (float t : ms) times += (times.empty() ? "" : " / ") + std::to_string(t);
-    detail::log_warning(std::string("choice ") + names[static_cast<int>(site)] + " for x " + shape_str(x.shape()) +
+    for (std::size_t i = 0; i < ways.size(); ++i)
+      times += (i > 0 ? " / " : "") + std::string(ways[i].name) + " " + std::to_string(ms[i]);
+    detail::log_warning(std::string("choice ") + sites[static_cast<int>(site)] + " for x " + shape_str(x.shape()) +
                         " w " + shape_str(w.shape()) + " " + dtype_name(x.dtype()) + ": " + times + " ms");
   }
   std::lock_guard<std::mutex> lock(choices->mutex);
   return choices->fastest.emplace(key, best).first->second;  // another thread may have won
+}
+
+bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                     const std::function<void()>& first, const std::function<void()>& second) {
+  static const char* const names[][2] = {{"GenStats graph", "conv + pass"},   {"prologue graph", "separate kernels"},
+                                         {"prologue graph", "separate kernels"}, {"epilogue graph", "separate kernels"},
+                                         {"cuBLASLt", "cuDNN"},                 {"cuBLASLt", "cuDNN"},
+                                         {"cuDNN", "implicit GEMM"}};
+  const auto& n = names[static_cast<int>(site)];
+  return fastest_way(st, site, x, w, p, {{n[0], first}, {n[1], second}}) == 0;
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
+#include <vector>
 
 #include "cuda_state.h"
 #include "cudnn_graph.h"
@@ -94,11 +95,13 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // shape, dtype) is first seen and the fastest is kept: neither cuDNN's fused graphs nor its
 // kernels are always the faster (GenStats in bf16 for some shapes, the runtime-fused prologue
 // and epilogue graphs of chained layers for others; for 1x1 convolutions cuBLASLt's GEMMs and
-// cuDNN's kernels each win some shapes).
+// cuDNN's kernels each win some shapes; the implicit GEMM of implicit_gemm_conv.h others).
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
-// pass; for a chained input, the prologue graph, or materialising the activation first); a chained
-// input's wgrad and dgrad (fused graph, or separate kernels); a 1x1 convolution forward and the
-// inference conv + bias + ReLU (cuBLASLt, cuDNN).
+// pass, or the implicit GEMM with statistics in its epilogue; for a chained input, the prologue
+// graph, or materialising the activation first); a chained input's wgrad and dgrad (fused graph,
+// or separate kernels); a 1x1 convolution forward (cuBLASLt, cuDNN, implicit GEMM) and the
+// inference conv + bias + ReLU (cuBLASLt, cuDNN); any other convolution forward (cuDNN, implicit
+// GEMM).
 enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,
@@ -106,19 +109,25 @@ enum class Site : std::int64_t {
   ChainedDgrad = 3,
   PointwiseForward = 4,
   PointwiseBiasRelu = 5,
+  Forward = 6,
 };
 
-// Index of the candidate that was the fastest at the first call for this key (x, w, p and the
-// dtype of x). Every candidate must write only its outputs and scratch: they all run here, before
-// the caller's real call. DSTRAIN_FORCE_CHOICE=i takes candidate i (the last one if there are
-// fewer) without timing, for tests of each path.
-std::size_t fastest_of(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                       std::initializer_list<std::function<void()>> candidates);
+// One way of computing a site's outputs; the name is what DSTRAIN_LOG_CHOICES prints.
+struct Way {
+  const char* name;
+  std::function<void()> run;
+};
 
-inline bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                            const std::function<void()>& first, const std::function<void()>& second) {
-  return fastest_of(st, site, x, w, p, {first, second}) == 0;
-}
+// Index of the way that was the fastest at the first call for this key (x, w, p, the dtype of x
+// and the number of ways offered). Every way must write only its outputs and scratch: they all
+// run here, before the caller's real call. DSTRAIN_FORCE_CHOICE=i takes way i (the last one if
+// there are fewer) without timing, for tests of each path.
+std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                        const std::vector<Way>& ways);
+
+// fastest_way between two ways named by the site (the first two of its list above) == 0.
+bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                     const std::function<void()>& first, const std::function<void()>& second);
 
 // first_is_faster for a fused graph against separate kernels; always true under
 // DSTRAIN_CONV_GRAPHS=force.

@@ -100,6 +100,8 @@ const Case kCases[] = {
     {{2, 9, 11, 5}, 7, 3, 2},     // odd channels, stride 2: separate kernels, scalar passes
     {{1, 8, 8, 16}, 64, 1, 1},    // N = 1, 1x1
     {{3, 10, 6, 8}, 24, 1, 2},    // 1x1 stride 2, non-square
+    {{2, 9, 7, 64}, 128, 3, 1},   // C, K multiples of 64: the implicit GEMM with statistics (Hopper)
+    {{2, 5, 6, 128}, 64, 1, 1},   // the same, 1x1
 };
 
 const DType kTypes[] = {DType::F32, DType::F16, DType::BF16};

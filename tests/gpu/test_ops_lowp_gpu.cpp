@@ -121,6 +121,42 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
   }
 }
 
+// Shapes our implicit-GEMM forward takes on a Hopper device (C and K multiples of 64, stride 1):
+// with DSTRAIN_FORCE_CHOICE=1 and 2 (ctest gpu_conv_choice_*) it computes them, otherwise the
+// fastest of it and cuDNN / cuBLASLt. Rows that fill no whole tile, images smaller than a tile,
+// non-square images and filters, no padding, and K that only the narrower tiles divide.
+TEST_CASE("CUDA conv2d forward with C and K multiples of 64 in fp16/bf16 matches the CPU reference",
+          "[gpu][lowp][conv][implicit_gemm]") {
+  Context g = Context::cuda(0), c = Context::cpu();
+  struct Case {
+    Shape x;
+    std::int64_t K;
+    int R, S, pad_h, pad_w;
+  };
+  const Case cases[] = {
+      {{2, 9, 7, 64}, 64, 3, 3, 1, 1},   {{3, 5, 6, 128}, 192, 3, 3, 1, 1}, {{1, 8, 8, 64}, 128, 3, 3, 0, 0},
+      {{2, 7, 7, 192}, 256, 3, 3, 1, 1}, {{1, 4, 33, 64}, 64, 5, 3, 2, 1},  {{2, 9, 13, 128}, 512, 1, 1, 0, 0},
+      {{1, 3, 3, 512}, 512, 3, 3, 1, 1},
+  };
+  for (DType dt : kLowTypes) {
+    for (const Case& cs : cases) {
+      DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " " << cs.R << "x"
+                                     << cs.S) {
+        SEEDED_RNG(rng);
+        ops::Conv2dParams p;
+        p.pad_h = cs.pad_h;
+        p.pad_w = cs.pad_w;
+        Tensor x = random_low(cs.x, dt, rng), w = random_low({cs.K, cs.R, cs.S, cs.x[3]}, dt, rng);
+        const Shape ys = ops::conv2d_output_shape(cs.x, w.shape(), p);
+        Tensor y_ref = poisoned(ys, Device::cpu(), dt), y = poisoned(ys, gpu(), dt);
+        ops::conv2d_forward(c, x, w, y_ref, p);
+        ops::conv2d_forward(g, x.to(gpu()), w.to(gpu()), y, p);
+        require_close(g, y, y_ref, 8.0);
+      }
+    }
+  }
+}
+
 // 1x1 convolutions are GEMMs: cuBLASLt's (its fastest algorithm for the shape) or cuDNN's, timed
 // per shape (run with DSTRAIN_FORCE_CHOICE=0 and 1 by ctest to check each path). The shapes
 // cover row counts that are no multiple of a tile, channel counts that fill a tile only in part,

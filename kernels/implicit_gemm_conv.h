@@ -1,0 +1,25 @@
+// The convolution forward of our own on Hopper tensor cores (kernels/sm90/): an implicit GEMM with
+// TMA operand loads and wgmma, optionally producing the per-channel sums and sums of squares of
+// its output (BatchNorm's batch statistics) in its epilogue. It competes with cuDNN and cuBLASLt
+// at the timed choices of conv2d.cu and conv_bn_relu.cu. Included only by CUDA translation units.
+#pragma once
+#include "cuda_state.h"
+#include "dstrain/ops.h"
+#include "dstrain/tensor.h"
+
+namespace dstrain::kernels::cuda {
+
+// True when the kernel can compute y = conv(x, w): a compute capability 9.0 device; fp16 or bf16
+// x, w and y; stride 1; padding smaller than the filter; C and K multiples of 64; 16-byte aligned
+// data; with_stats: K <= 1024. Never in deterministic mode (the statistics use atomics, and a
+// fixed choice of kernel keeps results repeatable).
+bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
+                                   const ops::Conv2dParams& p, bool with_stats);
+
+// y = conv(x, w) (NHWC, KRSC). With sum and sqsum (fp32 [K], any contents) they receive the column
+// sums and sums of squares of y as stored. The tile configuration is the fastest for the shape,
+// timed on first use (untimed during stream capture). Throws where it does not apply.
+void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
+                           float* sum, float* sqsum);
+
+}  // namespace dstrain::kernels::cuda

@@ -1,0 +1,168 @@
+// Host side of the implicit-GEMM convolution forward (implicit_gemm_conv.h). This translation unit
+// is compiled for sm_90a only (CMakeLists.txt): the wgmma and TMA instructions exist there.
+#include "implicit_gemm_conv.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "conv_graphs.h"
+#include "cuda_check.h"
+#include "cudnn_graph.h"
+#include "dstrain/error.h"
+#include "sm90/implicit_gemm_conv_kernels.cuh"
+
+namespace dstrain::kernels::cuda {
+
+namespace {
+
+using igemm::ForwardVariant;
+
+bool is_sm90(int device) {
+  static std::mutex mutex;
+  static std::map<int, bool> known;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  int major = 0, minor = 0;
+  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
+                  major == 9 && minor == 0;
+  return known.emplace(device, ok).first->second;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p, float* sum,
+                               float* sqsum) {
+  igemm::ConvForwardArgs a{};
+  a.x = x.data();
+  a.w = w.data();
+  a.y = y.data();
+  a.sum = sum;
+  a.sqsum = sqsum;
+  a.N = static_cast<int>(x.dim(0));
+  a.H = static_cast<int>(x.dim(1));
+  a.W = static_cast<int>(x.dim(2));
+  a.C = static_cast<int>(x.dim(3));
+  a.K = static_cast<int>(w.dim(0));
+  a.R = static_cast<int>(w.dim(1));
+  a.S = static_cast<int>(w.dim(2));
+  a.P = static_cast<int>(y.dim(1));
+  a.Q = static_cast<int>(y.dim(2));
+  a.pad_h = p.pad_h;
+  a.pad_w = p.pad_w;
+  a.M = a.N * a.P * a.Q;
+  return a;
+}
+
+std::vector<ForwardVariant> variants_for(int K) {
+  std::vector<ForwardVariant> v;
+  for (int i = 0; i < igemm::kForwardVariants; ++i) {
+    const auto f = static_cast<ForwardVariant>(i);
+    if (K % igemm::variant_bn(f) == 0) v.push_back(f);
+  }
+  return v;
+}
+
+// Untimed pick (stream capture): wide tiles where K allows them and the reduction is long.
+ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
+  const int reduction = a.R * a.S * a.C;
+  if (a.K % 256 == 0 && reduction >= 2048) return ForwardVariant::M128N256;
+  if (a.K % 128 == 0) return ForwardVariant::M128N128;
+  return ForwardVariant::M256N64;
+}
+
+const char* variant_name(ForwardVariant v) {
+  switch (v) {
+    case ForwardVariant::M128N64: return "128x64";
+    case ForwardVariant::M256N64: return "256x64";
+    case ForwardVariant::M128N128: return "128x128";
+    case ForwardVariant::M256N128: return "256x128";
+    default: return "128x256";
+  }
+}
+
+void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DType dt) {
+  cudaStream_t stream = st.cuda_stream();
+  if (a.sum != nullptr) {
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, sizeof(float) * static_cast<std::size_t>(a.K), stream));
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sqsum, 0, sizeof(float) * static_cast<std::size_t>(a.K), stream));
+  }
+  igemm::ConvTensorMaps maps{};
+  const bool half = dt == DType::F16;
+  const cudaError_t mapped =
+      half ? igemm::make_tensor_maps<__half>(a, v, maps) : igemm::make_tensor_maps<__nv_bfloat16>(a, v, maps);
+  if (mapped != cudaSuccess)
+    DSTRAIN_THROW(ErrorCode::Cuda, "implicit-GEMM convolution: the driver refused its tensor maps (" +
+                                       std::string(cudaGetErrorString(mapped)) + ")");
+  DSTRAIN_CUDA_CHECK(half ? igemm::conv_forward<__half>(v, a, maps, stream)
+                          : igemm::conv_forward<__nv_bfloat16>(v, a, maps, stream));
+}
+
+// The fastest variant for (device, shape, dtype, statistics), timed on first use.
+ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DType dt, const Tensor& x,
+                              const Tensor& w) {
+  static std::mutex mutex;
+  static auto* chosen = new std::map<std::array<int, 13>, ForwardVariant>();  // never destroyed
+  const std::array<int, 13> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w,
+                                static_cast<int>(dt), a.sum != nullptr, 0};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen->find(key);
+    if (it != chosen->end()) return it->second;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
+  if (capture != cudaStreamCaptureStatusNone) return default_variant(a);
+  const std::vector<ForwardVariant> vs = variants_for(a.K);
+  std::vector<float> ms;
+  for (ForwardVariant v : vs) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch(st, v, a, dt); }));
+  const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
+  if (choices_logged()) {
+    std::string times;
+    for (std::size_t i = 0; i < vs.size(); ++i)
+      times += (i > 0 ? " / " : "") + std::string(variant_name(vs[i])) + " " + std::to_string(ms[i] / 3.0f);
+    detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
+                        dtype_name(dt) + (a.sum != nullptr ? " with statistics" : "") + ": " + times + " ms");
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  return chosen->emplace(key, vs[best]).first->second;
+}
+
+}  // namespace
+
+bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
+                                   const ops::Conv2dParams& p, bool with_stats) {
+  if (ops::deterministic() || !is_sm90(device)) return false;
+  const DType dt = x.dtype();
+  if ((dt != DType::F16 && dt != DType::BF16) || w.dtype() != dt || y.dtype() != dt) return false;
+  if (x.ndim() != 4 || w.ndim() != 4 || y.ndim() != 4) return false;
+  const std::int64_t C = x.dim(3), K = w.dim(0), R = w.dim(1), S = w.dim(2);
+  if (C % 64 != 0 || K % 64 != 0 || w.dim(3) != C || y.dim(3) != K) return false;
+  if (p.stride_h != 1 || p.stride_w != 1 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= R || p.pad_w >= S) return false;
+  if (R > 64 || S > 64) return false;  // the im2col box corners are 8-bit
+  if (with_stats && K > igemm::kMaxStatsChannels) return false;
+  if (!aligned16(x.data()) || !aligned16(w.data()) || !aligned16(y.data())) return false;
+  // 32-bit indices: output rows, and the reduction length of one filter row.
+  return y.numel() / K < (std::int64_t(1) << 31) && R * S * C < (std::int64_t(1) << 31) && x.numel() > 0 &&
+         y.numel() > 0;
+}
+
+void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
+                           float* sum, float* sqsum) {
+  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, sum != nullptr))
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
+  if ((sum == nullptr) != (sqsum == nullptr))
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: sum and sqsum go together");
+  const igemm::ConvForwardArgs a = args_of(x, w, y, p, sum, sqsum);
+  launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
+}
+
+}  // namespace dstrain::kernels::cuda

@@ -1,0 +1,385 @@
+// Implicit-GEMM convolution forward on Hopper tensor cores (wgmma), NHWC fp16/bf16, stride 1.
+//
+// GEMM view: y[m, k] = sum over (r, s, c) of x[n, p + r - pad_h, q + s - pad_w, c] * w[k, r, s, c],
+// m = (n, p, q). A persistent CTA walks BM x BN tiles of y. One producer thread feeds a ring of
+// shared-memory stages with the tensor memory accelerator (TMA): per step, BM input pixels x 64
+// channels of one filter tap through an im2col tensor map (zeros outside the image), and BN filter
+// rows x the same 64 channels through a tiled map, both in wgmma's 128-byte swizzled layout. Two
+// consumer warpgroups each multiply BM / 2 rows by BN columns (m64nBNk16, fp32 accumulators). The
+// producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
+// Epilogue: round to the output type into shared memory, bulk-store it with TMA (rows past M are
+// not written), and optionally add each column's sum and sum of squares (of the rounded values:
+// the BatchNorm statistics of what is stored) into fp32 arrays.
+//
+// Requirements (checked by the host side, implicit_gemm_conv.cu): C % 64 == 0, K % BN == 0,
+// 16-byte aligned x, w and y, stride 1, dilation 1, padding < filter size. Compiled for sm_90a
+// only: elsewhere the kernel bodies are empty and never launched.
+#pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "sm90_ptx.cuh"
+
+namespace dstrain::kernels::cuda::igemm {
+
+struct ConvForwardArgs {
+  const void* x;  // [N, H, W, C]
+  const void* w;  // [K, R, S, C]
+  void* y;        // [N, P, Q, K]
+  float* sum;     // [K] or null: column sums of y are added here
+  float* sqsum;   // [K] or null (given with sum): column sums of squares
+  int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
+  int M;  // N * P * Q
+};
+
+// Built on the host (make_tensor_maps), passed as a __grid_constant__ kernel parameter.
+struct ConvTensorMaps {
+  CUtensorMap x;  // im2col over [N, H, W, C]: 64 channels x BM pixels per copy
+  CUtensorMap w;  // tiled over [K, R*S*C]: 64 x BN per copy
+  CUtensorMap y;  // tiled over [M, K]: 64 x 64 per store
+};
+
+constexpr int kBK = 64;        // channels per step: one 128-byte swizzled row
+// Two consumer warpgroups (threads 0-255) and one producer warp (256-287): the producer needs a
+// single thread, and a smaller block leaves the consumers more registers.
+constexpr int kThreads = 288;
+constexpr int kRowBytes = kBK * 2;
+constexpr int kMaxStatsChannels = 1024;
+
+// A kernel configuration: BN columns per tile, kMAtoms m64 blocks per consumer warpgroup (the tile
+// has 128 kMAtoms rows), kStages pipeline stages, kMinBlocks CTAs per multiprocessor.
+template <int BN_, int kMAtoms_, int kStages_, int kMinBlocks_>
+struct Config {
+  static constexpr int BN = BN_, kMAtoms = kMAtoms_, kStages = kStages_, kMinBlocks = kMinBlocks_;
+  static constexpr int BM = 128 * kMAtoms;
+  static constexpr int kABytes = BM * kRowBytes;
+  static constexpr int kBBytes = BN * kRowBytes;
+  static constexpr int kStageBytes = kABytes + kBBytes;
+  // Each consumer warpgroup stages its kMAtoms x (BN / 64) output blocks of 64 x 64, swizzled as
+  // the store's tensor map expects (16-byte chunk c of row r at chunk c ^ (r % 8)).
+  static constexpr int kOutBlockBytes = 64 * 128;
+  static constexpr int kOutBytesPerGroup = kMAtoms * (BN / 64) * kOutBlockBytes;
+  static constexpr int kOutOffset = kStages * kStageBytes;
+  static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytesPerGroup;
+  static constexpr int kStatsOffset = kBarrierOffset + 2 * kStages * 8;
+  static constexpr int kBytes = kStatsOffset + 2 * kMaxStatsChannels * 4 + 1024;  // + alignment slack
+  static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
+};
+
+template <typename T>
+struct MmaType;
+template <>
+struct MmaType<__half> {
+  using type = sm90::MmaF16;
+  using pair = __half2;
+  static constexpr CUtensorMapDataType kMapType = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
+  static __device__ __forceinline__ pair make(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ float2 back(pair v) { return __half22float2(v); }
+};
+template <>
+struct MmaType<__nv_bfloat16> {
+  using type = sm90::MmaBF16;
+  using pair = __nv_bfloat162;
+  static constexpr CUtensorMapDataType kMapType = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  static __device__ __forceinline__ pair make(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ float2 back(pair v) { return __bfloat1622float2(v); }
+};
+
+// Synchronises the 128 threads of consumer warpgroup cw (named barriers 2 and 3; 1 is both groups).
+__device__ __forceinline__ void group_barrier(int cw) {
+  if (cw == 0)
+    asm volatile("bar.sync 2, 128;\n" ::: "memory");
+  else
+    asm volatile("bar.sync 3, 128;\n" ::: "memory");
+}
+
+// Byte offset of element (row, col) in a warpgroup's staged output (row < 64 kMAtoms, col < BN).
+template <typename Cfg>
+__device__ __forceinline__ std::uint32_t out_offset(int row, int col) {
+  const int atom = row / 64, r = row % 64, block = col / 64, byte = (col % 64) * 2;
+  return static_cast<std::uint32_t>(((atom * (Cfg::BN / 64) + block) * 64 + r) * 128 +
+                                    (((byte / 16) ^ (r % 8)) * 16) + byte % 16);
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
+    conv_forward_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BN = Cfg::BN, BM = Cfg::BM, kStages = Cfg::kStages, kMAtoms = Cfg::kMAtoms;
+  using Traits = MmaType<T>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  const std::uint32_t smem_base = sm90::smem_addr(smem);
+  const std::uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // kStages barriers, 8 bytes each
+  const std::uint32_t empty_bar = full_bar + 8 * kStages;
+  float* s_sum = reinterpret_cast<float*>(smem + Cfg::kStatsOffset);  // [K]: this CTA's column sums
+  float* s_sq = s_sum + kMaxStatsChannels;
+
+  const int tid = threadIdx.x;
+  const int c_steps = a.C / kBK;
+  const int k_iters = a.R * a.S * c_steps;
+  const int n_tiles = a.K / BN;
+  const int tiles = (a.M + BM - 1) / BM * n_tiles;
+  const bool stats = a.sum != nullptr;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbar_init(full_bar + 8 * s, 1);     // the producer's arrival with the stage's byte count
+      sm90::mbar_init(empty_bar + 8 * s, 256);  // one arrival per consumer thread
+    }
+    sm90::mbar_init_fence();
+  }
+  if (stats)
+    for (int i = tid; i < a.K; i += kThreads) s_sum[i] = s_sq[i] = 0.0f;
+  __syncthreads();
+
+  if (tid >= 256) {
+    // Producer: one thread. Tile row m0 starts at output pixel (n, p, q), whose filter window's
+    // top-left input pixel is (p - pad_h, q - pad_w); the im2col copy walks BM such windows.
+    if (tid == 256) {
+      const int pq = a.P * a.Q;
+      int g = 0;  // pipeline step, continuous across tiles
+      for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+        const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
+        const int n = m0 / pq, rem = m0 - n * pq;
+        const int p = rem / a.Q, q = rem - p * a.Q;
+        for (int it = 0; it < k_iters; ++it, ++g) {
+          const int stage = g % kStages;
+          sm90::mbar_wait(empty_bar + 8 * stage, ((g / kStages) & 1) ^ 1);
+          const int tap = it / c_steps, cs = it - tap * c_steps;
+          const int r = tap / a.S, s = tap - r * a.S;
+          const std::uint32_t dst = smem_base + stage * Cfg::kStageBytes;
+          sm90::mbar_arrive_expect_tx(full_bar + 8 * stage, Cfg::kStageBytes);
+          sm90::tma_load_im2col_4d(dst, &maps.x, cs * kBK, q - a.pad_w, p - a.pad_h, n, static_cast<std::uint16_t>(s),
+                                   static_cast<std::uint16_t>(r), full_bar + 8 * stage);
+          sm90::tma_load_2d(dst + Cfg::kABytes, &maps.w, tap * a.C + cs * kBK, n0, full_bar + 8 * stage);
+        }
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup cw multiplies rows [64 kMAtoms cw, 64 kMAtoms (cw + 1)) of each tile.
+  const int cw = tid / 128;
+  const int t = tid % 128, warp = t / 32, lane = t % 32;
+  const std::uint32_t out_base = Cfg::kOutOffset + cw * Cfg::kOutBytesPerGroup;  // from smem
+  // Statistics: thread t sums column pair t % (BN / 2) over its share of the staged rows, in
+  // registers while the tile's columns stay the same (one column block), else flushed per tile.
+  constexpr int kPairs = BN / 2, kRowGroups = 128 / kPairs, kRowsPerGroup = 64 * kMAtoms / kRowGroups;
+  const int stat_pair = t % kPairs, stat_rows = t / kPairs * kRowsPerGroup;
+  float st_s0 = 0.0f, st_s1 = 0.0f, st_q0 = 0.0f, st_q1 = 0.0f;
+  float acc[kMAtoms][BN / 2];
+  int g = 0;
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
+    for (int it = 0; it < k_iters; ++it, ++g) {
+      const int stage = g % kStages;
+      sm90::mbar_wait(full_bar + 8 * stage, (g / kStages) & 1);
+      const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + cw * 64 * kMAtoms * kRowBytes;
+      const std::uint32_t b_tile = smem_base + stage * Cfg::kStageBytes + Cfg::kABytes;
+#pragma unroll
+      for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
+      sm90::wgmma_fence();
+#pragma unroll
+      for (int k = 0; k < kBK / 16; ++k)
+#pragma unroll
+        for (int am = 0; am < kMAtoms; ++am)
+          sm90::Wgmma<BN, typename Traits::type>::mma(acc[am], sm90::desc_k_sw128(a_tile + am * 64 * kRowBytes + 32 * k),
+                                                      sm90::desc_k_sw128(b_tile + 32 * k), it > 0 || k > 0);
+      sm90::wgmma_commit();
+#pragma unroll
+      for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
+      if (it > 0) {  // the previous step's multiplies are done: its stage may be refilled
+        sm90::wgmma_wait<1>();
+#pragma unroll
+        for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
+        sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
+      }
+    }
+    sm90::wgmma_wait<0>();
+#pragma unroll
+    for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
+    sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
+
+    // Epilogue. The previous tile's bulk stores must have read the staging area first.
+    if (t == 0) sm90::bulk_wait_read();
+    group_barrier(cw);
+    // Fragment layout of m64nN: warp w holds rows 16 w + lane / 4 and 16 w + lane / 4 + 8 of an
+    // m64 block; acc[4 j + e] is column 8 j + 2 (lane % 4) + (e & 1) of the first row (e < 2) or
+    // of the second (e >= 2).
+#pragma unroll
+    for (int am = 0; am < kMAtoms; ++am) {
+      const int row_a = am * 64 + warp * 16 + lane / 4;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        const int col = 8 * j + 2 * (lane % 4);
+        *reinterpret_cast<typename Traits::pair*>(smem + out_base + out_offset<Cfg>(row_a, col)) =
+            Traits::make(acc[am][4 * j], acc[am][4 * j + 1]);
+        *reinterpret_cast<typename Traits::pair*>(smem + out_base + out_offset<Cfg>(row_a + 8, col)) =
+            Traits::make(acc[am][4 * j + 2], acc[am][4 * j + 3]);
+      }
+    }
+    sm90::fence_proxy_async();  // the bulk store reads what the st.shared above wrote
+    group_barrier(cw);
+    const int grow = m0 + cw * 64 * kMAtoms;  // first output row of this warpgroup
+    if (t == 0) {
+#pragma unroll
+      for (int am = 0; am < kMAtoms; ++am)
+#pragma unroll
+        for (int b = 0; b < BN / 64; ++b)
+          sm90::tma_store_2d(&maps.y, n0 + 64 * b, grow + 64 * am,
+                             smem_base + out_base + (am * (BN / 64) + b) * Cfg::kOutBlockBytes);
+      sm90::bulk_commit();
+    }
+    if (stats) {
+      const int col = 2 * stat_pair;
+      const int rows = min(kRowsPerGroup, a.M - grow - stat_rows);
+      for (int i = 0; i < rows; ++i) {
+        const float2 v = Traits::back(
+            *reinterpret_cast<const typename Traits::pair*>(smem + out_base + out_offset<Cfg>(stat_rows + i, col)));
+        st_s0 += v.x;
+        st_s1 += v.y;
+        st_q0 += v.x * v.x;
+        st_q1 += v.y * v.y;
+      }
+      const bool last = tile + static_cast<int>(gridDim.x) >= tiles;
+      if (n_tiles > 1 || last) {
+        atomicAdd(&s_sum[n0 + col], st_s0);
+        atomicAdd(&s_sum[n0 + col + 1], st_s1);
+        atomicAdd(&s_sq[n0 + col], st_q0);
+        atomicAdd(&s_sq[n0 + col + 1], st_q1);
+        st_s0 = st_s1 = st_q0 = st_q1 = 0.0f;
+      }
+    }
+  }
+  if (t == 0) sm90::bulk_wait();  // the staging area must outlive the stores
+  if (stats) {
+    sm90::named_barrier_sync(1, 256);
+    for (int i = tid; i < a.K; i += 256) {
+      atomicAdd(&a.sum[i], s_sum[i]);
+      atomicAdd(&a.sqsum[i], s_sq[i]);
+    }
+  }
+#endif
+}
+
+// The kernel variants, BM x BN.
+enum class ForwardVariant : int { M128N64 = 0, M256N64 = 1, M128N128 = 2, M256N128 = 3, M128N256 = 4 };
+constexpr int kForwardVariants = 5;
+using CfgM128N64 = Config<64, 1, 3, 2>;
+using CfgM256N64 = Config<64, 2, 4, 1>;
+using CfgM128N128 = Config<128, 1, 4, 1>;
+using CfgM256N128 = Config<128, 2, 3, 1>;
+using CfgM128N256 = Config<256, 1, 3, 1>;
+
+inline int variant_bm(ForwardVariant v) {
+  return v == ForwardVariant::M256N64 || v == ForwardVariant::M256N128 ? 256 : 128;
+}
+inline int variant_bn(ForwardVariant v) {
+  return v == ForwardVariant::M128N64 || v == ForwardVariant::M256N64     ? 64
+         : v == ForwardVariant::M128N128 || v == ForwardVariant::M256N128 ? 128
+                                                                          : 256;
+}
+
+template <typename T, typename Cfg>
+cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
+  auto kernel = conv_forward_kernel<T, Cfg>;
+  // The shared-memory opt-in and the occupancy are per device: found once per device.
+  static std::atomic<int> resident[64];  // CTAs resident on the whole device; 0 = not yet known
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  std::atomic<int>& slots = resident[device & 63];
+  int ctas = slots.load(std::memory_order_acquire);
+  if (ctas == 0) {
+    if (const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kBytes);
+        e != cudaSuccess)
+      return e;
+    int per_sm = 0, sms = 0;
+    if (const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, Cfg::kBytes);
+        e != cudaSuccess)
+      return e;
+    if (const cudaError_t e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device); e != cudaSuccess)
+      return e;
+    if (per_sm < 1) return cudaErrorInvalidConfiguration;
+    ctas = per_sm * sms;
+    slots.store(ctas, std::memory_order_release);
+  }
+  const int tiles = (a.M + Cfg::BM - 1) / Cfg::BM * (a.K / Cfg::BN);
+  kernel<<<static_cast<unsigned>(tiles < ctas ? tiles : ctas), kThreads, Cfg::kBytes, stream>>>(a, maps);
+  return cudaGetLastError();
+}
+
+// Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
+// caller checks the requirements above, K % variant_bn(v) == 0 and, with statistics,
+// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given.
+template <typename T>
+cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
+  switch (v) {
+    case ForwardVariant::M128N64: return launch_forward<T, CfgM128N64>(a, maps, stream);
+    case ForwardVariant::M256N64: return launch_forward<T, CfgM256N64>(a, maps, stream);
+    case ForwardVariant::M128N128: return launch_forward<T, CfgM128N128>(a, maps, stream);
+    case ForwardVariant::M256N128: return launch_forward<T, CfgM256N128>(a, maps, stream);
+    default: return launch_forward<T, CfgM128N256>(a, maps, stream);
+  }
+}
+
+// The tensor maps of variant v, through the driver's encoders found at run time (the library does
+// not link libcuda). cudaErrorNotSupported when the driver offers no encoder or refuses the shape.
+template <typename T>
+cudaError_t make_tensor_maps(const ConvForwardArgs& a, ForwardVariant v, ConvTensorMaps& maps) {
+  static PFN_cuTensorMapEncodeIm2col_v12000 encode_im2col = nullptr;
+  static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = nullptr;
+  static const bool found = [] {
+    cudaDriverEntryPointQueryResult q1{}, q2{};
+    void* f1 = nullptr;
+    void* f2 = nullptr;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeIm2col", &f1, 12000, cudaEnableDefault, &q1) != cudaSuccess ||
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f2, 12000, cudaEnableDefault, &q2) != cudaSuccess ||
+        q1 != cudaDriverEntryPointSuccess || q2 != cudaDriverEntryPointSuccess)
+      return false;
+    encode_im2col = reinterpret_cast<PFN_cuTensorMapEncodeIm2col_v12000>(f1);
+    encode_tiled = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f2);
+    return true;
+  }();
+  if (!found) return cudaErrorNotSupported;
+  const CUtensorMapDataType dt = MmaType<T>::kMapType;
+  const cuuint64_t e = sizeof(T);
+  const cuuint32_t ones[4] = {1, 1, 1, 1};
+  const cuuint64_t xdim[4] = {static_cast<cuuint64_t>(a.C), static_cast<cuuint64_t>(a.W), static_cast<cuuint64_t>(a.H),
+                              static_cast<cuuint64_t>(a.N)};
+  const cuuint64_t xstride[3] = {a.C * e, static_cast<cuuint64_t>(a.W) * a.C * e,
+                                 static_cast<cuuint64_t>(a.H) * a.W * a.C * e};
+  // The box of filter-window corners (the top-left input pixel of each output), W first.
+  const int lower[2] = {-a.pad_w, -a.pad_h};
+  const int upper[2] = {a.pad_w - (a.S - 1), a.pad_h - (a.R - 1)};
+  if (encode_im2col(&maps.x, dt, 4, const_cast<void*>(a.x), xdim, xstride, lower, upper, kBK,
+                    static_cast<cuuint32_t>(variant_bm(v)), ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return cudaErrorNotSupported;
+  const cuuint64_t rsc = static_cast<cuuint64_t>(a.R) * a.S * a.C;
+  const cuuint64_t wdim[2] = {rsc, static_cast<cuuint64_t>(a.K)};
+  const cuuint64_t wstride[1] = {rsc * e};
+  const cuuint32_t wbox[2] = {kBK, static_cast<cuuint32_t>(variant_bn(v))};
+  if (encode_tiled(&maps.w, dt, 2, const_cast<void*>(a.w), wdim, wstride, wbox, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return cudaErrorNotSupported;
+  const cuuint64_t ydim[2] = {static_cast<cuuint64_t>(a.K), static_cast<cuuint64_t>(a.M)};
+  const cuuint64_t ystride[1] = {a.K * e};
+  const cuuint32_t ybox[2] = {64, 64};
+  if (encode_tiled(&maps.y, dt, 2, a.y, ydim, ystride, ybox, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
+                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return cudaErrorNotSupported;
+  return cudaSuccess;
+}
+
+}  // namespace dstrain::kernels::cuda::igemm
