@@ -1,5 +1,6 @@
 // implicit_gemm_bench: every tile configuration of the implicit-GEMM convolution forward
-// (kernels/sm90/), with and without its BatchNorm-statistics epilogue, against cuDNN's fastest
+// (kernels/sm90/): plain, with its BatchNorm-statistics epilogue, and with the statistics and a
+// chained layer's BatchNorm + ReLU prologue on its input; against cuDNN's fastest
 // legacy algorithm (cudnnFindConvolutionForwardAlgorithmEx, timed the same way), on one Hopper GPU.
 // Each result is checked before timing: the output (poisoned first) against a direct convolution
 // in fp32 on the GPU, the statistics against sums over the output itself. Times: median of --iters
@@ -53,9 +54,10 @@ struct Buffer {
   Buffer& operator=(const Buffer&) = delete;
 };
 
+// y = conv(a, w) in fp32, a = x, or relu(x * scale + shift) rounded to T when scale is given.
 template <typename T>
 __global__ void reference_conv(const T* x, const T* w, float* y, int N, int H, int W, int C, int K, int R, int S,
-                               int pad) {
+                               int pad, const float* scale, const float* shift) {
   const long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   if (idx >= static_cast<long long>(N) * H * W * K) return;
   const int k = static_cast<int>(idx % K);
@@ -68,7 +70,11 @@ __global__ void reference_conv(const T* x, const T* w, float* y, int N, int H, i
       if (h < 0 || h >= H || wc < 0 || wc >= W) continue;
       const T* xp = x + ((static_cast<long long>(n) * H + h) * W + wc) * C;
       const T* wp = w + ((static_cast<long long>(k) * R + r) * S + s) * C;
-      for (int c = 0; c < C; ++c) acc += static_cast<float>(xp[c]) * static_cast<float>(wp[c]);
+      for (int c = 0; c < C; ++c) {
+        float a = static_cast<float>(xp[c]);
+        if (scale != nullptr) a = static_cast<float>(static_cast<T>(fmaxf(fmaf(a, scale[c], shift[c]), 0.0f)));
+        acc += a * static_cast<float>(wp[c]);
+      }
     }
   y[idx] = acc;
 }
@@ -125,32 +131,45 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   const int N = sh[0], C = sh[1], K = sh[2], H = sh[3], R = sh[4], W = H, S = R, pad = R / 2;
   const long long xn = 1LL * N * H * W * C, wn = 1LL * K * R * S * C, yn = 1LL * N * H * W * K;
   Buffer<T> x(xn), w(wn), y(yn);
-  Buffer<float> ref(yn), sum(K), sq(K);
+  Buffer<float> ref(yn), ref_pro(yn), sum(K), sq(K), scale(C), shift(C);
   fill_uniform<<<static_cast<unsigned>((xn + 255) / 256), 256>>>(x.p, xn, 1234u + C, -1.0f, 1.0f);
   const float wb = 1.0f / std::sqrt(static_cast<float>(C * R * S));
   fill_uniform<<<static_cast<unsigned>((wn + 255) / 256), 256>>>(w.p, wn, 777u + K, -wb, wb);
-  reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref.p, N, H, W, C, K, R, S, pad);
+  // The prologue's BatchNorm: scale in [0.5, 1.5), shift in [-0.5, 0.5) (half the inputs survive ReLU).
+  fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(scale.p, C, 99u, 0.5f, 1.5f);
+  fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(shift.p, C, 98u, -0.5f, 0.5f);
+  reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref.p, N, H, W, C, K, R, S, pad,
+                                                                    nullptr, nullptr);
+  reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref_pro.p, N, H, W, C, K, R, S, pad,
+                                                                    scale.p, shift.p);
   check(cudaDeviceSynchronize(), "reference convolution");
-  std::vector<float> href(yn);
+  std::vector<float> href(yn), href_pro(yn);
   check(cudaMemcpy(href.data(), ref.p, yn * 4, cudaMemcpyDeviceToHost), "copy");
-  double ref_max = 0.0;
-  for (float v : href) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
-  const double tol = (dt == CUDNN_DATA_HALF ? 2.0 / 1024.0 : 2.0 / 128.0) * ref_max;
+  check(cudaMemcpy(href_pro.data(), ref_pro.p, yn * 4, cudaMemcpyDeviceToHost), "copy");
+  const double ulp = dt == CUDNN_DATA_HALF ? 2.0 / 1024.0 : 2.0 / 128.0;
   const double flops = 2.0 * yn * C * R * S;
   char name[64];
   std::snprintf(name, sizeof(name), "N%d_c%d-%d_h%d_k%d", N, C, K, H, R);
-  ConvForwardArgs a{x.p, w.p, y.p, nullptr, nullptr, N, H, W, C, K, R, S, H, W, pad, pad, N * H * W};
+  ConvForwardArgs a{x.p, w.p, y.p, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, H, W, pad, pad, N * H * W};
   bool all_ok = true;
-  float best_plain = 1e30f, best_stats = 1e30f;
+  float best_plain = 1e30f, best_stats = 1e30f, best_chained = 1e30f;
   for (int vi = 0; vi < kForwardVariants; ++vi) {
     const ForwardVariant v = static_cast<ForwardVariant>(vi);
     if (K % variant_bn(v) != 0) continue;
     ConvTensorMaps maps{};
     check(make_tensor_maps<T>(a, v, maps), "tensor maps");
-    for (int with_stats = 0; with_stats < 2; ++with_stats) {
+    // 0: plain; 1: with statistics; 2: with the prologue and statistics (a chained layer's forward).
+    for (int mode = 0; mode < 3; ++mode) {
+      const bool with_stats = mode >= 1, with_prologue = mode == 2;
       if (with_stats && K > kMaxStatsChannels) continue;
       a.sum = with_stats ? sum.p : nullptr;
       a.sqsum = with_stats ? sq.p : nullptr;
+      a.in_scale = with_prologue ? scale.p : nullptr;
+      a.in_shift = with_prologue ? shift.p : nullptr;
+      const std::vector<float>& want = with_prologue ? href_pro : href;
+      double ref_max = 0.0;
+      for (float v : want) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
+      const double tol = ulp * ref_max;
       check(cudaMemset(y.p, 0xFF, yn * sizeof(T)), "poison");
       check(cudaMemset(sum.p, 0, K * 4), "memset");
       check(cudaMemset(sq.p, 0, K * 4), "memset");
@@ -162,7 +181,7 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
       std::vector<double> cs(K, 0.0), cq(K, 0.0);
       for (long long i = 0; i < yn; ++i) {
         const float v2 = static_cast<float>(hy[i]);
-        max_err = std::max(max_err, std::isfinite(v2) ? std::fabs(v2 - href[i]) : 1e30);
+        max_err = std::max(max_err, std::isfinite(v2) ? std::fabs(v2 - want[i]) : 1e30);
         cs[i % K] += v2;
         cq[i % K] += static_cast<double>(v2) * v2;
       }
@@ -186,10 +205,11 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
         conv_forward<T>(v, a, maps, 0);
       });
       check(cudaGetLastError(), "timed launches");
-      (with_stats ? best_stats : best_plain) = std::min(with_stats ? best_stats : best_plain, ms);
-      std::printf("%-20s %-5s own %-8s %-6s %9.4f ms %6.0f TFLOP/s  max err %.2e (tol %.2e) stats err %.1e%s\n", name,
-                  dname, variant_label(v), with_stats ? "+stats" : "", ms, flops / ms / 1e9, max_err, tol, stat_err,
-                  ok ? "" : "  WRONG");
+      float& best = with_prologue ? best_chained : with_stats ? best_stats : best_plain;
+      best = std::min(best, ms);
+      std::printf("%-20s %-5s own %-8s %-15s %9.4f ms %6.0f TFLOP/s  max err %.2e (tol %.2e) stats err %.1e%s\n",
+                  name, dname, variant_label(v), with_prologue ? "+prologue+stats" : with_stats ? "+stats" : "", ms,
+                  flops / ms / 1e9, max_err, tol, stat_err, ok ? "" : "  WRONG");
     }
   }
   // cuDNN: the fastest of its legacy algorithms for this NHWC shape, timed as above.
@@ -238,8 +258,10 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   cudnnDestroyTensorDescriptor(yd);
   cudnnDestroyFilterDescriptor(wd);
   cudnnDestroyConvolutionDescriptor(cd);
-  std::printf("%-20s %-5s cuDNN legacy algo %d: %.4f ms %6.0f TFLOP/s | best own %.4f ms (%.2fx cuDNN), +stats %.4f ms\n",
-              name, dname, algo, cudnn_ms, flops / cudnn_ms / 1e9, best_plain, best_plain / cudnn_ms, best_stats);
+  std::printf("%-20s %-5s cuDNN legacy algo %d: %.4f ms %6.0f TFLOP/s | best own %.4f ms (%.2fx cuDNN), +stats %.4f ms, "
+              "+prologue+stats %.4f ms\n",
+              name, dname, algo, cudnn_ms, flops / cudnn_ms / 1e9, best_plain, best_plain / cudnn_ms, best_stats,
+              best_chained);
   std::fflush(stdout);
   return all_ok;
 }

@@ -578,16 +578,26 @@ Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, con
   return r;
 }
 
-// The implicit GEMM with the column sums and sums of squares in its epilogue (as GenStats).
+// The implicit GEMM with the column sums and sums of squares in its epilogue (as GenStats), and
+// a chained input's BatchNorm + ReLU in its operand path when `pro` is set.
 template <class T>
 Partials<T> stats_with_implicit_gemm(CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
-                                     const ops::Conv2dParams& p) {
+                                     const ops::Conv2dParams& p, const Prologue* pro) {
   const std::size_t sums = round_up(sizeof(float) * static_cast<std::size_t>(conv_out.dim(3)));
-  char* base = static_cast<char*>(st.ensure_workspace(2 * sums));
+  const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(x.dim(3)));
+  char* base = static_cast<char*>(st.ensure_workspace(2 * sums + (pro != nullptr ? 4 * consts : 0)));
   Partials<T> r;
   r.p1 = reinterpret_cast<float*>(base);
   r.p2 = reinterpret_cast<float*>(base + sums);
-  implicit_gemm_forward(st, x, w, conv_out, p, r.p1, r.p2);
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  if (pro != nullptr) {
+    char* at = base + 2 * sums;
+    prologue_consts<T>(st.cuda_stream(), *pro, x.dim(3), at, consts);
+    scale = reinterpret_cast<const float*>(at);  // the fp32 pair comes first
+    shift = reinterpret_cast<const float*>(at + consts);
+  }
+  implicit_gemm_forward(st, x, w, conv_out, p, r.p1, r.p2, scale, shift);
   return r;
 }
 
@@ -639,20 +649,23 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
     plan = conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
                            {x.data(), w.data(), conv_out.data()});
   Partials<T> part;
-  if (prologue == nullptr && !p.conv_out_given &&
-      implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true)) {
-    // Three ways: cuDNN's GenStats graph, the convolution and a statistics pass, or our implicit
-    // GEMM with the statistics in its epilogue.
+  if (!p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true)) {
+    // Three ways: cuDNN's GenStats graph (with the chained input's prologue), the separate kernels
+    // (the convolution and a statistics pass; a chained input materialised first), or our
+    // implicit GEMM with the prologue in its operand path and the statistics in its epilogue.
     std::vector<Way> ways;
     std::vector<std::function<Partials<T>()>> runs;
-    if (plan != nullptr) runs.push_back([&] { return stats_with_genstats<T>(st, *plan, x, w, conv_out, nullptr); });
-    if (plan != nullptr) ways.push_back({"GenStats graph", [&] { runs.front()(); }});
-    runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, nullptr); });
-    runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv); });
-    ways.push_back({"conv + pass", [&] { runs[runs.size() - 2](); }});
+    if (plan != nullptr) {
+      runs.push_back([&] { return stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
+      ways.push_back({prologue != nullptr ? "prologue graph" : "GenStats graph", [&] { runs.front()(); }});
+    }
+    runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
+    runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv, prologue); });
+    ways.push_back({prologue != nullptr ? "separate kernels" : "conv + pass", [&] { runs[runs.size() - 2](); }});
     ways.push_back({"implicit GEMM", [&] { runs.back()(); }});
+    const Site site = prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats;
     part = plan != nullptr && conv_graphs_forced() ? runs.front()()
-                                                   : runs[fastest_way(st, Site::ForwardStats, x, w, p.conv, ways)]();
+                                                   : runs[fastest_way(st, site, x, w, p.conv, ways)]();
   } else {
     const bool use_graph =
         plan != nullptr &&

@@ -12,14 +12,17 @@ namespace dstrain::kernels::cuda {
 // True when the kernel can compute y = conv(x, w): a compute capability 9.0 device; fp16 or bf16
 // x, w and y; stride 1; padding smaller than the filter; C and K multiples of 64; 16-byte aligned
 // data; with_stats: K <= 1024. Never in deterministic mode (the statistics use atomics, and a
-// fixed choice of kernel keeps results repeatable).
+// fixed choice of kernel keeps results repeatable). The same conditions hold with a prologue.
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
                                    const ops::Conv2dParams& p, bool with_stats);
 
 // y = conv(x, w) (NHWC, KRSC). With sum and sqsum (fp32 [K], any contents) they receive the column
-// sums and sums of squares of y as stored. The tile configuration is the fastest for the shape,
-// timed on first use (untimed during stream capture). Throws where it does not apply.
+// sums and sums of squares of y as stored. With in_scale and in_shift (fp32 [C], 16-byte aligned),
+// the convolution reads relu(x * in_scale + in_shift) (rounded to x's dtype; padding stays zero):
+// a chained layer's prologue. The tile configuration is the fastest for the shape, timed on first
+// use (untimed during stream capture). Throws where it does not apply.
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
-                           float* sum, float* sqsum);
+                           float* sum, float* sqsum, const float* in_scale = nullptr,
+                           const float* in_shift = nullptr);
 
 }  // namespace dstrain::kernels::cuda

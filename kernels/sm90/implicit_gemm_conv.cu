@@ -112,7 +112,7 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
   static std::mutex mutex;
   static auto* chosen = new std::map<std::array<int, 13>, ForwardVariant>();  // never destroyed
   const std::array<int, 13> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w,
-                                static_cast<int>(dt), a.sum != nullptr, 0};
+                                static_cast<int>(dt), a.sum != nullptr, a.in_scale != nullptr};
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen->find(key);
@@ -130,7 +130,8 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
     for (std::size_t i = 0; i < vs.size(); ++i)
       times += (i > 0 ? " / " : "") + std::string(variant_name(vs[i])) + " " + std::to_string(ms[i] / 3.0f);
     detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
-                        dtype_name(dt) + (a.sum != nullptr ? " with statistics" : "") + ": " + times + " ms");
+                        dtype_name(dt) + (a.in_scale != nullptr ? " with prologue" : "") +
+                        (a.sum != nullptr ? " with statistics" : "") + ": " + times + " ms");
   }
   std::lock_guard<std::mutex> lock(mutex);
   return chosen->emplace(key, vs[best]).first->second;
@@ -156,12 +157,16 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 }
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
-                           float* sum, float* sqsum) {
+                           float* sum, float* sqsum, const float* in_scale, const float* in_shift) {
   if (!implicit_gemm_forward_applies(st.device, x, w, y, p, sum != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
   if ((sum == nullptr) != (sqsum == nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: sum and sqsum go together");
-  const igemm::ConvForwardArgs a = args_of(x, w, y, p, sum, sqsum);
+  if ((in_scale == nullptr) != (in_shift == nullptr) || !aligned16(in_scale) || !aligned16(in_shift))
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: the prologue needs 16-byte aligned scale and shift");
+  igemm::ConvForwardArgs a = args_of(x, w, y, p, sum, sqsum);
+  a.in_scale = in_scale;
+  a.in_shift = in_shift;
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
 }
 

@@ -7,6 +7,9 @@
 // rows x the same 64 channels through a tiled map, both in wgmma's 128-byte swizzled layout. Two
 // consumer warpgroups each multiply BM / 2 rows by BN columns (m64nBNk16, fp32 accumulators). The
 // producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
+// With a prologue (in_scale), each consumer warpgroup rewrites its A rows of a stage in place, as
+// relu(x * scale + shift) rounded to the input type, before multiplying; padding rows are left as
+// the copy zero-filled them.
 // Epilogue: round to the output type into shared memory, bulk-store it with TMA (rows past M are
 // not written), and optionally add each column's sum and sum of squares (of the rounded values:
 // the BatchNorm statistics of what is stored) into fp32 arrays.
@@ -34,6 +37,11 @@ struct ConvForwardArgs {
   void* y;        // [N, P, Q, K]
   float* sum;     // [K] or null: column sums of y are added here
   float* sqsum;   // [K] or null (given with sum): column sums of squares
+  // [C] or null: x is the raw output of the layer before, whose BatchNorm and ReLU are applied to
+  // each input value as it enters the product: relu(x * in_scale[c] + in_shift[c]), padding
+  // staying zero (a chained layer's prologue).
+  const float* in_scale;
+  const float* in_shift;
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;  // N * P * Q
 };
@@ -107,7 +115,41 @@ __device__ __forceinline__ std::uint32_t out_offset(int row, int col) {
                                     (((byte / 16) ^ (r % 8)) * 16) + byte % 16);
 }
 
-template <typename T, typename Cfg>
+// Applies the prologue to this thread's chunks of warpgroup cw's A rows in one stage: 16-byte chunk
+// `chunk` (physical, swizzled) of rows row0 + 16 i. pos[i]: (p << 16) | q of the row's output pixel,
+// or a value outside any image for rows past M.
+template <typename T, int kRowsPerThread>
+__device__ __forceinline__ void apply_prologue(unsigned char* a_rows, int chunk, int row0, const int (&pos)[kRowsPerThread],
+                                               int dh, int dw, int H, int W, int cbase, const float* in_scale,
+                                               const float* in_shift) {
+  using Pair = typename MmaType<T>::pair;
+  const int logical = chunk ^ (row0 & 7);  // rows row0 + 16 i share row % 8
+  const int c = cbase + logical * 8;
+  const float4 s0 = __ldg(reinterpret_cast<const float4*>(in_scale + c));
+  const float4 s1 = __ldg(reinterpret_cast<const float4*>(in_scale + c + 4));
+  const float4 b0 = __ldg(reinterpret_cast<const float4*>(in_shift + c));
+  const float4 b1 = __ldg(reinterpret_cast<const float4*>(in_shift + c + 4));
+  const float sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
+  const float sh[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int h = (pos[i] >> 16) + dh, wc = (pos[i] & 0xffff) + dw;
+    if (static_cast<unsigned>(h) >= static_cast<unsigned>(H) || static_cast<unsigned>(wc) >= static_cast<unsigned>(W))
+      continue;  // padding (or a row past M): zero, as loaded
+    uint4* p = reinterpret_cast<uint4*>(a_rows + (row0 + 16 * i) * kRowBytes + chunk * 16);
+    uint4 v = *p;
+    Pair* e = reinterpret_cast<Pair*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = MmaType<T>::back(e[j]);
+      e[j] = MmaType<T>::make(fmaxf(fmaf(f.x, sc[2 * j], sh[2 * j]), 0.0f),
+                              fmaxf(fmaf(f.y, sc[2 * j + 1], sh[2 * j + 1]), 0.0f));
+    }
+    *p = v;
+  }
+}
+
+template <typename T, typename Cfg, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     conv_forward_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -176,13 +218,33 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   const int stat_pair = t % kPairs, stat_rows = t / kPairs * kRowsPerGroup;
   float st_s0 = 0.0f, st_s1 = 0.0f, st_q0 = 0.0f, st_q1 = 0.0f;
   float acc[kMAtoms][BN / 2];
+  // Prologue: thread t rewrites chunk t % 8 of its warpgroup's rows t / 8 + 16 i.
+  constexpr int kPrologueRows = 64 * kMAtoms / 16;
+  int pos[kPrologueRows];
   int g = 0;
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
+    if constexpr (kPrologue) {
+      const int pq = a.P * a.Q;
+#pragma unroll
+      for (int i = 0; i < kPrologueRows; ++i) {
+        const int m = m0 + cw * 64 * kMAtoms + t / 8 + 16 * i;
+        const int n = m / pq, rem = m - n * pq, p = rem / a.Q;
+        pos[i] = m < a.M ? (p << 16) | (rem - p * a.Q) : 0x7fff << 16;
+      }
+    }
     for (int it = 0; it < k_iters; ++it, ++g) {
       const int stage = g % kStages;
       sm90::mbar_wait(full_bar + 8 * stage, (g / kStages) & 1);
       const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + cw * 64 * kMAtoms * kRowBytes;
+      if constexpr (kPrologue) {
+        const int tap = it / c_steps, cs = it - tap * c_steps;
+        const int r = tap / a.S, s = tap - r * a.S;
+        apply_prologue<T, kPrologueRows>(smem + (a_tile - smem_base), t % 8, t / 8, pos, r - a.pad_h, s - a.pad_w,
+                                         a.H, a.W, cs * kBK, a.in_scale, a.in_shift);
+        sm90::fence_proxy_async();  // the multiplies read the rewritten rows through the async proxy
+        group_barrier(cw);
+      }
       const std::uint32_t b_tile = smem_base + stage * Cfg::kStageBytes + Cfg::kABytes;
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
@@ -288,9 +350,9 @@ inline int variant_bn(ForwardVariant v) {
                                                                           : 256;
 }
 
-template <typename T, typename Cfg>
+template <typename T, typename Cfg, bool kPrologue>
 cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
-  auto kernel = conv_forward_kernel<T, Cfg>;
+  auto kernel = conv_forward_kernel<T, Cfg, kPrologue>;
   // The shared-memory opt-in and the occupancy are per device: found once per device.
   static std::atomic<int> resident[64];  // CTAs resident on the whole device; 0 = not yet known
   int device = 0;
@@ -318,16 +380,24 @@ cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps,
 
 // Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
 // caller checks the requirements above, K % variant_bn(v) == 0 and, with statistics,
-// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given.
+// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given; in_scale and in_shift
+// 16-byte aligned when given.
+template <typename T, bool kPrologue>
+cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps,
+                                 cudaStream_t stream) {
+  switch (v) {
+    case ForwardVariant::M128N64: return launch_forward<T, CfgM128N64, kPrologue>(a, maps, stream);
+    case ForwardVariant::M256N64: return launch_forward<T, CfgM256N64, kPrologue>(a, maps, stream);
+    case ForwardVariant::M128N128: return launch_forward<T, CfgM128N128, kPrologue>(a, maps, stream);
+    case ForwardVariant::M256N128: return launch_forward<T, CfgM256N128, kPrologue>(a, maps, stream);
+    default: return launch_forward<T, CfgM128N256, kPrologue>(a, maps, stream);
+  }
+}
+
 template <typename T>
 cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
-  switch (v) {
-    case ForwardVariant::M128N64: return launch_forward<T, CfgM128N64>(a, maps, stream);
-    case ForwardVariant::M256N64: return launch_forward<T, CfgM256N64>(a, maps, stream);
-    case ForwardVariant::M128N128: return launch_forward<T, CfgM128N128>(a, maps, stream);
-    case ForwardVariant::M256N128: return launch_forward<T, CfgM256N128>(a, maps, stream);
-    default: return launch_forward<T, CfgM128N256>(a, maps, stream);
-  }
+  return a.in_scale != nullptr ? conv_forward_variant<T, true>(v, a, maps, stream)
+                               : conv_forward_variant<T, false>(v, a, maps, stream);
 }
 
 // The tensor maps of variant v, through the driver's encoders found at run time (the library does
