@@ -54,10 +54,11 @@ struct Buffer {
   Buffer& operator=(const Buffer&) = delete;
 };
 
-// y = conv(a, w) in fp32, a = x, or relu(x * scale + shift) rounded to T when scale is given.
+// y = conv(a, w) in fp32, a = x, or relu(x * scale + shift) rounded to T when scale is given
+// (scale and shift in T, as the kernel reads them).
 template <typename T>
 __global__ void reference_conv(const T* x, const T* w, float* y, int N, int H, int W, int C, int K, int R, int S,
-                               int pad, const float* scale, const float* shift) {
+                               int pad, const T* scale, const T* shift) {
   const long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   if (idx >= static_cast<long long>(N) * H * W * K) return;
   const int k = static_cast<int>(idx % K);
@@ -72,7 +73,11 @@ __global__ void reference_conv(const T* x, const T* w, float* y, int N, int H, i
       const T* wp = w + ((static_cast<long long>(k) * R + r) * S + s) * C;
       for (int c = 0; c < C; ++c) {
         float a = static_cast<float>(xp[c]);
-        if (scale != nullptr) a = static_cast<float>(static_cast<T>(fmaxf(fmaf(a, scale[c], shift[c]), 0.0f)));
+        if (scale != nullptr)
+          a = static_cast<float>(static_cast<T>(
+              fmaxf(static_cast<float>(fma(static_cast<double>(a), static_cast<double>(static_cast<float>(scale[c])),
+                                           static_cast<double>(static_cast<float>(shift[c])))),
+                    0.0f)));
         acc += a * static_cast<float>(wp[c]);
       }
     }
@@ -131,7 +136,8 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   const int N = sh[0], C = sh[1], K = sh[2], H = sh[3], R = sh[4], W = H, S = R, pad = R / 2;
   const long long xn = 1LL * N * H * W * C, wn = 1LL * K * R * S * C, yn = 1LL * N * H * W * K;
   Buffer<T> x(xn), w(wn), y(yn);
-  Buffer<float> ref(yn), ref_pro(yn), sum(K), sq(K), scale(C), shift(C);
+  Buffer<float> ref(yn), ref_pro(yn), sum(K), sq(K);
+  Buffer<T> scale(C), shift(C);
   fill_uniform<<<static_cast<unsigned>((xn + 255) / 256), 256>>>(x.p, xn, 1234u + C, -1.0f, 1.0f);
   const float wb = 1.0f / std::sqrt(static_cast<float>(C * R * S));
   fill_uniform<<<static_cast<unsigned>((wn + 255) / 256), 256>>>(w.p, wn, 777u + K, -wb, wb);
@@ -139,7 +145,8 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(scale.p, C, 99u, 0.5f, 1.5f);
   fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(shift.p, C, 98u, -0.5f, 0.5f);
   reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref.p, N, H, W, C, K, R, S, pad,
-                                                                    nullptr, nullptr);
+                                                                    static_cast<const T*>(nullptr),
+                                                                    static_cast<const T*>(nullptr));
   reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref_pro.p, N, H, W, C, K, R, S, pad,
                                                                     scale.p, shift.p);
   check(cudaDeviceSynchronize(), "reference convolution");
@@ -150,7 +157,8 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   const double flops = 2.0 * yn * C * R * S;
   char name[64];
   std::snprintf(name, sizeof(name), "N%d_c%d-%d_h%d_k%d", N, C, K, H, R);
-  ConvForwardArgs a{x.p, w.p, y.p, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, H, W, pad, pad, N * H * W};
+  ConvForwardArgs a{x.p, w.p, y.p, nullptr, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, H, W, pad, pad,
+                    N * H * W};
   bool all_ok = true;
   float best_plain = 1e30f, best_stats = 1e30f, best_chained = 1e30f;
   for (int vi = 0; vi < kForwardVariants; ++vi) {

@@ -318,7 +318,7 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
   // where it does not apply). The fastest for the shape is kept. In deterministic mode cuDNN's
   // deterministic choice stands.
   const bool own = implicit_gemm_forward_applies(st.device, x, w, y, p, false);
-  auto with_own = [&] { implicit_gemm_forward(st, x, w, y, p, nullptr, nullptr); };
+  auto with_own = [&] { implicit_gemm_forward(st, x, w, y, p); };
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
     auto with_lt = [&] {
       if (!pointwise_conv_gemm(st, x, w, nullptr, y)) with_cudnn();

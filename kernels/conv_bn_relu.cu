@@ -589,15 +589,16 @@ Partials<T> stats_with_implicit_gemm(CudaState& st, const Tensor& x, const Tenso
   Partials<T> r;
   r.p1 = reinterpret_cast<float*>(base);
   r.p2 = reinterpret_cast<float*>(base + sums);
-  const float* scale = nullptr;
-  const float* shift = nullptr;
+  ImplicitGemmExtras extras;
+  extras.sum = r.p1;
+  extras.sqsum = r.p2;
   if (pro != nullptr) {
     char* at = base + 2 * sums;
     prologue_consts<T>(st.cuda_stream(), *pro, x.dim(3), at, consts);
-    scale = reinterpret_cast<const float*>(at);  // the fp32 pair comes first
-    shift = reinterpret_cast<const float*>(at + consts);
+    extras.in_scale = at + 2 * consts;  // the pair in the activations' dtype, after the fp32 one
+    extras.in_shift = at + 3 * consts;
   }
-  implicit_gemm_forward(st, x, w, conv_out, p, r.p1, r.p2, scale, shift);
+  implicit_gemm_forward(st, x, w, conv_out, p, extras);
   return r;
 }
 
@@ -893,16 +894,26 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
       DSTRAIN_CUDA_CHECK_LAUNCH();
     });
   };
-  // 1x1: a cuBLASLt GEMM with bias + ReLU in its epilogue, or cuDNN, whichever was fastest
-  // (cuBLASLt falls back to cuDNN where it does not apply).
+  // 1x1: a cuBLASLt GEMM with bias + ReLU in its epilogue, or cuDNN, or our implicit GEMM with the
+  // same epilogue, whichever was fastest (cuBLASLt falls back to cuDNN where it does not apply);
+  // other shapes: cuDNN or the implicit GEMM.
+  const bool own = implicit_gemm_forward_applies(st.device, x, w, z, p, false) && bias.dtype() == DType::F32;
+  auto with_own = [&] {
+    ImplicitGemmExtras extras;
+    extras.bias_relu = bias.data_as<float>();
+    implicit_gemm_forward(st, x, w, z, p, extras);
+  };
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {
     auto with_lt = [&] {
       if (!pointwise_conv_gemm(st, x, w, &bias, z)) with_cudnn();
     };
-    if (first_is_faster(st, Site::PointwiseBiasRelu, x, w, p, with_lt, with_cudnn))
-      with_lt();
-    else
-      with_cudnn();
+    std::vector<Way> ways{{"cuBLASLt", with_lt}, {"cuDNN", with_cudnn}};
+    if (own) ways.push_back({"implicit GEMM", with_own});
+    ways[fastest_way(st, Site::PointwiseBiasRelu, x, w, p, ways)].run();
+    return;
+  }
+  if (own && !first_is_faster(st, Site::ForwardBiasRelu, x, w, p, with_cudnn, with_own)) {
+    with_own();
     return;
   }
   with_cudnn();

@@ -16,13 +16,22 @@ namespace dstrain::kernels::cuda {
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
                                    const ops::Conv2dParams& p, bool with_stats);
 
-// y = conv(x, w) (NHWC, KRSC). With sum and sqsum (fp32 [K], any contents) they receive the column
-// sums and sums of squares of y as stored. With in_scale and in_shift (fp32 [C], 16-byte aligned),
-// the convolution reads relu(x * in_scale + in_shift) (rounded to x's dtype; padding stays zero):
-// a chained layer's prologue. The tile configuration is the fastest for the shape, timed on first
-// use (untimed during stream capture). Throws where it does not apply.
+// What the kernel does besides y = conv(x, w), each optional.
+struct ImplicitGemmExtras {
+  // fp32 [K], any contents: they receive the column sums and sums of squares of y as stored.
+  float* sum = nullptr;
+  float* sqsum = nullptr;
+  // [C] in x's dtype, 16-byte aligned: the convolution reads relu(x * in_scale + in_shift) (one
+  // fused multiply-add in x's dtype; padding stays zero): a chained layer's prologue.
+  const void* in_scale = nullptr;
+  const void* in_shift = nullptr;
+  // fp32 [K], 8-byte aligned: y = relu(conv + bias) (the inference epilogue).
+  const float* bias_relu = nullptr;
+};
+
+// y = conv(x, w) (NHWC, KRSC) with `extras`. The tile configuration is the fastest for the shape
+// and extras, timed on first use (untimed during stream capture). Throws where it does not apply.
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
-                           float* sum, float* sqsum, const float* in_scale = nullptr,
-                           const float* in_shift = nullptr);
+                           const ImplicitGemmExtras& extras = {});
 
 }  // namespace dstrain::kernels::cuda

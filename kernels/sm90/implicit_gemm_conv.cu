@@ -110,9 +110,9 @@ void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DT
 ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DType dt, const Tensor& x,
                               const Tensor& w) {
   static std::mutex mutex;
-  static auto* chosen = new std::map<std::array<int, 13>, ForwardVariant>();  // never destroyed
-  const std::array<int, 13> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w,
-                                static_cast<int>(dt), a.sum != nullptr, a.in_scale != nullptr};
+  static auto* chosen = new std::map<std::array<int, 14>, ForwardVariant>();  // never destroyed
+  const std::array<int, 14> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w,
+                                static_cast<int>(dt), a.sum != nullptr, a.in_scale != nullptr, a.bias != nullptr};
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen->find(key);
@@ -131,6 +131,7 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
       times += (i > 0 ? " / " : "") + std::string(variant_name(vs[i])) + " " + std::to_string(ms[i] / 3.0f);
     detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
                         dtype_name(dt) + (a.in_scale != nullptr ? " with prologue" : "") +
+                        (a.bias != nullptr ? " with bias + ReLU" : "") +
                         (a.sum != nullptr ? " with statistics" : "") + ": " + times + " ms");
   }
   std::lock_guard<std::mutex> lock(mutex);
@@ -157,16 +158,17 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 }
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
-                           float* sum, float* sqsum, const float* in_scale, const float* in_shift) {
-  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, sum != nullptr))
+                           const ImplicitGemmExtras& extras) {
+  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sum != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
-  if ((sum == nullptr) != (sqsum == nullptr))
-    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: sum and sqsum go together");
-  if ((in_scale == nullptr) != (in_shift == nullptr) || !aligned16(in_scale) || !aligned16(in_shift))
-    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: the prologue needs 16-byte aligned scale and shift");
-  igemm::ConvForwardArgs a = args_of(x, w, y, p, sum, sqsum);
-  a.in_scale = in_scale;
-  a.in_shift = in_shift;
+  if ((extras.sum == nullptr) != (extras.sqsum == nullptr) ||
+      (extras.in_scale == nullptr) != (extras.in_shift == nullptr) || !aligned16(extras.in_scale) ||
+      !aligned16(extras.in_shift) || (reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: sums, prologue or bias given in part or unaligned");
+  igemm::ConvForwardArgs a = args_of(x, w, y, p, extras.sum, extras.sqsum);
+  a.in_scale = extras.in_scale;
+  a.in_shift = extras.in_shift;
+  a.bias = extras.bias_relu;
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
 }
 

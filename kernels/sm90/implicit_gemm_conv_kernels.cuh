@@ -8,8 +8,9 @@
 // consumer warpgroups each multiply BM / 2 rows by BN columns (m64nBNk16, fp32 accumulators). The
 // producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
 // With a prologue (in_scale), each consumer warpgroup rewrites its A rows of a stage in place, as
-// relu(x * scale + shift) rounded to the input type, before multiplying; padding rows are left as
-// the copy zero-filled them.
+// relu(x * scale + shift) in the input type, one step ahead of its multiplies (which overlap it);
+// padding rows are left as the copy zero-filled them. With a bias, the epilogue stores
+// relu(y + bias) (the inference conv + bias + ReLU).
 // Epilogue: round to the output type into shared memory, bulk-store it with TMA (rows past M are
 // not written), and optionally add each column's sum and sum of squares (of the rounded values:
 // the BatchNorm statistics of what is stored) into fp32 arrays.
@@ -37,11 +38,13 @@ struct ConvForwardArgs {
   void* y;        // [N, P, Q, K]
   float* sum;     // [K] or null: column sums of y are added here
   float* sqsum;   // [K] or null (given with sum): column sums of squares
-  // [C] or null: x is the raw output of the layer before, whose BatchNorm and ReLU are applied to
-  // each input value as it enters the product: relu(x * in_scale[c] + in_shift[c]), padding
-  // staying zero (a chained layer's prologue).
-  const float* in_scale;
-  const float* in_shift;
+  // [C] in x's type, or null: x is the raw output of the layer before, whose BatchNorm and ReLU are
+  // applied to each input value as it enters the product: relu(x * in_scale[c] + in_shift[c])
+  // (one rounding, fused multiply-add in x's type), padding staying zero (a chained layer's
+  // prologue).
+  const void* in_scale;
+  const void* in_shift;
+  const float* bias;  // [K] or null: y = relu(conv + bias) (the inference epilogue)
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;  // N * P * Q
 };
@@ -117,20 +120,19 @@ __device__ __forceinline__ std::uint32_t out_offset(int row, int col) {
 
 // Applies the prologue to this thread's chunks of warpgroup cw's A rows in one stage: 16-byte chunk
 // `chunk` (physical, swizzled) of rows row0 + 16 i. pos[i]: (p << 16) | q of the row's output pixel,
-// or a value outside any image for rows past M.
+// or a value outside any image for rows past M. Two channels per instruction (fp16x2 / bf16x2).
 template <typename T, int kRowsPerThread>
 __device__ __forceinline__ void apply_prologue(unsigned char* a_rows, int chunk, int row0, const int (&pos)[kRowsPerThread],
-                                               int dh, int dw, int H, int W, int cbase, const float* in_scale,
-                                               const float* in_shift) {
+                                               int dh, int dw, int H, int W, int cbase, const void* in_scale,
+                                               const void* in_shift) {
   using Pair = typename MmaType<T>::pair;
   const int logical = chunk ^ (row0 & 7);  // rows row0 + 16 i share row % 8
   const int c = cbase + logical * 8;
-  const float4 s0 = __ldg(reinterpret_cast<const float4*>(in_scale + c));
-  const float4 s1 = __ldg(reinterpret_cast<const float4*>(in_scale + c + 4));
-  const float4 b0 = __ldg(reinterpret_cast<const float4*>(in_shift + c));
-  const float4 b1 = __ldg(reinterpret_cast<const float4*>(in_shift + c + 4));
-  const float sc[8] = {s0.x, s0.y, s0.z, s0.w, s1.x, s1.y, s1.z, s1.w};
-  const float sh[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+  const uint4 sv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(in_scale) + c));
+  const uint4 bv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(in_shift) + c));
+  const Pair* sc = reinterpret_cast<const Pair*>(&sv);
+  const Pair* sh = reinterpret_cast<const Pair*>(&bv);
+  const Pair zero = MmaType<T>::make(0.0f, 0.0f);
 #pragma unroll
   for (int i = 0; i < kRowsPerThread; ++i) {
     const int h = (pos[i] >> 16) + dh, wc = (pos[i] & 0xffff) + dw;
@@ -140,11 +142,7 @@ __device__ __forceinline__ void apply_prologue(unsigned char* a_rows, int chunk,
     uint4 v = *p;
     Pair* e = reinterpret_cast<Pair*>(&v);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const float2 f = MmaType<T>::back(e[j]);
-      e[j] = MmaType<T>::make(fmaxf(fmaf(f.x, sc[2 * j], sh[2 * j]), 0.0f),
-                              fmaxf(fmaf(f.y, sc[2 * j + 1], sh[2 * j + 1]), 0.0f));
-    }
+    for (int j = 0; j < 4; ++j) e[j] = __hmax2(__hfma2(e[j], sc[j], sh[j]), zero);
     *p = v;
   }
 }
@@ -233,18 +231,23 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
         pos[i] = m < a.M ? (p << 16) | (rem - p * a.Q) : 0x7fff << 16;
       }
     }
+    // The prologue of step `it` (pipeline step `step`): wait for its stage, rewrite this
+    // warpgroup's rows, make them visible to the multiplies (async proxy) of all 128 threads.
+    auto prologue_step = [&](int it, int step) {
+      const int stage = step % kStages;
+      sm90::mbar_wait(full_bar + 8 * stage, (step / kStages) & 1);
+      const int tap = it / c_steps, cs = it - tap * c_steps;
+      const int r = tap / a.S, s = tap - r * a.S;
+      apply_prologue<T, kPrologueRows>(smem + stage * Cfg::kStageBytes + cw * 64 * kMAtoms * kRowBytes, t % 8, t / 8,
+                                       pos, r - a.pad_h, s - a.pad_w, a.H, a.W, cs * kBK, a.in_scale, a.in_shift);
+      sm90::fence_proxy_async();
+      group_barrier(cw);
+    };
+    if constexpr (kPrologue) prologue_step(0, g);
     for (int it = 0; it < k_iters; ++it, ++g) {
       const int stage = g % kStages;
-      sm90::mbar_wait(full_bar + 8 * stage, (g / kStages) & 1);
+      if constexpr (!kPrologue) sm90::mbar_wait(full_bar + 8 * stage, (g / kStages) & 1);
       const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + cw * 64 * kMAtoms * kRowBytes;
-      if constexpr (kPrologue) {
-        const int tap = it / c_steps, cs = it - tap * c_steps;
-        const int r = tap / a.S, s = tap - r * a.S;
-        apply_prologue<T, kPrologueRows>(smem + (a_tile - smem_base), t % 8, t / 8, pos, r - a.pad_h, s - a.pad_w,
-                                         a.H, a.W, cs * kBK, a.in_scale, a.in_shift);
-        sm90::fence_proxy_async();  // the multiplies read the rewritten rows through the async proxy
-        group_barrier(cw);
-      }
       const std::uint32_t b_tile = smem_base + stage * Cfg::kStageBytes + Cfg::kABytes;
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
@@ -258,6 +261,9 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
       sm90::wgmma_commit();
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
+      // The next step's prologue runs while this step multiplies (a different stage).
+      if constexpr (kPrologue)
+        if (it + 1 < k_iters) prologue_step(it + 1, g + 1);
       if (it > 0) {  // the previous step's multiplies are done: its stage may be refilled
         sm90::wgmma_wait<1>();
 #pragma unroll
@@ -282,10 +288,17 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
         const int col = 8 * j + 2 * (lane % 4);
-        *reinterpret_cast<typename Traits::pair*>(smem + out_base + out_offset<Cfg>(row_a, col)) =
-            Traits::make(acc[am][4 * j], acc[am][4 * j + 1]);
+        float v0 = acc[am][4 * j], v1 = acc[am][4 * j + 1], v2 = acc[am][4 * j + 2], v3 = acc[am][4 * j + 3];
+        if (a.bias != nullptr) {
+          const float2 b = __ldg(reinterpret_cast<const float2*>(a.bias + n0 + col));
+          v0 = fmaxf(v0 + b.x, 0.0f);
+          v1 = fmaxf(v1 + b.y, 0.0f);
+          v2 = fmaxf(v2 + b.x, 0.0f);
+          v3 = fmaxf(v3 + b.y, 0.0f);
+        }
+        *reinterpret_cast<typename Traits::pair*>(smem + out_base + out_offset<Cfg>(row_a, col)) = Traits::make(v0, v1);
         *reinterpret_cast<typename Traits::pair*>(smem + out_base + out_offset<Cfg>(row_a + 8, col)) =
-            Traits::make(acc[am][4 * j + 2], acc[am][4 * j + 3]);
+            Traits::make(v2, v3);
       }
     }
     sm90::fence_proxy_async();  // the bulk store reads what the st.shared above wrote
@@ -381,7 +394,7 @@ cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps,
 // Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
 // caller checks the requirements above, K % variant_bn(v) == 0 and, with statistics,
 // K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given; in_scale and in_shift
-// 16-byte aligned when given.
+// (x's type) 16-byte aligned and bias 8-byte aligned when given.
 template <typename T, bool kPrologue>
 cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps,
                                  cudaStream_t stream) {
