@@ -322,6 +322,9 @@ int main(int argc, char** argv) {
     if (o.shapes.empty())
       o.shapes = {{128, 64, 64, 56, 3},  {128, 128, 128, 28, 3}, {128, 256, 256, 14, 3},
                   {128, 512, 512, 7, 3}, {128, 256, 64, 56, 1},  {128, 64, 256, 56, 1}};
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0)
+      throw Failure{"no CUDA device: this benchmark needs a compute capability 9.0 GPU"};
     int major = 0, minor = 0;
     check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, 0), "device");
     check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, 0), "device");
