@@ -152,9 +152,10 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
   if (R > 64 || S > 64) return false;  // the im2col box corners are 8-bit
   if (with_stats && K > igemm::kMaxStatsChannels) return false;
   if (!aligned16(x.data()) || !aligned16(w.data()) || !aligned16(y.data())) return false;
-  // 32-bit indices: output rows, and the reduction length of one filter row.
-  return y.numel() / K < (std::int64_t(1) << 31) && R * S * C < (std::int64_t(1) << 31) && x.numel() > 0 &&
-         y.numel() > 0;
+  // 32-bit indices: output rows, and the reduction length of one filter row; output positions
+  // packed 16 bits each (the prologue's padding test).
+  return y.numel() / K < (std::int64_t(1) << 31) && R * S * C < (std::int64_t(1) << 31) && y.dim(1) < 32768 &&
+         y.dim(2) < 32768 && x.numel() > 0 && y.numel() > 0;
 }
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
