@@ -7,13 +7,13 @@
 // rows x the same 64 channels through a tiled map, both in wgmma's 128-byte swizzled layout. Two
 // consumer warpgroups each multiply BM / 2 rows by BN columns (m64nBNk16, fp32 accumulators). The
 // producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
-// With a prologue (in_scale), each consumer warpgroup rewrites its A rows of a stage in place, as
+// Prologue (optional, in_scale): each consumer warpgroup rewrites its A rows of a stage in place as
 // relu(x * scale + shift) in the input type, one step ahead of its multiplies (which overlap it);
-// padding rows are left as the copy zero-filled them. With a bias, the epilogue stores
-// relu(y + bias) (the inference conv + bias + ReLU).
-// Epilogue: round to the output type into shared memory, bulk-store it with TMA (rows past M are
-// not written), and optionally add each column's sum and sum of squares (of the rounded values:
-// the BatchNorm statistics of what is stored) into fp32 arrays.
+// padding rows stay as the copy zero-filled them.
+// Epilogue: optionally relu(y + bias) (the inference conv + bias + ReLU); round to the output type
+// into shared memory and bulk-store it with TMA (rows past M are not written); optionally add each
+// column's sum and sum of squares (of the rounded values: the BatchNorm statistics of what is
+// stored) into fp32 arrays.
 //
 // Requirements (checked by the host side, implicit_gemm_conv.cu): C % 64 == 0, K % BN == 0,
 // 16-byte aligned x, w and y, stride 1, dilation 1, padding < filter size. Compiled for sm_90a
