@@ -238,7 +238,6 @@ std::unique_ptr<ConvPlan> build_plan(CudaState& st, ConvOp op, const ConvShape& 
   return plan;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 // `aligned`: whether every tensor is 16-byte aligned. Views into flat buffers (DataParallel's
 // gradients) may not be, and some cuDNN engines refuse such pointers: separate plans keep the

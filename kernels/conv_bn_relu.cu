@@ -457,7 +457,6 @@ __global__ void fold_kernel(const T* __restrict__ w, std::int64_t K, std::int64_
   }
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 // 16-byte vectors when every tensor is aligned and the channel count is a multiple of the width.
 template <class T>

@@ -41,7 +41,6 @@ bool graphs_enabled() {
   return enabled;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 const char* graph_name(ConvGraph kind) {
   switch (kind) {

@@ -173,18 +173,40 @@ int device_of(const void* p) {
   return -1;
 }
 
+using DeviceCache = std::array<std::atomic<int>, 64>;  // per device ordinal; 0: not asked yet
+
+// A positive device property, asked once per device ordinal (ordinals past the cache ask each time).
+template <class Ask>
+int once_per_device(DeviceCache& cache, int device, Ask ask) {
+  const bool cached = device >= 0 && device < static_cast<int>(cache.size());
+  if (cached) {
+    const int known = cache[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
+    if (known > 0) return known;
+  }
+  const int value = ask();
+  if (cached) cache[static_cast<std::size_t>(device)].store(value, std::memory_order_relaxed);
+  return value;
+}
+
 }  // namespace
 
 int sm_count(int device) {
-  static std::array<std::atomic<int>, 64> cached{};  // per device ordinal; 0: not asked yet
-  if (device >= 0 && device < 64) {
-    const int known = cached[static_cast<std::size_t>(device)].load(std::memory_order_relaxed);
-    if (known > 0) return known;
-  }
-  int n = 0;
-  DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < 64) cached[static_cast<std::size_t>(device)].store(n, std::memory_order_relaxed);
-  return n;
+  static DeviceCache cache{};
+  return once_per_device(cache, device, [device] {
+    int n = 0;
+    DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  });
+}
+
+int compute_capability(int device) {
+  static DeviceCache cache{};
+  return once_per_device(cache, device, [device] {
+    int major = 0, minor = 0;
+    DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+    return 10 * major + minor;
+  });
 }
 
 int cuda_device_count() noexcept {

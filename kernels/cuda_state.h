@@ -5,6 +5,7 @@
 #include <cudnn.h>
 
 #include <cstddef>
+#include <cstdint>
 
 #include "dstrain/device.h"
 
@@ -31,5 +32,12 @@ struct CudaState {
 
 // Multiprocessors of a device (asked once per device ordinal), for grids sized to the chip.
 int sm_count(int device);
+
+// Compute capability of a device as 10 * major + minor (asked once per device ordinal).
+int compute_capability(int device);
+
+// True when p is 16-byte aligned: what the vectorised kernels, cuDNN's graph plans and the
+// tensor memory accelerator need.
+inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace dstrain::kernels

@@ -237,7 +237,6 @@ int grid_for(std::int64_t n, int threads) {
   return static_cast<int>(std::clamp<std::int64_t>((n + threads - 1) / threads, 1, 4096));
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 void add_bias(const Tensor& b, Tensor& y, std::int64_t rows, std::int64_t cols, cudaStream_t s) {
   DSTRAIN_DISPATCH_ACT_DTYPE(y.dtype(), "linear bias", {

@@ -22,7 +22,6 @@ int grid_for(std::int64_t n) {
   return static_cast<int>(std::clamp<std::int64_t>(blocks, 1, 4096));
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 __device__ __forceinline__ float relu1(float v) { return v > 0.0f ? v : 0.0f; }
 __device__ __forceinline__ float relu_grad1(float g, float y) { return y > 0.0f ? g : 0.0f; }

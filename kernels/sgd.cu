@@ -21,7 +21,6 @@ int grid_for(std::int64_t n) {
   return static_cast<int>(std::clamp<std::int64_t>(blocks, 1, 4096));
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
 template <bool kMomentum>
 __global__ void sgd_kernel(float* param, const float* grad, float* buf, std::int64_t n, std::int64_t n4,

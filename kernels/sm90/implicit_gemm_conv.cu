@@ -24,21 +24,6 @@ namespace {
 
 using igemm::ForwardVariant;
 
-bool is_sm90(int device) {
-  static std::mutex mutex;
-  static std::map<int, bool> known;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = known.find(device);
-  if (it != known.end()) return it->second;
-  int major = 0, minor = 0;
-  const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-                  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess &&
-                  major == 9 && minor == 0;
-  return known.emplace(device, ok).first->second;
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
-
 igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p, float* sum,
                                float* sqsum) {
   igemm::ConvForwardArgs a{};
@@ -142,7 +127,7 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
 
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
                                    const ops::Conv2dParams& p, bool with_stats) {
-  if (ops::deterministic() || !is_sm90(device)) return false;
+  if (ops::deterministic() || compute_capability(device) != 90) return false;
   const DType dt = x.dtype();
   if ((dt != DType::F16 && dt != DType::BF16) || w.dtype() != dt || y.dtype() != dt) return false;
   if (x.ndim() != 4 || w.ndim() != 4 || y.ndim() != 4) return false;
