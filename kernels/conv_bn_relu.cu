@@ -648,34 +648,31 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   else if (!p.conv_out_given)
     plan = conv_graph_plan(st, ConvGraph::ForwardGenStats, x, w, conv_out, p.conv,
                            {x.data(), w.data(), conv_out.data()});
-  Partials<T> part;
-  if (!p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true)) {
-    // Three ways: cuDNN's GenStats graph (with the chained input's prologue), the separate kernels
-    // (the convolution and a statistics pass; a chained input materialised first), or our
-    // implicit GEMM with the prologue in its operand path and the statistics in its epilogue.
-    std::vector<Way> ways;
-    std::vector<std::function<Partials<T>()>> runs;
-    if (plan != nullptr) {
-      runs.push_back([&] { return stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
-      ways.push_back({prologue != nullptr ? "prologue graph" : "GenStats graph", [&] { runs.front()(); }});
-    }
-    runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
-    runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv, prologue); });
-    ways.push_back({prologue != nullptr ? "separate kernels" : "conv + pass", [&] { runs[runs.size() - 2](); }});
-    ways.push_back({"implicit GEMM", [&] { runs.back()(); }});
-    const Site site = prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats;
-    part = plan != nullptr && conv_graphs_forced() ? runs.front()()
-                                                   : runs[fastest_way(st, site, x, w, p.conv, ways)]();
-  } else {
-    const bool use_graph =
-        plan != nullptr &&
-        graph_is_faster(
-            st, prologue != nullptr ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv,
-            [&] { stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); },
-            [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); });
-    part = use_graph ? stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue)
-                     : stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
+  // The ways to the statistics: cuDNN's GenStats graph (with a chained input's prologue), the
+  // separate kernels (the convolution and a statistics pass; a chained input materialised first),
+  // and where it applies our implicit GEMM (the prologue in its operand path, the statistics in
+  // its epilogue). With one way there is nothing to time.
+  const bool chained = prologue != nullptr;
+  std::vector<std::function<Partials<T>()>> runs;
+  std::vector<Way> ways;
+  if (plan != nullptr) {
+    runs.push_back([&] { return stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
+    ways.push_back({chained ? "prologue graph" : "GenStats graph", [&] { runs.front()(); }});
   }
+  const std::size_t by_pass = runs.size();
+  runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in); });
+  ways.push_back({chained ? "separate kernels" : "conv + pass",
+                  [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); }});
+  if (!p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true)) {
+    runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv, prologue); });
+    ways.push_back({"implicit GEMM", [&] { runs.back()(); }});
+  }
+  std::size_t way = by_pass;
+  if (plan != nullptr && conv_graphs_forced())
+    way = 0;
+  else if (ways.size() > 1)
+    way = fastest_way(st, chained ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv, ways);
+  const Partials<T> part = runs[way]();
   finalize_forward_kernel<T><<<finalize_grid(K), finalize_block(), 0, stream>>>(
       part.p1, part.p2, part.chunks, part.shift, M, K, p.bn.eps, p.bn.momentum, save_mean.data_as<float>(),
       save_invstd.data_as<float>(), running_mean.data_as<float>(), running_var.data_as<float>());
