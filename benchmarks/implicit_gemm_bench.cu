@@ -1,6 +1,7 @@
 // implicit_gemm_bench: every tile configuration of the implicit-GEMM convolution forward
-// (kernels/sm90/): plain, with its BatchNorm-statistics epilogue, and with the statistics and a
-// chained layer's BatchNorm + ReLU prologue on its input; against cuDNN's fastest
+// (kernels/sm90/): plain, with its BatchNorm-statistics epilogue, with the statistics and a
+// chained layer's BatchNorm + ReLU prologue on its input, and with the inference epilogue
+// relu(y + bias); against cuDNN's fastest
 // legacy algorithm (cudnnFindConvolutionForwardAlgorithmEx, timed the same way), on one Hopper GPU.
 // Each result is checked before timing: the output (poisoned first) against a direct convolution
 // in fp32 on the GPU, the statistics against sums over the output itself. Times: median of --iters
@@ -123,11 +124,18 @@ float median_ms(const Options& o, F&& fn) {
   return t[t.size() / 2];
 }
 
-const char* variant_label(ForwardVariant v) {
-  static char buf[5][16];
-  const int i = static_cast<int>(v);
-  std::snprintf(buf[i], sizeof(buf[i]), "%dx%d", variant_bm(v), variant_bn(v));
-  return buf[i];
+// "128x64" for a cooperative tile, "pp128x64" for a ping-pong one (the tile of one consumer group).
+std::string variant_label(ForwardVariant v) {
+  return std::string(variant_ping_pong(v) ? "pp" : "") + std::to_string(variant_bm(v)) + "x" +
+         std::to_string(variant_bn(v));
+}
+
+// y = relu(y + bias[k]) over [rows, K] fp32 values: the reference of the inference epilogue.
+std::vector<float> bias_relu_reference(const std::vector<float>& y, const std::vector<float>& bias) {
+  std::vector<float> r(y.size());
+  const std::size_t K = bias.size();
+  for (std::size_t i = 0; i < y.size(); ++i) r[i] = std::max(y[i] + bias[i % K], 0.0f);
+  return r;
 }
 
 // Returns false when a result is wrong.
@@ -138,12 +146,14 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   Buffer<T> x(xn), w(wn), y(yn);
   Buffer<float> ref(yn), ref_pro(yn), sum(K), sq(K);
   Buffer<T> scale(C), shift(C);
+  Buffer<float> bias(K);
   fill_uniform<<<static_cast<unsigned>((xn + 255) / 256), 256>>>(x.p, xn, 1234u + C, -1.0f, 1.0f);
   const float wb = 1.0f / std::sqrt(static_cast<float>(C * R * S));
   fill_uniform<<<static_cast<unsigned>((wn + 255) / 256), 256>>>(w.p, wn, 777u + K, -wb, wb);
   // The prologue's BatchNorm: scale in [0.5, 1.5), shift in [-0.5, 0.5) (half the inputs survive ReLU).
   fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(scale.p, C, 99u, 0.5f, 1.5f);
   fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(shift.p, C, 98u, -0.5f, 0.5f);
+  fill_uniform<<<static_cast<unsigned>((K + 255) / 256), 256>>>(bias.p, K, 97u, -0.5f, 0.5f);
   reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref.p, N, H, W, C, K, R, S, pad,
                                                                     static_cast<const T*>(nullptr),
                                                                     static_cast<const T*>(nullptr));
@@ -153,6 +163,9 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   std::vector<float> href(yn), href_pro(yn);
   check(cudaMemcpy(href.data(), ref.p, yn * 4, cudaMemcpyDeviceToHost), "copy");
   check(cudaMemcpy(href_pro.data(), ref_pro.p, yn * 4, cudaMemcpyDeviceToHost), "copy");
+  std::vector<float> hbias(K);
+  check(cudaMemcpy(hbias.data(), bias.p, K * 4, cudaMemcpyDeviceToHost), "copy");
+  const std::vector<float> href_bias = bias_relu_reference(href, hbias);
   const double ulp = dt == CUDNN_DATA_HALF ? 2.0 / 1024.0 : 2.0 / 128.0;
   const double flops = 2.0 * yn * C * R * S;
   char name[64];
@@ -160,21 +173,23 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   ConvForwardArgs a{x.p, w.p, y.p, nullptr, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, H, W, pad, pad,
                     N * H * W};
   bool all_ok = true;
-  float best_plain = 1e30f, best_stats = 1e30f, best_chained = 1e30f;
+  float best_plain = 1e30f, best_stats = 1e30f, best_chained = 1e30f, best_bias = 1e30f;
   for (int vi = 0; vi < kForwardVariants; ++vi) {
     const ForwardVariant v = static_cast<ForwardVariant>(vi);
     if (K % variant_bn(v) != 0) continue;
     ConvTensorMaps maps{};
     check(make_tensor_maps<T>(a, v, maps), "tensor maps");
-    // 0: plain; 1: with statistics; 2: with the prologue and statistics (a chained layer's forward).
-    for (int mode = 0; mode < 3; ++mode) {
-      const bool with_stats = mode >= 1, with_prologue = mode == 2;
-      if (with_stats && K > kMaxStatsChannels) continue;
+    // 0: plain; 1: with statistics; 2: with the prologue and statistics (a chained layer's
+    // forward); 3: bias + ReLU (inference).
+    for (int mode = 0; mode < 4; ++mode) {
+      const bool with_stats = mode == 1 || mode == 2, with_prologue = mode == 2, with_bias = mode == 3;
+      if ((with_stats && K > kMaxStatsChannels) || (with_prologue && !variant_has_prologue(v))) continue;
       a.sum = with_stats ? sum.p : nullptr;
       a.sqsum = with_stats ? sq.p : nullptr;
       a.in_scale = with_prologue ? scale.p : nullptr;
       a.in_shift = with_prologue ? shift.p : nullptr;
-      const std::vector<float>& want = with_prologue ? href_pro : href;
+      a.bias = with_bias ? bias.p : nullptr;
+      const std::vector<float>& want = with_prologue ? href_pro : with_bias ? href_bias : href;
       double ref_max = 0.0;
       for (float v : want) ref_max = std::max(ref_max, static_cast<double>(std::fabs(v)));
       const double tol = ulp * ref_max;
@@ -213,10 +228,11 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
         conv_forward<T>(v, a, maps, 0);
       });
       check(cudaGetLastError(), "timed launches");
-      float& best = with_prologue ? best_chained : with_stats ? best_stats : best_plain;
+      float& best = with_prologue ? best_chained : with_stats ? best_stats : with_bias ? best_bias : best_plain;
       best = std::min(best, ms);
-      std::printf("%-20s %-5s own %-8s %-15s %9.4f ms %6.0f TFLOP/s  max err %.2e (tol %.2e) stats err %.1e%s\n",
-                  name, dname, variant_label(v), with_prologue ? "+prologue+stats" : with_stats ? "+stats" : "", ms,
+      std::printf("%-20s %-5s own %-10s %-15s %9.4f ms %6.0f TFLOP/s  max err %.2e (tol %.2e) stats err %.1e%s\n",
+                  name, dname, variant_label(v).c_str(),
+                  with_prologue ? "+prologue+stats" : with_stats ? "+stats" : with_bias ? "+bias+relu" : "", ms,
                   flops / ms / 1e9, max_err, tol, stat_err, ok ? "" : "  WRONG");
     }
   }
@@ -267,9 +283,9 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   cudnnDestroyFilterDescriptor(wd);
   cudnnDestroyConvolutionDescriptor(cd);
   std::printf("%-20s %-5s cuDNN legacy algo %d: %.4f ms %6.0f TFLOP/s | best own %.4f ms (%.2fx cuDNN), +stats %.4f ms, "
-              "+prologue+stats %.4f ms\n",
+              "+prologue+stats %.4f ms, +bias+relu %.4f ms\n",
               name, dname, algo, cudnn_ms, flops / cudnn_ms / 1e9, best_plain, best_plain / cudnn_ms, best_stats,
-              best_chained);
+              best_chained, best_bias);
   std::fflush(stdout);
   return all_ok;
 }

@@ -16,7 +16,8 @@ namespace dstrain::kernels::cuda {
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
                                    const ops::Conv2dParams& p, bool with_stats);
 
-// What the kernel does besides y = conv(x, w), each optional.
+// What the kernel does besides y = conv(x, w), in one of four combinations: nothing; the sums;
+// the sums and the prologue (a chained layer's training forward); bias + ReLU alone (inference).
 struct ImplicitGemmExtras {
   // fp32 [K], any contents: they receive the column sums and sums of squares of y as stored.
   float* sum = nullptr;

@@ -47,11 +47,11 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
   return a;
 }
 
-std::vector<ForwardVariant> variants_for(int K) {
+std::vector<ForwardVariant> variants_for(int K, bool prologue) {
   std::vector<ForwardVariant> v;
   for (int i = 0; i < igemm::kForwardVariants; ++i) {
     const auto f = static_cast<ForwardVariant>(i);
-    if (K % igemm::variant_bn(f) == 0) v.push_back(f);
+    if (K % igemm::variant_bn(f) == 0 && (!prologue || igemm::variant_has_prologue(f))) v.push_back(f);
   }
   return v;
 }
@@ -64,14 +64,9 @@ ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
   return ForwardVariant::M256N64;
 }
 
-const char* variant_name(ForwardVariant v) {
-  switch (v) {
-    case ForwardVariant::M128N64: return "128x64";
-    case ForwardVariant::M256N64: return "256x64";
-    case ForwardVariant::M128N128: return "128x128";
-    case ForwardVariant::M256N128: return "256x128";
-    default: return "128x256";
-  }
+std::string variant_name(ForwardVariant v) {
+  return std::string(igemm::variant_ping_pong(v) ? "ping-pong " : "") + std::to_string(igemm::variant_bm(v)) + "x" +
+         std::to_string(igemm::variant_bn(v));
 }
 
 void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DType dt) {
@@ -106,14 +101,14 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
   if (capture != cudaStreamCaptureStatusNone) return default_variant(a);
-  const std::vector<ForwardVariant> vs = variants_for(a.K);
+  const std::vector<ForwardVariant> vs = variants_for(a.K, a.in_scale != nullptr);
   std::vector<float> ms;
   for (ForwardVariant v : vs) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch(st, v, a, dt); }));
   const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
   if (choices_logged()) {
     std::string times;
     for (std::size_t i = 0; i < vs.size(); ++i)
-      times += (i > 0 ? " / " : "") + std::string(variant_name(vs[i])) + " " + std::to_string(ms[i] / 3.0f);
+      times += (i > 0 ? " / " : "") + variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
     detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
                         dtype_name(dt) + (a.in_scale != nullptr ? " with prologue" : "") +
                         (a.bias != nullptr ? " with bias + ReLU" : "") +
@@ -155,6 +150,9 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
   a.in_scale = extras.in_scale;
   a.in_shift = extras.in_shift;
   a.bias = extras.bias_relu;
+  if (!igemm::extras_supported(a))
+    DSTRAIN_THROW(ErrorCode::Internal,
+                  "implicit-GEMM convolution: the prologue comes only with the statistics, bias + ReLU only alone");
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
 }
 

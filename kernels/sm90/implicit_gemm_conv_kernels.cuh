@@ -4,12 +4,16 @@
 // m = (n, p, q). A persistent CTA walks BM x BN tiles of y. One producer thread feeds a ring of
 // shared-memory stages with the tensor memory accelerator (TMA): per step, BM input pixels x 64
 // channels of one filter tap through an im2col tensor map (zeros outside the image), and BN filter
-// rows x the same 64 channels through a tiled map, both in wgmma's 128-byte swizzled layout. Two
-// consumer warpgroups each multiply BM / 2 rows by BN columns (m64nBNk16, fp32 accumulators). The
-// producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
-// Prologue (optional, in_scale): each consumer warpgroup rewrites its A rows of a stage in place as
-// relu(x * scale + shift) in the input type, one step ahead of its multiplies (which overlap it);
-// padding rows stay as the copy zero-filled them.
+// rows x the same 64 channels through a tiled map, both in wgmma's 128-byte swizzled layout. The
+// producer's warpgroup gives its registers to the two consumer warpgroups (setmaxnreg), which
+// multiply with m64nBNk16 into fp32 accumulators, in one of two schedules:
+// - cooperative: both groups work on the same tile, BM / 2 rows each;
+// - ping-pong: each group takes every other tile of the CTA and the two take turns at the tensor
+//   cores, so that one group's epilogue runs while the other multiplies.
+// The producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
+// Prologue (optional, in_scale): the A operand goes through registers (ldmatrix, then
+// relu(x * scale + shift) in the input type, zero on padding rows) into wgmma, one step ahead of
+// the multiplies that overlap it.
 // Epilogue: optionally relu(y + bias) (the inference conv + bias + ReLU); round to the output type
 // into shared memory and bulk-store it with TMA (rows past M are not written); optionally add each
 // column's sum and sum of squares (of the rounded values: the BatchNorm statistics of what is
@@ -27,6 +31,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 
 #include "sm90_ptx.cuh"
 
@@ -56,19 +61,22 @@ struct ConvTensorMaps {
   CUtensorMap y;  // tiled over [M, K]: 64 x 64 per store
 };
 
-constexpr int kBK = 64;        // channels per step: one 128-byte swizzled row
-// Two consumer warpgroups (threads 0-255) and one producer warp (256-287): the producer needs a
-// single thread, and a smaller block leaves the consumers more registers.
-constexpr int kThreads = 288;
+constexpr int kBK = 64;  // channels per step: one 128-byte swizzled row
+// Two consumer warpgroups (threads 0-255) and one producer warpgroup (256-383), of which one thread
+// issues the copies: a whole warpgroup so that it can hand its registers to the consumers.
+constexpr int kThreads = 384;
 constexpr int kRowBytes = kBK * 2;
 constexpr int kMaxStatsChannels = 1024;
 
-// A kernel configuration: BN columns per tile, kMAtoms m64 blocks per consumer warpgroup (the tile
-// has 128 kMAtoms rows), kStages pipeline stages, kMinBlocks CTAs per multiprocessor.
-template <int BN_, int kMAtoms_, int kStages_, int kMinBlocks_>
+// A kernel configuration: BN columns per tile, kMAtoms m64 blocks per consumer warpgroup and tile,
+// kStages pipeline stages, kMinBlocks CTAs per multiprocessor, the ping-pong schedule or the
+// cooperative one (a tile of 64 kMAtoms rows per group, or of 128 kMAtoms rows shared by both).
+template <int BN_, int kMAtoms_, int kStages_, int kMinBlocks_, bool kPingPong_>
 struct Config {
   static constexpr int BN = BN_, kMAtoms = kMAtoms_, kStages = kStages_, kMinBlocks = kMinBlocks_;
-  static constexpr int BM = 128 * kMAtoms;
+  static constexpr bool kPingPong = kPingPong_;
+  static constexpr int kGroupRows = 64 * kMAtoms;  // output rows one consumer group multiplies per tile
+  static constexpr int BM = kPingPong ? kGroupRows : 2 * kGroupRows;
   static constexpr int kABytes = BM * kRowBytes;
   static constexpr int kBBytes = BN * kRowBytes;
   static constexpr int kStageBytes = kABytes + kBBytes;
@@ -81,7 +89,22 @@ struct Config {
   static constexpr int kStatsOffset = kBarrierOffset + 2 * kStages * 8;
   static constexpr int kBytes = kStatsOffset + 2 * kMaxStatsChannels * 4 + 1024;  // + alignment slack
   static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
+  static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
+  // Registers per thread after the hand-over: the CTA's pool is its launch allocation (the
+  // __launch_bounds__ maximum: 168 for one CTA per multiprocessor, 80 for two), 128 producer
+  // threads keep 40, the 256 consumer threads share the rest.
+  static constexpr int kProducerRegs = 40;
+  // The prologue's two fragment sets do not fit beside 128 accumulators of two m64 blocks, nor in
+  // the registers of two CTAs per multiprocessor: such configurations are not built with it.
+  static constexpr bool kPrologueFits = kMinBlocks == 1 && !(kMAtoms == 2 && BN == 128);
+  static constexpr int kConsumerRegs = kMinBlocks == 1 ? 232 : 96;
+  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * (kMinBlocks == 1 ? 168 : 80),
+                "register hand-over larger than the CTA's allocation");
 };
+
+// What the epilogue does with the accumulators besides storing them (a compile-time choice: the
+// unused paths would cost registers).
+enum class Epilogue : int { Store, Stats, BiasRelu };
 
 template <typename T>
 struct MmaType;
@@ -118,40 +141,27 @@ __device__ __forceinline__ std::uint32_t out_offset(int row, int col) {
                                     (((byte / 16) ^ (r % 8)) * 16) + byte % 16);
 }
 
-// Applies the prologue to this thread's chunks of warpgroup cw's A rows in one stage: 16-byte chunk
-// `chunk` (physical, swizzled) of rows row0 + 16 i. pos[i]: (p << 16) | q of the row's output pixel,
-// or a value outside any image for rows past M. Two channels per instruction (fp16x2 / bf16x2).
-template <typename T, int kRowsPerThread>
-__device__ __forceinline__ void apply_prologue(unsigned char* a_rows, int chunk, int row0, const int (&pos)[kRowsPerThread],
-                                               int dh, int dw, int H, int W, int cbase, const void* in_scale,
-                                               const void* in_shift) {
+// relu(v * scale + shift) on two packed 16-bit values (one rounding: a fused multiply-add in T).
+template <typename T>
+__device__ __forceinline__ std::uint32_t bn_relu_pair(std::uint32_t v, std::uint32_t scale, std::uint32_t shift) {
   using Pair = typename MmaType<T>::pair;
-  const int logical = chunk ^ (row0 & 7);  // rows row0 + 16 i share row % 8
-  const int c = cbase + logical * 8;
-  const uint4 sv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(in_scale) + c));
-  const uint4 bv = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(in_shift) + c));
-  const Pair* sc = reinterpret_cast<const Pair*>(&sv);
-  const Pair* sh = reinterpret_cast<const Pair*>(&bv);
-  const Pair zero = MmaType<T>::make(0.0f, 0.0f);
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int h = (pos[i] >> 16) + dh, wc = (pos[i] & 0xffff) + dw;
-    if (static_cast<unsigned>(h) >= static_cast<unsigned>(H) || static_cast<unsigned>(wc) >= static_cast<unsigned>(W))
-      continue;  // padding (or a row past M): zero, as loaded
-    uint4* p = reinterpret_cast<uint4*>(a_rows + (row0 + 16 * i) * kRowBytes + chunk * 16);
-    uint4 v = *p;
-    Pair* e = reinterpret_cast<Pair*>(&v);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) e[j] = __hmax2(__hfma2(e[j], sc[j], sh[j]), zero);
-    *p = v;
-  }
+  Pair x, sc, sh;
+  memcpy(&x, &v, 4);
+  memcpy(&sc, &scale, 4);
+  memcpy(&sh, &shift, 4);
+  const Pair y = __hmax2(__hfma2(x, sc, sh), MmaType<T>::make(0.0f, 0.0f));
+  std::uint32_t out;
+  memcpy(&out, &y, 4);
+  return out;
 }
 
-template <typename T, typename Cfg, bool kPrologue>
+template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     conv_forward_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::BN, BM = Cfg::BM, kStages = Cfg::kStages, kMAtoms = Cfg::kMAtoms;
+  constexpr int kGroupRows = Cfg::kGroupRows;
+  constexpr bool kStats = kEpi == Epilogue::Stats;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -167,20 +177,21 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   const int k_iters = a.R * a.S * c_steps;
   const int n_tiles = a.K / BN;
   const int tiles = (a.M + BM - 1) / BM * n_tiles;
-  const bool stats = a.sum != nullptr;
 
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      sm90::mbar_init(full_bar + 8 * s, 1);     // the producer's arrival with the stage's byte count
-      sm90::mbar_init(empty_bar + 8 * s, 256);  // one arrival per consumer thread
+      sm90::mbar_init(full_bar + 8 * s, 1);  // the producer's arrival with the stage's byte count
+      // One arrival per thread of the group(s) that multiply the stage.
+      sm90::mbar_init(empty_bar + 8 * s, Cfg::kPingPong ? 128 : 256);
     }
     sm90::mbar_init_fence();
   }
-  if (stats)
+  if constexpr (kStats)
     for (int i = tid; i < a.K; i += kThreads) s_sum[i] = s_sq[i] = 0.0f;
   __syncthreads();
 
   if (tid >= 256) {
+    sm90::release_registers<Cfg::kProducerRegs>();
     // Producer: one thread. Tile row m0 starts at output pixel (n, p, q), whose filter window's
     // top-left input pixel is (p - pad_h, q - pad_w); the im2col copy walks BM such windows.
     if (tid == 256) {
@@ -205,49 +216,97 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     }
     return;
   }
+  sm90::claim_registers<Cfg::kConsumerRegs>();
 
-  // Consumers: warpgroup cw multiplies rows [64 kMAtoms cw, 64 kMAtoms (cw + 1)) of each tile.
+  // Consumers. Cooperative: warpgroup cw multiplies rows [kGroupRows cw, kGroupRows (cw + 1)) of
+  // every tile of the CTA. Ping-pong: it multiplies all rows of every other tile (the CTA's tiles
+  // cw, cw + 2, ...), and starts a tile's multiplies only once the other group has issued its
+  // previous tile's (named barriers 4 and 5): the two then wait on the stage ring in the order
+  // the producer fills it, never a whole ring ahead (where a phase parity would be ambiguous).
   const int cw = tid / 128;
   const int t = tid % 128, warp = t / 32, lane = t % 32;
+  const int row_off = Cfg::kPingPong ? 0 : cw * kGroupRows;  // this group's first row in a tile
+  const int first_tile = blockIdx.x + (Cfg::kPingPong ? cw * static_cast<int>(gridDim.x) : 0);
+  const int tile_step = (Cfg::kPingPong ? 2 : 1) * static_cast<int>(gridDim.x);
   const std::uint32_t out_base = Cfg::kOutOffset + cw * Cfg::kOutBytesPerGroup;  // from smem
   // Statistics: thread t sums column pair t % (BN / 2) over its share of the staged rows, in
   // registers while the tile's columns stay the same (one column block), else flushed per tile.
-  constexpr int kPairs = BN / 2, kRowGroups = 128 / kPairs, kRowsPerGroup = 64 * kMAtoms / kRowGroups;
+  constexpr int kPairs = BN / 2, kRowGroups = 128 / kPairs, kRowsPerGroup = kGroupRows / kRowGroups;
   const int stat_pair = t % kPairs, stat_rows = t / kPairs * kRowsPerGroup;
   float st_s0 = 0.0f, st_s1 = 0.0f, st_q0 = 0.0f, st_q1 = 0.0f;
   float acc[kMAtoms][BN / 2];
-  // Prologue: thread t rewrites chunk t % 8 of its warpgroup's rows t / 8 + 16 i.
-  constexpr int kPrologueRows = 64 * kMAtoms / 16;
-  int pos[kPrologueRows];
-  int g = 0;
-  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  // Prologue (a chained input's BatchNorm + ReLU): the A operand goes through registers. Each
+  // thread loads its fragments of the staged input rows with ldmatrix, applies relu(x * scale +
+  // shift) to them (zero where the row is padding: the copy's zeros must stay zero) and hands them
+  // to wgmma. Thread rows: per m64 block, 16 warp + lane / 4 and + 8 (pos: (p << 16) | q of their
+  // output pixels, a value outside any image past M). Two fragment sets alternate between steps,
+  // so that one step's loads overlap the previous step's multiplies.
+  int pos[kMAtoms][2];
+  std::uint32_t frag[2][kBK / 16][kMAtoms][4];
+  // ldmatrix addresses: lane l gives row 8 ((l / 8) % 2) + l % 8 of the warp's 16, 16-byte chunk
+  // 2 kk + l / 16 of the 128-byte row, swizzled with row % 8 = l % 8.
+  const std::uint32_t ldm_row = static_cast<std::uint32_t>((warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowBytes);
+  auto load_fragments = [&](auto set, int it, int step) {
+    constexpr int S = decltype(set)::value;
+    const int stage = step % kStages;
+    sm90::mbar_wait(full_bar + 8 * stage, (step / kStages) & 1);
+    const int tap = it / c_steps, cs = it - tap * c_steps;
+    const int r = tap / a.S, s = tap - r * a.S;
+    std::uint32_t keep[kMAtoms][2];
+#pragma unroll
+    for (int am = 0; am < kMAtoms; ++am)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ih = (pos[am][h] >> 16) + r - a.pad_h, iw = (pos[am][h] & 0xffff) + s - a.pad_w;
+        keep[am][h] = static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
+                              static_cast<unsigned>(iw) < static_cast<unsigned>(a.W)
+                          ? 0xffffffffu
+                          : 0u;
+      }
+    const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + row_off * kRowBytes + ldm_row;
+    const std::uint32_t* sc = static_cast<const std::uint32_t*>(a.in_scale) + cs * (kBK / 2) + (lane & 3);
+    const std::uint32_t* sh = static_cast<const std::uint32_t*>(a.in_shift) + cs * (kBK / 2) + (lane & 3);
+#pragma unroll
+    for (int kk = 0; kk < kBK / 16; ++kk) {
+      // Channel pairs of this thread: 16 kk + 2 (lane % 4) (registers 0, 1) and + 8 (2, 3).
+      const std::uint32_t s_lo = __ldg(sc + 8 * kk), s_hi = __ldg(sc + 8 * kk + 4);
+      const std::uint32_t b_lo = __ldg(sh + 8 * kk), b_hi = __ldg(sh + 8 * kk + 4);
+      const std::uint32_t chunk = static_cast<std::uint32_t>(((2 * kk + (lane >> 4)) ^ (lane & 7)) << 4);
+#pragma unroll
+      for (int am = 0; am < kMAtoms; ++am) {
+        std::uint32_t(&f)[4] = frag[S][kk][am];
+        sm90::ldmatrix_x4(f, a_tile + am * 64 * kRowBytes + chunk);
+        f[0] = bn_relu_pair<T>(f[0], s_lo, b_lo) & keep[am][0];
+        f[1] = bn_relu_pair<T>(f[1], s_lo, b_lo) & keep[am][1];
+        f[2] = bn_relu_pair<T>(f[2], s_hi, b_hi) & keep[am][0];
+        f[3] = bn_relu_pair<T>(f[3], s_hi, b_hi) & keep[am][1];
+      }
+    }
+  };
+  int g = Cfg::kPingPong ? cw * k_iters : 0;  // pipeline step of this group's next multiply
+  for (int tile = first_tile; tile < tiles; tile += tile_step) {
     const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
+    if constexpr (Cfg::kPingPong)
+      if (tile != blockIdx.x) sm90::named_barrier_sync(4 + cw, 256);  // the other group's turn ends
     if constexpr (kPrologue) {
       const int pq = a.P * a.Q;
 #pragma unroll
-      for (int i = 0; i < kPrologueRows; ++i) {
-        const int m = m0 + cw * 64 * kMAtoms + t / 8 + 16 * i;
-        const int n = m / pq, rem = m - n * pq, p = rem / a.Q;
-        pos[i] = m < a.M ? (p << 16) | (rem - p * a.Q) : 0x7fff << 16;
-      }
+      for (int am = 0; am < kMAtoms; ++am)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = m0 + row_off + am * 64 + warp * 16 + lane / 4 + 8 * h;
+          const int n = m / pq, rem = m - n * pq, p = rem / a.Q;
+          pos[am][h] = m < a.M ? (p << 16) | (rem - p * a.Q) : 0x7fff << 16;
+        }
+      load_fragments(std::integral_constant<int, 0>{}, 0, g);
     }
-    // The prologue of step `it` (pipeline step `step`): wait for its stage, rewrite this
-    // warpgroup's rows, make them visible to the multiplies (async proxy) of all 128 threads.
-    auto prologue_step = [&](int it, int step) {
-      const int stage = step % kStages;
-      sm90::mbar_wait(full_bar + 8 * stage, (step / kStages) & 1);
-      const int tap = it / c_steps, cs = it - tap * c_steps;
-      const int r = tap / a.S, s = tap - r * a.S;
-      apply_prologue<T, kPrologueRows>(smem + stage * Cfg::kStageBytes + cw * 64 * kMAtoms * kRowBytes, t % 8, t / 8,
-                                       pos, r - a.pad_h, s - a.pad_w, a.H, a.W, cs * kBK, a.in_scale, a.in_shift);
-      sm90::fence_proxy_async();
-      group_barrier(cw);
-    };
-    if constexpr (kPrologue) prologue_step(0, g);
-    for (int it = 0; it < k_iters; ++it, ++g) {
+    // One pipeline step: its multiplies are issued, then (prologue) the next step's fragments
+    // are loaded while they run, and the step before is waited for: its stage may be refilled.
+    auto step = [&](auto set, int it) {
+      [[maybe_unused]] constexpr int S = decltype(set)::value;
       const int stage = g % kStages;
       if constexpr (!kPrologue) sm90::mbar_wait(full_bar + 8 * stage, (g / kStages) & 1);
-      const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + cw * 64 * kMAtoms * kRowBytes;
+      [[maybe_unused]] const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + row_off * kRowBytes;
       const std::uint32_t b_tile = smem_base + stage * Cfg::kStageBytes + Cfg::kABytes;
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
@@ -255,41 +314,60 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
 #pragma unroll
       for (int k = 0; k < kBK / 16; ++k)
 #pragma unroll
-        for (int am = 0; am < kMAtoms; ++am)
-          sm90::Wgmma<BN, typename Traits::type>::mma(acc[am], sm90::desc_k_sw128(a_tile + am * 64 * kRowBytes + 32 * k),
-                                                      sm90::desc_k_sw128(b_tile + 32 * k), it > 0 || k > 0);
+        for (int am = 0; am < kMAtoms; ++am) {
+          if constexpr (kPrologue)
+            sm90::WgmmaRS<BN, typename Traits::type>::mma(acc[am], frag[S][k][am], sm90::desc_k_sw128(b_tile + 32 * k),
+                                                          it > 0 || k > 0);
+          else
+            sm90::Wgmma<BN, typename Traits::type>::mma(acc[am], sm90::desc_k_sw128(a_tile + am * 64 * kRowBytes + 32 * k),
+                                                        sm90::desc_k_sw128(b_tile + 32 * k), it > 0 || k > 0);
+        }
       sm90::wgmma_commit();
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-      // The next step's prologue runs while this step multiplies (a different stage).
-      if constexpr (kPrologue)
-        if (it + 1 < k_iters) prologue_step(it + 1, g + 1);
-      if (it > 0) {  // the previous step's multiplies are done: its stage may be refilled
+      if (it > 0 || kPrologue) {
+        // The step before is done: its stage may be refilled and (prologue) its fragment set
+        // reused for the next step.
         sm90::wgmma_wait<1>();
 #pragma unroll
         for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-        sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
+        if (it > 0) sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
       }
+      if constexpr (kPrologue)
+        if (it + 1 < k_iters) load_fragments(std::integral_constant<int, 1 - S>{}, it + 1, g + 1);
+    };
+    for (int it = 0; it < k_iters; ++it, ++g) {
+      if (!kPrologue || (it & 1) == 0) step(std::integral_constant<int, 0>{}, it);
+      else step(std::integral_constant<int, 1>{}, it);
+    }
+    if constexpr (Cfg::kPingPong) {
+      // Every stage of this tile has arrived: the other group may start on its next tile.
+      if (tile + static_cast<int>(gridDim.x) < tiles) sm90::named_barrier_arrive(5 - cw, 256);
     }
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
     sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
+    if constexpr (Cfg::kPingPong) g += k_iters;  // past the other group's tile
 
     // Epilogue. The previous tile's bulk stores must have read the staging area first.
     if (t == 0) sm90::bulk_wait_read();
     group_barrier(cw);
     // Fragment layout of m64nN: warp w holds rows 16 w + lane / 4 and 16 w + lane / 4 + 8 of an
     // m64 block; acc[4 j + e] is column 8 j + 2 (lane % 4) + (e & 1) of the first row (e < 2) or
-    // of the second (e >= 2).
+    // of the second (e >= 2). The thread's indices are made opaque here: otherwise the compiler
+    // hoists the BN / 4 staging addresses out of the tile loop and keeps them in registers beside
+    // the accumulators, which then spill.
+    int ep_warp = warp, ep_lane = lane;
+    asm volatile("" : "+r"(ep_warp), "+r"(ep_lane));
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am) {
-      const int row_a = am * 64 + warp * 16 + lane / 4;
+      const int row_a = am * 64 + ep_warp * 16 + ep_lane / 4;
 #pragma unroll
       for (int j = 0; j < BN / 8; ++j) {
-        const int col = 8 * j + 2 * (lane % 4);
+        const int col = 8 * j + 2 * (ep_lane % 4);
         float v0 = acc[am][4 * j], v1 = acc[am][4 * j + 1], v2 = acc[am][4 * j + 2], v3 = acc[am][4 * j + 3];
-        if (a.bias != nullptr) {
+        if constexpr (kEpi == Epilogue::BiasRelu) {
           const float2 b = __ldg(reinterpret_cast<const float2*>(a.bias + n0 + col));
           v0 = fmaxf(v0 + b.x, 0.0f);
           v1 = fmaxf(v1 + b.y, 0.0f);
@@ -303,7 +381,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     }
     sm90::fence_proxy_async();  // the bulk store reads what the st.shared above wrote
     group_barrier(cw);
-    const int grow = m0 + cw * 64 * kMAtoms;  // first output row of this warpgroup
+    const int grow = m0 + row_off;  // first output row of this warpgroup
     if (t == 0) {
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am)
@@ -313,7 +391,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
                              smem_base + out_base + (am * (BN / 64) + b) * Cfg::kOutBlockBytes);
       sm90::bulk_commit();
     }
-    if (stats) {
+    if constexpr (kStats) {
       const int col = 2 * stat_pair;
       const int rows = min(kRowsPerGroup, a.M - grow - stat_rows);
       for (int i = 0; i < rows; ++i) {
@@ -324,7 +402,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
         st_q0 += v.x * v.x;
         st_q1 += v.y * v.y;
       }
-      const bool last = tile + static_cast<int>(gridDim.x) >= tiles;
+      const bool last = tile + tile_step >= tiles;
       if (n_tiles > 1 || last) {
         atomicAdd(&s_sum[n0 + col], st_s0);
         atomicAdd(&s_sum[n0 + col + 1], st_s1);
@@ -335,7 +413,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     }
   }
   if (t == 0) sm90::bulk_wait();  // the staging area must outlive the stores
-  if (stats) {
+  if constexpr (kStats) {
     sm90::named_barrier_sync(1, 256);
     for (int i = tid; i < a.K; i += 256) {
       atomicAdd(&a.sum[i], s_sum[i]);
@@ -345,27 +423,52 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
 #endif
 }
 
-// The kernel variants, BM x BN.
-enum class ForwardVariant : int { M128N64 = 0, M256N64 = 1, M128N128 = 2, M256N128 = 3, M128N256 = 4 };
-constexpr int kForwardVariants = 5;
-using CfgM128N64 = Config<64, 1, 3, 2>;
-using CfgM256N64 = Config<64, 2, 4, 1>;
-using CfgM128N128 = Config<128, 1, 4, 1>;
-using CfgM256N128 = Config<128, 2, 3, 1>;
-using CfgM128N256 = Config<256, 1, 3, 1>;
+// The kernel variants: the cooperative ones by their BM x BN tile, the ping-pong ones (P) by the
+// tile of one consumer group.
+enum class ForwardVariant : int {
+  M128N64 = 0,
+  M256N64,
+  M128N128,
+  M256N128,
+  M128N256,
+  P128N64,
+  P64N128,
+  P128N128,
+  P64N256,
+};
+constexpr int kForwardVariants = 9;
+using CfgM128N64 = Config<64, 1, 3, 2, false>;
+using CfgM256N64 = Config<64, 2, 4, 1, false>;
+using CfgM128N128 = Config<128, 1, 4, 1, false>;
+using CfgM256N128 = Config<128, 2, 3, 1, false>;
+using CfgM128N256 = Config<256, 1, 3, 1, false>;
+using CfgP128N64 = Config<64, 2, 6, 1, true>;
+using CfgP64N128 = Config<128, 1, 6, 1, true>;
+using CfgP128N128 = Config<128, 2, 4, 1, true>;
+using CfgP64N256 = Config<256, 1, 3, 1, true>;
 
+// Rows and columns of one tile of variant v, and its schedule.
 inline int variant_bm(ForwardVariant v) {
-  return v == ForwardVariant::M256N64 || v == ForwardVariant::M256N128 ? 256 : 128;
+  constexpr int bm[kForwardVariants] = {128, 256, 128, 256, 128, 128, 64, 128, 64};
+  return bm[static_cast<int>(v)];
 }
 inline int variant_bn(ForwardVariant v) {
-  return v == ForwardVariant::M128N64 || v == ForwardVariant::M256N64     ? 64
-         : v == ForwardVariant::M128N128 || v == ForwardVariant::M256N128 ? 128
-                                                                          : 256;
+  constexpr int bn[kForwardVariants] = {64, 64, 128, 128, 256, 64, 128, 128, 256};
+  return bn[static_cast<int>(v)];
+}
+inline bool variant_ping_pong(ForwardVariant v) { return static_cast<int>(v) >= static_cast<int>(ForwardVariant::P128N64); }
+inline bool variant_has_prologue(ForwardVariant v) {
+  constexpr bool fits[kForwardVariants] = {
+      CfgM128N64::kPrologueFits, CfgM256N64::kPrologueFits, CfgM128N128::kPrologueFits,
+      CfgM256N128::kPrologueFits, CfgM128N256::kPrologueFits, CfgP128N64::kPrologueFits,
+      CfgP64N128::kPrologueFits, CfgP128N128::kPrologueFits, CfgP64N256::kPrologueFits};
+  return fits[static_cast<int>(v)];
 }
 
-template <typename T, typename Cfg, bool kPrologue>
-cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
-  auto kernel = conv_forward_kernel<T, Cfg, kPrologue>;
+// Launches a built kernel on as many persistent CTAs as the device holds, at most one per tile.
+template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
+cudaError_t launch_built(const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
+  auto kernel = conv_forward_kernel<T, Cfg, kEpi, kPrologue>;
   // The shared-memory opt-in and the occupancy are per device: found once per device.
   static std::atomic<int> resident[64];  // CTAs resident on the whole device; 0 = not yet known
   int device = 0;
@@ -391,26 +494,55 @@ cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps,
   return cudaGetLastError();
 }
 
-// Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
-// caller checks the requirements above, K % variant_bn(v) == 0 and, with statistics,
-// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given; in_scale and in_shift
-// (x's type) 16-byte aligned and bias 8-byte aligned when given.
-template <typename T, bool kPrologue>
-cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps,
-                                 cudaStream_t stream) {
-  switch (v) {
-    case ForwardVariant::M128N64: return launch_forward<T, CfgM128N64, kPrologue>(a, maps, stream);
-    case ForwardVariant::M256N64: return launch_forward<T, CfgM256N64, kPrologue>(a, maps, stream);
-    case ForwardVariant::M128N128: return launch_forward<T, CfgM128N128, kPrologue>(a, maps, stream);
-    case ForwardVariant::M256N128: return launch_forward<T, CfgM256N128, kPrologue>(a, maps, stream);
-    default: return launch_forward<T, CfgM128N256, kPrologue>(a, maps, stream);
+template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
+cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
+  if constexpr (kPrologue && !Cfg::kPrologueFits) {
+    return cudaErrorInvalidValue;
+  } else {
+    return launch_built<T, Cfg, kEpi, kPrologue>(a, maps, stream);
   }
 }
 
+template <typename T, Epilogue kEpi, bool kPrologue>
+cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps,
+                                 cudaStream_t stream) {
+  switch (v) {
+    case ForwardVariant::M128N64: return launch_forward<T, CfgM128N64, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::M256N64: return launch_forward<T, CfgM256N64, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::M128N128: return launch_forward<T, CfgM128N128, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::M256N128: return launch_forward<T, CfgM256N128, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::M128N256: return launch_forward<T, CfgM128N256, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::P128N64: return launch_forward<T, CfgP128N64, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::P64N128: return launch_forward<T, CfgP64N128, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::P128N128: return launch_forward<T, CfgP128N128, kEpi, kPrologue>(a, maps, stream);
+    case ForwardVariant::P64N256: return launch_forward<T, CfgP64N256, kEpi, kPrologue>(a, maps, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+// True for the combinations of extras the kernel is built with: none; statistics; statistics with
+// the prologue (a chained layer's training forward); bias + ReLU alone (inference).
+inline bool extras_supported(const ConvForwardArgs& a) {
+  const bool stats = a.sum != nullptr, prologue = a.in_scale != nullptr, bias = a.bias != nullptr;
+  return (stats == (a.sqsum != nullptr)) && (prologue == (a.in_shift != nullptr)) && !(bias && (stats || prologue)) &&
+         !(prologue && !stats);
+}
+
+// Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
+// caller checks the requirements above, K % variant_bn(v) == 0 and, with statistics,
+// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given; in_scale and in_shift
+// (x's type) 16-byte aligned and bias 8-byte aligned when given. cudaErrorInvalidValue for a
+// combination of extras that extras_supported refuses, or a prologue on a variant without one.
 template <typename T>
 cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
-  return a.in_scale != nullptr ? conv_forward_variant<T, true>(v, a, maps, stream)
-                               : conv_forward_variant<T, false>(v, a, maps, stream);
+  if (!extras_supported(a)) return cudaErrorInvalidValue;
+  if (a.in_scale != nullptr) {
+    if (!variant_has_prologue(v)) return cudaErrorInvalidValue;
+    return conv_forward_variant<T, Epilogue::Stats, true>(v, a, maps, stream);
+  }
+  if (a.sum != nullptr) return conv_forward_variant<T, Epilogue::Stats, false>(v, a, maps, stream);
+  if (a.bias != nullptr) return conv_forward_variant<T, Epilogue::BiasRelu, false>(v, a, maps, stream);
+  return conv_forward_variant<T, Epilogue::Store, false>(v, a, maps, stream);
 }
 
 // The tensor maps of variant v, through the driver's encoders found at run time (the library does
