@@ -343,17 +343,26 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dx.data(), 0, dx.nbytes(), st.cuda_stream()));
     return;
   }
-  if (run_graph(st, ConvGraph::BackwardData, dx, w, dy, p)) return;
-  const ConvShape s = shape_of(dx, w, dy);
-  ConvPlan& plan =
-      get_plan(st, ConvOp::BackwardData, s, p, aligned16(dy.data()) && aligned16(w.data()) && aligned16(dx.data()),
-               dy.dtype());
-  const float alpha = 1.0f, beta = 0.0f;
-  run_plan(st, plan, ConvOp::BackwardData, [&](int algo, void* ws, std::size_t bytes) {
-    return cudnnConvolutionBackwardData(st.cudnn, &alpha, plan.w, w.data(), plan.y, dy.data(), plan.conv,
-                                        static_cast<cudnnConvolutionBwdDataAlgo_t>(algo), ws, bytes, &beta,
-                                        plan.x, dx.data());
-  });
+  auto with_cudnn = [&] {
+    if (run_graph(st, ConvGraph::BackwardData, dx, w, dy, p)) return;
+    const ConvShape s = shape_of(dx, w, dy);
+    ConvPlan& plan =
+        get_plan(st, ConvOp::BackwardData, s, p, aligned16(dy.data()) && aligned16(w.data()) && aligned16(dx.data()),
+                 dy.dtype());
+    const float alpha = 1.0f, beta = 0.0f;
+    run_plan(st, plan, ConvOp::BackwardData, [&](int algo, void* ws, std::size_t bytes) {
+      return cudnnConvolutionBackwardData(st.cudnn, &alpha, plan.w, w.data(), plan.y, dy.data(), plan.conv,
+                                          static_cast<cudnnConvolutionBwdDataAlgo_t>(algo), ws, bytes, &beta,
+                                          plan.x, dx.data());
+    });
+  };
+  // Stride 1 with C and K multiples of 64 on Hopper: our implicit GEMM on rotated filters competes.
+  if (implicit_gemm_dgrad_applies(st.device, dy, w, dx, p) &&
+      !first_is_faster(st, Site::BackwardData, dx, w, p, with_cudnn, [&] { implicit_gemm_dgrad(st, dy, w, dx, p); })) {
+    implicit_gemm_dgrad(st, dy, w, dx, p);
+    return;
+  }
+  with_cudnn();
 }
 
 void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw,

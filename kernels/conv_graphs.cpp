@@ -274,7 +274,8 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
   if (choices_logged()) {
     static const char* const sites[] = {"training statistics",  "chained forward", "chained wgrad",
                                         "chained dgrad",        "1x1 forward",     "1x1 conv + bias + ReLU",
-                                        "convolution forward",  "conv + bias + ReLU"};
+                                        "convolution forward",  "conv + bias + ReLU",
+                                        "backward data"};
     std::string times;
     for (std::size_t i = 0; i < ways.size(); ++i)
       times += (i > 0 ? " / " : "") + std::string(ways[i].name) + " " + std::to_string(ms[i]);
@@ -290,7 +291,8 @@ bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w,
   static const char* const names[][2] = {{"GenStats graph", "conv + pass"},   {"prologue graph", "separate kernels"},
                                          {"prologue graph", "separate kernels"}, {"epilogue graph", "separate kernels"},
                                          {"cuBLASLt", "cuDNN"},                 {"cuBLASLt", "cuDNN"},
-                                         {"cuDNN", "implicit GEMM"},           {"cuDNN", "implicit GEMM"}};
+                                         {"cuDNN", "implicit GEMM"},           {"cuDNN", "implicit GEMM"},
+                                         {"cuDNN", "implicit GEMM"}};
   const auto& n = names[static_cast<int>(site)];
   return fastest_way(st, site, x, w, p, {{n[0], first}, {n[1], second}}) == 0;
 }

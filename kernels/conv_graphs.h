@@ -100,8 +100,8 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // pass, or the implicit GEMM with statistics in its epilogue; for a chained input, the prologue
 // graph, or materialising the activation first); a chained input's wgrad and dgrad (fused graph,
 // or separate kernels); a 1x1 convolution forward and the inference conv + bias + ReLU (cuBLASLt,
-// cuDNN, implicit GEMM); any other convolution forward, plain or with bias + ReLU (cuDNN, implicit
-// GEMM).
+// cuDNN, implicit GEMM); any other convolution forward, plain or with bias + ReLU, and the
+// backward data (cuDNN, implicit GEMM).
 enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,
@@ -111,6 +111,7 @@ enum class Site : std::int64_t {
   PointwiseBiasRelu = 5,
   Forward = 6,
   ForwardBiasRelu = 7,
+  BackwardData = 8,
 };
 
 // One way of computing a site's outputs; the name is what DSTRAIN_LOG_CHOICES prints.

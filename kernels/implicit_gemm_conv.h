@@ -35,4 +35,12 @@ struct ImplicitGemmExtras {
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
                            const ImplicitGemmExtras& extras = {});
 
+// dx = dgrad(dy, w) for a stride-1 convolution, as the forward kernel on the filters rotated by 180
+// degrees with K and C swapped ([C, R, S, K], written into the workspace first) and padding
+// R - 1 - pad. Applies where implicit_gemm_forward_applies holds for that forward convolution
+// (K and C multiples of 64, and so on).
+bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, const Tensor& dx,
+                                 const ops::Conv2dParams& p);
+void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p);
+
 }  // namespace dstrain::kernels::cuda

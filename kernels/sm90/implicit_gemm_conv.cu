@@ -118,6 +118,33 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
   return chosen->emplace(key, vs[best]).first->second;
 }
 
+// w_rot[c, R - 1 - r, S - 1 - s, k] = w[k, r, s, c] (rs = r S + s becomes RS - 1 - rs): dgrad's
+// filters as a forward convolution's. 32 x 32 (k, c) tiles through shared memory, so that both the
+// reads (over c) and the writes (over k) are coalesced.
+template <typename T>
+__global__ void rotate_filters_kernel(const T* w, T* w_rot, int K, int RS, int C) {
+  __shared__ T tile[32][33];
+  const int c0 = static_cast<int>(blockIdx.x) * 32, k0 = static_cast<int>(blockIdx.y) * 32;
+  const int rs = static_cast<int>(blockIdx.z);
+  for (int i = static_cast<int>(threadIdx.y); i < 32; i += 8) {
+    const int k = k0 + i, c = c0 + static_cast<int>(threadIdx.x);
+    if (k < K && c < C) tile[i][threadIdx.x] = w[(static_cast<std::size_t>(k) * RS + rs) * C + c];
+  }
+  __syncthreads();
+  for (int i = static_cast<int>(threadIdx.y); i < 32; i += 8) {
+    const int c = c0 + i, k = k0 + static_cast<int>(threadIdx.x);
+    if (k < K && c < C) w_rot[(static_cast<std::size_t>(c) * RS + (RS - 1 - rs)) * K + k] = tile[threadIdx.x][i];
+  }
+}
+
+// dgrad's padding as a forward convolution: R - 1 - pad.
+ops::Conv2dParams dgrad_params(const Tensor& w, const ops::Conv2dParams& p) {
+  ops::Conv2dParams q = p;
+  q.pad_h = static_cast<int>(w.dim(1)) - 1 - p.pad_h;
+  q.pad_w = static_cast<int>(w.dim(2)) - 1 - p.pad_w;
+  return q;
+}
+
 }  // namespace
 
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
@@ -154,6 +181,36 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
     DSTRAIN_THROW(ErrorCode::Internal,
                   "implicit-GEMM convolution: the prologue comes only with the statistics, bias + ReLU only alone");
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
+}
+
+bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, const Tensor& dx,
+                                 const ops::Conv2dParams& p) {
+  if (w.ndim() != 4 || dy.ndim() != 4 || dx.ndim() != 4 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= w.dim(1) ||
+      p.pad_w >= w.dim(2))
+    return false;
+  // The rotated filters [C, R, S, K] have w's element count and dtype; only their shape matters here.
+  const Tensor rotated = Tensor::wrap(const_cast<void*>(w.data()), {w.dim(3), w.dim(1), w.dim(2), w.dim(0)},
+                                      w.dtype(), w.device());
+  return implicit_gemm_forward_applies(device, dy, rotated, dx, dgrad_params(w, p), false);
+}
+
+void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p) {
+  if (!implicit_gemm_dgrad_applies(st.device, dy, w, dx, p))
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM dgrad called for a shape it does not handle");
+  const int K = static_cast<int>(w.dim(0)), R = static_cast<int>(w.dim(1)), S = static_cast<int>(w.dim(2)),
+            C = static_cast<int>(w.dim(3));
+  void* rot = st.ensure_workspace(static_cast<std::size_t>(w.nbytes()));
+  const dim3 grid(static_cast<unsigned>((C + 31) / 32), static_cast<unsigned>((K + 31) / 32),
+                  static_cast<unsigned>(R * S));
+  if (w.dtype() == DType::F16)
+    rotate_filters_kernel<__half><<<grid, dim3(32, 8), 0, st.cuda_stream()>>>(
+        static_cast<const __half*>(w.data()), static_cast<__half*>(rot), K, R * S, C);
+  else
+    rotate_filters_kernel<__nv_bfloat16><<<grid, dim3(32, 8), 0, st.cuda_stream()>>>(
+        static_cast<const __nv_bfloat16*>(w.data()), static_cast<__nv_bfloat16*>(rot), K, R * S, C);
+  DSTRAIN_CUDA_CHECK_LAUNCH();
+  const Tensor rotated = Tensor::wrap(rot, {C, R, S, K}, w.dtype(), w.device());
+  implicit_gemm_forward(st, dy, rotated, dx, dgrad_params(w, p));
 }
 
 }  // namespace dstrain::kernels::cuda

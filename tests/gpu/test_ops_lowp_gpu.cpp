@@ -121,11 +121,12 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
   }
 }
 
-// Shapes our implicit-GEMM forward takes on a Hopper device (C and K multiples of 64, stride 1):
-// with DSTRAIN_FORCE_CHOICE=1 and 2 (ctest gpu_conv_choice_*) it computes them, otherwise the
-// fastest of it and cuDNN / cuBLASLt. Rows that fill no whole tile, images smaller than a tile,
-// non-square images and filters, no padding, and K that only the narrower tiles divide.
-TEST_CASE("CUDA conv2d forward with C and K multiples of 64 in fp16/bf16 matches the CPU reference",
+// Shapes our implicit GEMM takes on a Hopper device (C and K multiples of 64, stride 1), the
+// forward and the backward data (the forward on rotated filters): with DSTRAIN_FORCE_CHOICE=1 and 2
+// (ctest gpu_conv_choice_*) it computes them, otherwise the fastest of it and cuDNN / cuBLASLt.
+// Rows that fill no whole tile, images smaller than a tile, non-square images and filters, no
+// padding, and K that only the narrower tiles divide.
+TEST_CASE("CUDA conv2d forward and backward data with C and K multiples of 64 in fp16/bf16 match the CPU reference",
           "[gpu][lowp][conv][implicit_gemm]") {
   Context g = Context::cuda(0), c = Context::cpu();
   struct Case {
@@ -152,6 +153,12 @@ TEST_CASE("CUDA conv2d forward with C and K multiples of 64 in fp16/bf16 matches
         ops::conv2d_forward(c, x, w, y_ref, p);
         ops::conv2d_forward(g, x.to(gpu()), w.to(gpu()), y, p);
         require_close(g, y, y_ref, 8.0);
+
+        Tensor dy = random_low(ys, dt, rng);
+        Tensor dx_ref = poisoned(cs.x, Device::cpu(), dt), dx = poisoned(cs.x, gpu(), dt);
+        ops::conv2d_backward_data(c, dy, w, dx_ref, p);
+        ops::conv2d_backward_data(g, dy.to(gpu()), w.to(gpu()), dx, p);
+        require_close(g, dx, dx_ref, 8.0);
       }
     }
   }
