@@ -183,7 +183,8 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
     // forward); 3: bias + ReLU (inference).
     for (int mode = 0; mode < 4; ++mode) {
       const bool with_stats = mode == 1 || mode == 2, with_prologue = mode == 2, with_bias = mode == 3;
-      if ((with_stats && K > kMaxStatsChannels) || (with_prologue && !variant_has_prologue(v))) continue;
+      if ((with_stats && K > kMaxStatsChannels) || (with_prologue && (!variant_has_prologue(v) || C > kMaxPrologueChannels)))
+        continue;
       a.sum = with_stats ? sum.p : nullptr;
       a.sqsum = with_stats ? sq.p : nullptr;
       a.in_scale = with_prologue ? scale.p : nullptr;

@@ -663,7 +663,7 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in); });
   ways.push_back({chained ? "separate kernels" : "conv + pass",
                   [&] { stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in); }});
-  if (!p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true)) {
+  if (!p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true, chained)) {
     runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv, prologue); });
     ways.push_back({"implicit GEMM", [&] { runs.back()(); }});
   }

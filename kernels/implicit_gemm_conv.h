@@ -11,10 +11,10 @@ namespace dstrain::kernels::cuda {
 
 // True when the kernel can compute y = conv(x, w): a compute capability 9.0 device; fp16 or bf16
 // x, w and y; stride 1; padding smaller than the filter; C and K multiples of 64; 16-byte aligned
-// data; with_stats: K <= 1024. Never in deterministic mode (the statistics use atomics, and a
-// fixed choice of kernel keeps results repeatable). The same conditions hold with a prologue.
+// data; with_stats: K <= 1024; with_prologue: C <= 1024. Never in deterministic mode (the
+// statistics use atomics, and a fixed choice of kernel keeps results repeatable).
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
-                                   const ops::Conv2dParams& p, bool with_stats);
+                                   const ops::Conv2dParams& p, bool with_stats, bool with_prologue = false);
 
 // What the kernel does besides y = conv(x, w), in one of four combinations: nothing; the sums;
 // the sums and the prologue (a chained layer's training forward); bias + ReLU alone (inference).

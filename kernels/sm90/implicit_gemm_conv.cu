@@ -148,7 +148,7 @@ ops::Conv2dParams dgrad_params(const Tensor& w, const ops::Conv2dParams& p) {
 }  // namespace
 
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
-                                   const ops::Conv2dParams& p, bool with_stats) {
+                                   const ops::Conv2dParams& p, bool with_stats, bool with_prologue) {
   if (ops::deterministic() || compute_capability(device) != 90) return false;
   const DType dt = x.dtype();
   if ((dt != DType::F16 && dt != DType::BF16) || w.dtype() != dt || y.dtype() != dt) return false;
@@ -158,6 +158,7 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
   if (p.stride_h != 1 || p.stride_w != 1 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= R || p.pad_w >= S) return false;
   if (R > 64 || S > 64) return false;  // the im2col box corners are 8-bit
   if (with_stats && K > igemm::kMaxStatsChannels) return false;
+  if (with_prologue && C > igemm::kMaxPrologueChannels) return false;
   if (!aligned16(x.data()) || !aligned16(w.data()) || !aligned16(y.data())) return false;
   // 32-bit indices: output rows, and the reduction length of one filter row; output positions
   // packed 16 bits each (the prologue's padding test).
@@ -167,7 +168,7 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
                            const ImplicitGemmExtras& extras) {
-  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sum != nullptr))
+  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sum != nullptr, extras.in_scale != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
   if ((extras.sum == nullptr) != (extras.sqsum == nullptr) ||
       (extras.in_scale == nullptr) != (extras.in_shift == nullptr) || !aligned16(extras.in_scale) ||

@@ -67,6 +67,8 @@ constexpr int kBK = 64;  // channels per step: one 128-byte swizzled row
 constexpr int kThreads = 384;
 constexpr int kRowBytes = kBK * 2;
 constexpr int kMaxStatsChannels = 1024;
+// The prologue keeps its per-channel scale and shift in shared memory, arranged per thread.
+constexpr int kMaxPrologueChannels = 1024;
 
 // A kernel configuration: BN columns per tile, kMAtoms m64 blocks per consumer warpgroup and tile,
 // kStages pipeline stages, kMinBlocks CTAs per multiprocessor, the ping-pong schedule or the
@@ -87,7 +89,8 @@ struct Config {
   static constexpr int kOutOffset = kStages * kStageBytes;
   static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytesPerGroup;
   static constexpr int kStatsOffset = kBarrierOffset + 2 * kStages * 8;
-  static constexpr int kBytes = kStatsOffset + 2 * kMaxStatsChannels * 4 + 1024;  // + alignment slack
+  static constexpr int kTableOffset = kStatsOffset + 2 * kMaxStatsChannels * 4;
+  static constexpr int kBytes = kTableOffset + 4 * kMaxPrologueChannels + 1024;  // + alignment slack
   static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
   // Registers per thread after the hand-over: the CTA's pool is its launch allocation (the
@@ -97,6 +100,9 @@ struct Config {
   // The prologue's two fragment sets do not fit beside 128 accumulators of two m64 blocks, nor in
   // the registers of two CTAs per multiprocessor: such configurations are not built with it.
   static constexpr bool kPrologueFits = kMinBlocks == 1 && !(kMAtoms == 2 && BN == 128);
+  // Fragment sets of the prologue: three (loads overlap the last two steps' multiplies) where four
+  // or more stages leave the producer room while two steps are held, else two.
+  static constexpr int kPrologueSets = kStages >= 4 && kMAtoms == 1 ? 3 : 2;
   static constexpr int kConsumerRegs = kMinBlocks == 1 ? 232 : 96;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * (kMinBlocks == 1 ? 168 : 80),
                 "register hand-over larger than the CTA's allocation");
@@ -188,6 +194,16 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   }
   if constexpr (kStats)
     for (int i = tid; i < a.K; i += kThreads) s_sum[i] = s_sq[i] = 0.0f;
+  // The prologue's table: for channel step cs, lane % 4 = l and k16 slice kk, the four 32-bit words
+  // that thread needs (scale pairs 32 cs + 8 kk + l and + 4, then the same shift pairs), so that one
+  // 16-byte shared load per slice fetches them.
+  std::uint32_t* table = reinterpret_cast<std::uint32_t*>(smem + Cfg::kTableOffset);
+  if constexpr (kPrologue)
+    for (int i = tid; i < c_steps * 64; i += kThreads) {
+      const int j = i % 4, kk = i / 4 % 4, l = i / 16 % 4, cs = i / 64;
+      const std::uint32_t* src = static_cast<const std::uint32_t*>(j < 2 ? a.in_scale : a.in_shift);
+      table[i] = src[cs * 32 + 8 * kk + (j & 1) * 4 + l];
+    }
   __syncthreads();
 
   if (tid >= 256) {
@@ -239,47 +255,56 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   // thread loads its fragments of the staged input rows with ldmatrix, applies relu(x * scale +
   // shift) to them (zero where the row is padding: the copy's zeros must stay zero) and hands them
   // to wgmma. Thread rows: per m64 block, 16 warp + lane / 4 and + 8 (pos: (p << 16) | q of their
-  // output pixels, a value outside any image past M). Two fragment sets alternate between steps,
-  // so that one step's loads overlap the previous step's multiplies.
+  // output pixels, a value outside any image past M). kSets fragment sets rotate: a step's loads
+  // wait only for the multiplies kSets - 1 steps before, and overlap the ones after.
+  constexpr int kSets = kPrologue ? Cfg::kPrologueSets : 1;
+  constexpr int kInFlight = kPrologue ? kSets - 1 : 1;  // steps of multiplies left running behind the issue
   int pos[kMAtoms][2];
-  std::uint32_t frag[2][kBK / 16][kMAtoms][4];
+  std::uint32_t frag[kSets][kBK / 16][kMAtoms][4];
   // ldmatrix addresses: lane l gives row 8 ((l / 8) % 2) + l % 8 of the warp's 16, 16-byte chunk
   // 2 kk + l / 16 of the 128-byte row, swizzled with row % 8 = l % 8.
   const std::uint32_t ldm_row = static_cast<std::uint32_t>((warp * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * kRowBytes);
-  auto load_fragments = [&](auto set, int it, int step) {
+  const uint4* my_table = reinterpret_cast<const uint4*>(table) + (lane & 3) * 4;
+  // The filter tap and channel step of the next step to load, advanced without divisions.
+  int ld_r = 0, ld_s = 0, ld_cs = 0;
+  auto load_fragments = [&](auto set, int step) {
     constexpr int S = decltype(set)::value;
     const int stage = step % kStages;
-    sm90::mbar_wait(full_bar + 8 * stage, (step / kStages) & 1);
-    const int tap = it / c_steps, cs = it - tap * c_steps;
-    const int r = tap / a.S, s = tap - r * a.S;
+    const int dh = ld_r - a.pad_h, dw = ld_s - a.pad_w;
     std::uint32_t keep[kMAtoms][2];
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int ih = (pos[am][h] >> 16) + r - a.pad_h, iw = (pos[am][h] & 0xffff) + s - a.pad_w;
+        const int ih = (pos[am][h] >> 16) + dh, iw = (pos[am][h] & 0xffff) + dw;
         keep[am][h] = static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
                               static_cast<unsigned>(iw) < static_cast<unsigned>(a.W)
                           ? 0xffffffffu
                           : 0u;
       }
+    const uint4* consts = my_table + ld_cs * 16;
+    if (++ld_cs == c_steps) {
+      ld_cs = 0;
+      if (++ld_s == a.S) {
+        ld_s = 0;
+        ++ld_r;
+      }
+    }
     const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + row_off * kRowBytes + ldm_row;
-    const std::uint32_t* sc = static_cast<const std::uint32_t*>(a.in_scale) + cs * (kBK / 2) + (lane & 3);
-    const std::uint32_t* sh = static_cast<const std::uint32_t*>(a.in_shift) + cs * (kBK / 2) + (lane & 3);
+    sm90::mbar_wait(full_bar + 8 * stage, (step / kStages) & 1);
 #pragma unroll
     for (int kk = 0; kk < kBK / 16; ++kk) {
       // Channel pairs of this thread: 16 kk + 2 (lane % 4) (registers 0, 1) and + 8 (2, 3).
-      const std::uint32_t s_lo = __ldg(sc + 8 * kk), s_hi = __ldg(sc + 8 * kk + 4);
-      const std::uint32_t b_lo = __ldg(sh + 8 * kk), b_hi = __ldg(sh + 8 * kk + 4);
+      const uint4 c = consts[kk];  // scale lo, scale hi, shift lo, shift hi
       const std::uint32_t chunk = static_cast<std::uint32_t>(((2 * kk + (lane >> 4)) ^ (lane & 7)) << 4);
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) {
         std::uint32_t(&f)[4] = frag[S][kk][am];
         sm90::ldmatrix_x4(f, a_tile + am * 64 * kRowBytes + chunk);
-        f[0] = bn_relu_pair<T>(f[0], s_lo, b_lo) & keep[am][0];
-        f[1] = bn_relu_pair<T>(f[1], s_lo, b_lo) & keep[am][1];
-        f[2] = bn_relu_pair<T>(f[2], s_hi, b_hi) & keep[am][0];
-        f[3] = bn_relu_pair<T>(f[3], s_hi, b_hi) & keep[am][1];
+        f[0] = bn_relu_pair<T>(f[0], c.x, c.z) & keep[am][0];
+        f[1] = bn_relu_pair<T>(f[1], c.x, c.z) & keep[am][1];
+        f[2] = bn_relu_pair<T>(f[2], c.y, c.w) & keep[am][0];
+        f[3] = bn_relu_pair<T>(f[3], c.y, c.w) & keep[am][1];
       }
     }
   };
@@ -298,10 +323,12 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
           const int n = m / pq, rem = m - n * pq, p = rem / a.Q;
           pos[am][h] = m < a.M ? (p << 16) | (rem - p * a.Q) : 0x7fff << 16;
         }
-      load_fragments(std::integral_constant<int, 0>{}, 0, g);
+      ld_r = ld_s = ld_cs = 0;
+      load_fragments(std::integral_constant<int, 0>{}, g);
     }
-    // One pipeline step: its multiplies are issued, then (prologue) the next step's fragments
-    // are loaded while they run, and the step before is waited for: its stage may be refilled.
+    // One pipeline step: its multiplies are issued; the step kInFlight before is waited for (its
+    // stage may be refilled, and its fragment set is the next step's); then (prologue) the next
+    // step's fragments are loaded while the multiplies run.
     auto step = [&](auto set, int it) {
       [[maybe_unused]] constexpr int S = decltype(set)::value;
       const int stage = g % kStages;
@@ -326,19 +353,20 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
       if (it > 0 || kPrologue) {
-        // The step before is done: its stage may be refilled and (prologue) its fragment set
-        // reused for the next step.
-        sm90::wgmma_wait<1>();
+        sm90::wgmma_wait<kInFlight>();
 #pragma unroll
         for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-        if (it > 0) sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
+        if (it >= kInFlight) sm90::mbar_arrive(empty_bar + 8 * ((g - kInFlight) % kStages));
       }
       if constexpr (kPrologue)
-        if (it + 1 < k_iters) load_fragments(std::integral_constant<int, 1 - S>{}, it + 1, g + 1);
+        if (it + 1 < k_iters) load_fragments(std::integral_constant<int, (S + 1) % kSets>{}, g + 1);
     };
+    int set = 0;
     for (int it = 0; it < k_iters; ++it, ++g) {
-      if (!kPrologue || (it & 1) == 0) step(std::integral_constant<int, 0>{}, it);
-      else step(std::integral_constant<int, 1>{}, it);
+      if (set == 0) step(std::integral_constant<int, 0>{}, it);
+      else if (set == 1) step(std::integral_constant<int, 1 % kSets>{}, it);
+      else step(std::integral_constant<int, 2 % kSets>{}, it);
+      set = set + 1 == kSets ? 0 : set + 1;
     }
     if constexpr (Cfg::kPingPong) {
       // Every stage of this tile has arrived: the other group may start on its next tile.
@@ -347,7 +375,8 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-    sm90::mbar_arrive(empty_bar + 8 * ((g - 1) % kStages));
+    for (int j = g - (k_iters < kInFlight ? k_iters : kInFlight); j < g; ++j)  // the steps not yet released
+      sm90::mbar_arrive(empty_bar + 8 * (j % kStages));
     if constexpr (Cfg::kPingPong) g += k_iters;  // past the other group's tile
 
     // Epilogue. The previous tile's bulk stores must have read the staging area first.
@@ -521,11 +550,12 @@ cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, con
 }
 
 // True for the combinations of extras the kernel is built with: none; statistics; statistics with
-// the prologue (a chained layer's training forward); bias + ReLU alone (inference).
+// the prologue (a chained layer's training forward, C <= kMaxPrologueChannels); bias + ReLU alone
+// (inference).
 inline bool extras_supported(const ConvForwardArgs& a) {
   const bool stats = a.sum != nullptr, prologue = a.in_scale != nullptr, bias = a.bias != nullptr;
   return (stats == (a.sqsum != nullptr)) && (prologue == (a.in_shift != nullptr)) && !(bias && (stats || prologue)) &&
-         !(prologue && !stats);
+         !(prologue && !stats) && !(prologue && a.C > kMaxPrologueChannels);
 }
 
 // Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
