@@ -12,8 +12,8 @@
 //   cores, so that one group's epilogue runs while the other multiplies.
 // The producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
 // Prologue (optional, in_scale): the A operand goes through registers (ldmatrix, then
-// relu(x * scale + shift) in the input type, zero on padding rows) into wgmma, one step ahead of
-// the multiplies that overlap it.
+// relu(x * scale + shift) in the input type, zero on padding rows) into wgmma; a step's loads
+// overlap the multiplies of the two steps before.
 // Epilogue: optionally relu(y + bias) (the inference conv + bias + ReLU); round to the output type
 // into shared memory and bulk-store it with TMA (rows past M are not written); optionally add each
 // column's sum and sum of squares (of the rounded values: the BatchNorm statistics of what is
@@ -97,12 +97,9 @@ struct Config {
   // __launch_bounds__ maximum: 168 for one CTA per multiprocessor, 80 for two), 128 producer
   // threads keep 40, the 256 consumer threads share the rest.
   static constexpr int kProducerRegs = 40;
-  // The prologue's two fragment sets do not fit beside 128 accumulators of two m64 blocks, nor in
-  // the registers of two CTAs per multiprocessor: such configurations are not built with it.
+  // The prologue's fragment sets do not fit beside 128 accumulators of two m64 blocks, nor in the
+  // registers of two CTAs per multiprocessor: such configurations are not built with it.
   static constexpr bool kPrologueFits = kMinBlocks == 1 && !(kMAtoms == 2 && BN == 128);
-  // Fragment sets of the prologue: three (loads overlap the last two steps' multiplies) where four
-  // or more stages leave the producer room while two steps are held, else two.
-  static constexpr int kPrologueSets = kStages >= 4 && kMAtoms == 1 ? 3 : 2;
   static constexpr int kConsumerRegs = kMinBlocks == 1 ? 232 : 96;
   static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * (kMinBlocks == 1 ? 168 : 80),
                 "register hand-over larger than the CTA's allocation");
@@ -255,10 +252,11 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   // thread loads its fragments of the staged input rows with ldmatrix, applies relu(x * scale +
   // shift) to them (zero where the row is padding: the copy's zeros must stay zero) and hands them
   // to wgmma. Thread rows: per m64 block, 16 warp + lane / 4 and + 8 (pos: (p << 16) | q of their
-  // output pixels, a value outside any image past M). kSets fragment sets rotate: a step's loads
-  // wait only for the multiplies kSets - 1 steps before, and overlap the ones after.
-  constexpr int kSets = kPrologue ? Cfg::kPrologueSets : 1;
-  constexpr int kInFlight = kPrologue ? kSets - 1 : 1;  // steps of multiplies left running behind the issue
+  // output pixels, a value outside any image past M). Three fragment sets rotate: a step's loads
+  // wait only for the multiplies two steps before, and overlap the two after. (Holding two steps
+  // leaves the producer one stage fewer: three-stage configurations lose by it, see RESULTS.md.)
+  constexpr int kSets = kPrologue ? 3 : 1;
+  constexpr int kInFlight = kPrologue ? 2 : 1;  // steps of multiplies left running behind the issue
   int pos[kMAtoms][2];
   std::uint32_t frag[kSets][kBK / 16][kMAtoms][4];
   // ldmatrix addresses: lane l gives row 8 ((l / 8) % 2) + l % 8 of the warp's 16, 16-byte chunk
