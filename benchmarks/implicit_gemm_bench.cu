@@ -124,12 +124,6 @@ float median_ms(const Options& o, F&& fn) {
   return t[t.size() / 2];
 }
 
-// "128x64" for a cooperative tile, "pp128x64" for a ping-pong one (the tile of one consumer group).
-std::string variant_label(ForwardVariant v) {
-  return std::string(variant_ping_pong(v) ? "pp" : "") + std::to_string(variant_bm(v)) + "x" +
-         std::to_string(variant_bn(v));
-}
-
 // y = relu(y + bias[k]) over [rows, K] fp32 values: the reference of the inference epilogue.
 std::vector<float> bias_relu_reference(const std::vector<float>& y, const std::vector<float>& bias) {
   std::vector<float> r(y.size());
@@ -231,8 +225,8 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
       check(cudaGetLastError(), "timed launches");
       float& best = with_prologue ? best_chained : with_stats ? best_stats : with_bias ? best_bias : best_plain;
       best = std::min(best, ms);
-      std::printf("%-20s %-5s own %-10s %-15s %9.4f ms %6.0f TFLOP/s  max err %.2e (tol %.2e) stats err %.1e%s\n",
-                  name, dname, variant_label(v).c_str(),
+      std::printf("%-20s %-5s own %-17s %-15s %9.4f ms %6.0f TFLOP/s  max err %.2e (tol %.2e) stats err %.1e%s\n",
+                  name, dname, variant_name(v).c_str(),
                   with_prologue ? "+prologue+stats" : with_stats ? "+stats" : with_bias ? "+bias+relu" : "", ms,
                   flops / ms / 1e9, max_err, tol, stat_err, ok ? "" : "  WRONG");
     }

@@ -357,9 +357,10 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
     });
   };
   // Stride 1 with C and K multiples of 64 on Hopper: our implicit GEMM on rotated filters competes.
+  auto with_own = [&] { implicit_gemm_dgrad(st, dy, w, dx, p); };
   if (implicit_gemm_dgrad_applies(st.device, dy, w, dx, p) &&
-      !first_is_faster(st, Site::BackwardData, dx, w, p, with_cudnn, [&] { implicit_gemm_dgrad(st, dy, w, dx, p); })) {
-    implicit_gemm_dgrad(st, dy, w, dx, p);
+      !first_is_faster(st, Site::BackwardData, dx, w, p, with_cudnn, with_own)) {
+    with_own();
     return;
   }
   with_cudnn();

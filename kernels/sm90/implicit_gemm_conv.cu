@@ -64,11 +64,6 @@ ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
   return ForwardVariant::M256N64;
 }
 
-std::string variant_name(ForwardVariant v) {
-  return std::string(igemm::variant_ping_pong(v) ? "ping-pong " : "") + std::to_string(igemm::variant_bm(v)) + "x" +
-         std::to_string(igemm::variant_bn(v));
-}
-
 void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DType dt) {
   cudaStream_t stream = st.cuda_stream();
   if (a.sum != nullptr) {
@@ -108,7 +103,7 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
   if (choices_logged()) {
     std::string times;
     for (std::size_t i = 0; i < vs.size(); ++i)
-      times += (i > 0 ? " / " : "") + variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
+      times += (i > 0 ? " / " : "") + igemm::variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
     detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
                         dtype_name(dt) + (a.in_scale != nullptr ? " with prologue" : "") +
                         (a.bias != nullptr ? " with bias + ReLU" : "") +
@@ -170,23 +165,23 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
                            const ImplicitGemmExtras& extras) {
   if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sum != nullptr, extras.in_scale != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
-  if ((extras.sum == nullptr) != (extras.sqsum == nullptr) ||
-      (extras.in_scale == nullptr) != (extras.in_shift == nullptr) || !aligned16(extras.in_scale) ||
-      !aligned16(extras.in_shift) || (reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
-    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: sums, prologue or bias given in part or unaligned");
+  if (!aligned16(extras.in_scale) || !aligned16(extras.in_shift) ||
+      (reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: prologue constants or bias unaligned");
   igemm::ConvForwardArgs a = args_of(x, w, y, p, extras.sum, extras.sqsum);
   a.in_scale = extras.in_scale;
   a.in_shift = extras.in_shift;
   a.bias = extras.bias_relu;
   if (!igemm::extras_supported(a))
     DSTRAIN_THROW(ErrorCode::Internal,
-                  "implicit-GEMM convolution: the prologue comes only with the statistics, bias + ReLU only alone");
+                  "implicit-GEMM convolution: sums or prologue given in part, or extras in a combination it is not "
+                  "built with (the prologue only with the sums, bias + ReLU only alone)");
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
 }
 
 bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, const Tensor& dx,
                                  const ops::Conv2dParams& p) {
-  if (w.ndim() != 4 || dy.ndim() != 4 || dx.ndim() != 4 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= w.dim(1) ||
+  if (ops::deterministic() || compute_capability(device) != 90 || w.ndim() != 4 || dy.ndim() != 4 || dx.ndim() != 4 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= w.dim(1) ||
       p.pad_w >= w.dim(2))
     return false;
   // The rotated filters [C, R, S, K] have w's element count and dtype; only their shape matters here.

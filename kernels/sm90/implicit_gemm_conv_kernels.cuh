@@ -32,6 +32,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <string>
 
 #include "sm90_ptx.cuh"
 
@@ -93,16 +94,15 @@ struct Config {
   static constexpr int kBytes = kTableOffset + 4 * kMaxPrologueChannels + 1024;  // + alignment slack
   static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
-  // Registers per thread after the hand-over: the CTA's pool is its launch allocation (the
-  // __launch_bounds__ maximum: 168 for one CTA per multiprocessor, 80 for two), 128 producer
-  // threads keep 40, the 256 consumer threads share the rest.
+  // Registers per thread after the hand-over. The CTA's pool is its launch allocation, the
+  // __launch_bounds__ maximum (64K registers over kMinBlocks CTAs, in multiples of 8: 168 for one,
+  // 80 for two); the 128 producer threads keep 40, the 256 consumer threads share the rest (232, 96).
+  static constexpr int kLaunchRegs = 65536 / (kThreads * kMinBlocks) / 8 * 8;
   static constexpr int kProducerRegs = 40;
+  static constexpr int kConsumerRegs = (kLaunchRegs * kThreads - 128 * kProducerRegs) / 256 / 8 * 8;
   // The prologue's fragment sets do not fit beside 128 accumulators of two m64 blocks, nor in the
   // registers of two CTAs per multiprocessor: such configurations are not built with it.
   static constexpr bool kPrologueFits = kMinBlocks == 1 && !(kMAtoms == 2 && BN == 128);
-  static constexpr int kConsumerRegs = kMinBlocks == 1 ? 232 : 96;
-  static_assert(128 * kProducerRegs + 256 * kConsumerRegs <= kThreads * (kMinBlocks == 1 ? 168 : 80),
-                "register hand-over larger than the CTA's allocation");
 };
 
 // What the epilogue does with the accumulators besides storing them (a compile-time choice: the
@@ -474,22 +474,39 @@ using CfgP64N128 = Config<128, 1, 6, 1, true>;
 using CfgP128N128 = Config<128, 2, 4, 1, true>;
 using CfgP64N256 = Config<256, 1, 3, 1, true>;
 
-// Rows and columns of one tile of variant v, and its schedule.
+// Calls f with a value of variant v's configuration type: the one place that maps the two.
+template <typename F>
+auto with_config(ForwardVariant v, F&& f) {
+  switch (v) {
+    case ForwardVariant::M128N64: return f(CfgM128N64{});
+    case ForwardVariant::M256N64: return f(CfgM256N64{});
+    case ForwardVariant::M128N128: return f(CfgM128N128{});
+    case ForwardVariant::M256N128: return f(CfgM256N128{});
+    case ForwardVariant::M128N256: return f(CfgM128N256{});
+    case ForwardVariant::P128N64: return f(CfgP128N64{});
+    case ForwardVariant::P64N128: return f(CfgP64N128{});
+    case ForwardVariant::P128N128: return f(CfgP128N128{});
+    default: return f(CfgP64N256{});
+  }
+}
+
+// Rows and columns of one tile of variant v, its schedule, and whether it is built with the prologue.
 inline int variant_bm(ForwardVariant v) {
-  constexpr int bm[kForwardVariants] = {128, 256, 128, 256, 128, 128, 64, 128, 64};
-  return bm[static_cast<int>(v)];
+  return with_config(v, [](auto c) { return decltype(c)::BM; });
 }
 inline int variant_bn(ForwardVariant v) {
-  constexpr int bn[kForwardVariants] = {64, 64, 128, 128, 256, 64, 128, 128, 256};
-  return bn[static_cast<int>(v)];
+  return with_config(v, [](auto c) { return decltype(c)::BN; });
 }
-inline bool variant_ping_pong(ForwardVariant v) { return static_cast<int>(v) >= static_cast<int>(ForwardVariant::P128N64); }
+inline bool variant_ping_pong(ForwardVariant v) {
+  return with_config(v, [](auto c) { return decltype(c)::kPingPong; });
+}
 inline bool variant_has_prologue(ForwardVariant v) {
-  constexpr bool fits[kForwardVariants] = {
-      CfgM128N64::kPrologueFits, CfgM256N64::kPrologueFits, CfgM128N128::kPrologueFits,
-      CfgM256N128::kPrologueFits, CfgM128N256::kPrologueFits, CfgP128N64::kPrologueFits,
-      CfgP64N128::kPrologueFits, CfgP128N128::kPrologueFits, CfgP64N256::kPrologueFits};
-  return fits[static_cast<int>(v)];
+  return with_config(v, [](auto c) { return decltype(c)::kPrologueFits; });
+}
+// "128x64" for a cooperative tile, "ping-pong 128x64" for a ping-pong one (one group's tile).
+inline std::string variant_name(ForwardVariant v) {
+  return std::string(variant_ping_pong(v) ? "ping-pong " : "") + std::to_string(variant_bm(v)) + "x" +
+         std::to_string(variant_bn(v));
 }
 
 // Launches a built kernel on as many persistent CTAs as the device holds, at most one per tile.
@@ -533,18 +550,7 @@ cudaError_t launch_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps,
 template <typename T, Epilogue kEpi, bool kPrologue>
 cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps,
                                  cudaStream_t stream) {
-  switch (v) {
-    case ForwardVariant::M128N64: return launch_forward<T, CfgM128N64, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::M256N64: return launch_forward<T, CfgM256N64, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::M128N128: return launch_forward<T, CfgM128N128, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::M256N128: return launch_forward<T, CfgM256N128, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::M128N256: return launch_forward<T, CfgM128N256, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::P128N64: return launch_forward<T, CfgP128N64, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::P64N128: return launch_forward<T, CfgP64N128, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::P128N128: return launch_forward<T, CfgP128N128, kEpi, kPrologue>(a, maps, stream);
-    case ForwardVariant::P64N256: return launch_forward<T, CfgP64N256, kEpi, kPrologue>(a, maps, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_config(v, [&](auto c) { return launch_forward<T, decltype(c), kEpi, kPrologue>(a, maps, stream); });
 }
 
 // True for the combinations of extras the kernel is built with: none; statistics; statistics with
