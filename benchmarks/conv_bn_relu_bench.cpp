@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+#ifdef DSTRAIN_BENCH_PROFILER_RANGE
+#include <cuda_profiler_api.h>
+#endif
+
 #include "benchmarks/harness.h"
 #include "dstrain/context.h"
 #include "dstrain/dtype.h"
@@ -44,6 +48,7 @@ struct Options {
   std::vector<DType> dtypes{DType::F16, DType::BF16};
   int warmup = 10, iters = 20, batch = 5;
   int device = 0;
+  bool profile = false;
 };
 
 const char* kUsage =
@@ -59,6 +64,9 @@ const char* kUsage =
     "  --iters N    timed repeats, the median is reported (20)\n"
     "  --batch N    back-to-back calls per timed repeat (5)\n"
     "  --device N   CUDA device (0)\n"
+    "  --profile    after timing each shape, run one fused step, one chained step and the\n"
+    "               convolutions alone, in that order, between cudaProfilerStart and Stop (for\n"
+    "               ncu --profile-from-start off, or nsys --capture-range=cudaProfilerApi)\n"
     "  --help       this text\n";
 
 int parse_int(const std::string& flag, const std::string& v, int lo) {
@@ -87,6 +95,14 @@ Options parse(int argc, char** argv) {
     if (f == "--help" || f == "-h") {
       std::fputs(kUsage, stdout);
       std::exit(0);
+    }
+    if (f == "--profile") {
+#ifdef DSTRAIN_BENCH_PROFILER_RANGE
+      o.profile = true;
+      continue;
+#else
+      DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, "--profile: this build has no CUDA");
+#endif
     }
     if (i + 1 >= argc) DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, f + " needs a value (see --help)");
     const std::string v = argv[++i];
@@ -295,6 +311,21 @@ int run(const Options& o) {
         chain_fwd();
         chain_bwd();
       });
+#ifdef DSTRAIN_BENCH_PROFILER_RANGE
+      if (o.profile) {  // one step of each path, in a known order, for a profiler's capture range
+        ctx.synchronize();
+        cudaProfilerStart();
+        fused();
+        ctx.synchronize();
+        chain_fwd();
+        chain_bwd();
+        ctx.synchronize();
+        conv_only();
+        ctx.synchronize();
+        cudaProfilerStop();
+        std::printf("# profiled %s: fused step, chained step, convolutions alone\n", dt_name(dt));
+      }
+#endif
       const double flops = 3.0 * 2.0 * static_cast<double>(ys[0] * ys[1] * ys[2]) * K * b.C * b.k * b.k;
       char name[64];
       std::snprintf(name, sizeof(name), "N%d_c%d-%d_h%d_k%d%s", b.N, b.C, b.K, b.H, b.k, b.stride > 1 ? "_s2" : "");
