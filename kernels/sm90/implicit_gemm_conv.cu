@@ -67,8 +67,13 @@ ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
 void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DType dt) {
   cudaStream_t stream = st.cuda_stream();
   if (a.sum != nullptr) {
-    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, sizeof(float) * static_cast<std::size_t>(a.K), stream));
-    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sqsum, 0, sizeof(float) * static_cast<std::size_t>(a.K), stream));
+    const std::size_t bytes = sizeof(float) * static_cast<std::size_t>(a.K);
+    if (a.sqsum == a.sum + a.K) {  // one memset where the two arrays are adjacent
+      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * bytes, stream));
+    } else {
+      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, bytes, stream));
+      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sqsum, 0, bytes, stream));
+    }
   }
   igemm::ConvTensorMaps maps{};
   const bool half = dt == DType::F16;

@@ -13,7 +13,7 @@
 // The producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
 // Prologue (optional, in_scale): the A operand goes through registers (ldmatrix, then
 // relu(x * scale + shift) in the input type, zero on padding rows) into wgmma; a step's loads
-// overlap the multiplies of the two steps before.
+// overlap the multiplies of the one or two steps before (Config::kPrologueSets).
 // Epilogue: optionally relu(y + bias) (the inference conv + bias + ReLU); round to the output type
 // into shared memory and bulk-store it with TMA (rows past M are not written); optionally add each
 // column's sum and sum of squares (of the rounded values: the BatchNorm statistics of what is
@@ -103,6 +103,10 @@ struct Config {
   // The prologue's fragment sets do not fit beside 128 accumulators of two m64 blocks, nor in the
   // registers of two CTAs per multiprocessor: such configurations are not built with it.
   static constexpr bool kPrologueFits = kMinBlocks == 1 && !(kMAtoms == 2 && BN == 128);
+  // Fragment sets of the prologue: three (a step's loads overlap the last two steps' multiplies)
+  // where four or more stages leave the producer room while two steps are held, else two (one step
+  // of multiplies in flight): three sets on three stages, or with two m64 blocks, measured slower.
+  static constexpr int kPrologueSets = kStages >= 4 && kMAtoms == 1 ? 3 : 2;
 };
 
 // What the epilogue does with the accumulators besides storing them (a compile-time choice: the
@@ -252,11 +256,10 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   // thread loads its fragments of the staged input rows with ldmatrix, applies relu(x * scale +
   // shift) to them (zero where the row is padding: the copy's zeros must stay zero) and hands them
   // to wgmma. Thread rows: per m64 block, 16 warp + lane / 4 and + 8 (pos: (p << 16) | q of their
-  // output pixels, a value outside any image past M). Three fragment sets rotate: a step's loads
-  // wait only for the multiplies two steps before, and overlap the two after. (Holding two steps
-  // leaves the producer one stage fewer: three-stage configurations lose by it, see RESULTS.md.)
-  constexpr int kSets = kPrologue ? 3 : 1;
-  constexpr int kInFlight = kPrologue ? 2 : 1;  // steps of multiplies left running behind the issue
+  // output pixels, a value outside any image past M). kSets fragment sets rotate: a step's loads
+  // wait only for the multiplies kSets - 1 steps before, and overlap the ones after.
+  constexpr int kSets = kPrologue ? Cfg::kPrologueSets : 1;
+  constexpr int kInFlight = kPrologue ? kSets - 1 : 1;  // steps of multiplies left running behind the issue
   int pos[kMAtoms][2];
   std::uint32_t frag[kSets][kBK / 16][kMAtoms][4];
   // ldmatrix addresses: lane l gives row 8 ((l / 8) % 2) + l % 8 of the warp's 16, 16-byte chunk
