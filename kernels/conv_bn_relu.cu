@@ -3,8 +3,9 @@
 // Forward (training): the convolution and the per-channel sum and sum of squares of its output,
 // either in one cuDNN graph (GenStats in the convolution's epilogue, fp16/bf16, conv_graphs.h)
 // or as the convolution and one statistics pass, whichever was faster when the shape was first
-// seen (fp32, deterministic mode and unaligned tensors always take the second). Then a
-// finalize kernel (batch mean, invstd, running statistics) and one pass that applies BN + ReLU.
+// seen (fp32, deterministic mode and unaligned tensors always take the second). Then one pass
+// that derives the batch mean, invstd and running statistics and applies BN + ReLU (a finalize
+// kernel first where the statistics come as per-chunk partials).
 // Backward: one pass reduces dbeta and dgamma over (dz, conv_out) with the ReLU mask recomputed
 // from conv_out, one pass writes dconv, then cuDNN's dgrad and wgrad.
 // Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16; otherwise the
@@ -21,7 +22,6 @@
 // parallelism), and the grid is one wave of resident blocks. Reductions write one partial per
 // (row chunk, channel), added in a fixed order by the finalize kernels: results are deterministic
 // on a given device.
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
@@ -231,16 +231,13 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
 // adds chunks l, l+32, ... in order, then a fixed shuffle tree adds the lanes: deterministic.
 constexpr int kChannelsPerBlock = 8;
 
-// Lane `lane` of a warp adds chunks lane, lane + 32, ... in order, then a fixed shuffle tree adds
-// the lanes (lane 0 holds the sums). The loads go through L2 (ld.global.cg): in the one-kernel
-// passes below the partials were written by other blocks of the same grid.
-__device__ __forceinline__ void sum_chunks(const float* p1, const float* p2, int chunks, std::int64_t K,
-                                           std::int64_t c, int lane, double& s1, double& s2) {
+__device__ __forceinline__ void sum_chunks(const float* __restrict__ p1, const float* __restrict__ p2, int chunks,
+                                           std::int64_t K, std::int64_t c, double& s1, double& s2) {
   s1 = 0.0;
   s2 = 0.0;
-  for (int j = lane; j < chunks; j += 32) {
-    s1 += __ldcg(p1 + static_cast<std::int64_t>(j) * K + c);
-    s2 += __ldcg(p2 + static_cast<std::int64_t>(j) * K + c);
+  for (int j = threadIdx.x; j < chunks; j += 32) {
+    s1 += p1[static_cast<std::int64_t>(j) * K + c];
+    s2 += p2[static_cast<std::int64_t>(j) * K + c];
   }
   for (int off = 16; off > 0; off /= 2) {
     s1 += __shfl_down_sync(0xffffffffu, s1, off);
@@ -286,7 +283,7 @@ __global__ void finalize_forward_kernel(const float* __restrict__ p1, const floa
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= K) return;  // the whole warp: c depends on threadIdx.y only
   double s1, s2;
-  sum_chunks(p1, p2, chunks, K, c, static_cast<int>(threadIdx.x), s1, s2);
+  sum_chunks(p1, p2, chunks, K, c, s1, s2);
   if (threadIdx.x != 0) return;
   const double shift = shift_src != nullptr ? static_cast<double>(load_f(shift_src[c])) : 0.0;
   write_batch_stats(batch_stats(s1, s2, shift, M), c, M, eps, momentum, save_mean, save_invstd, running_mean,
@@ -377,7 +374,7 @@ __global__ void finalize_backward_kernel(const float* __restrict__ p1, const flo
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= K) return;
   double s1, s2;
-  sum_chunks(p1, p2, chunks, K, c, static_cast<int>(threadIdx.x), s1, s2);
+  sum_chunks(p1, p2, chunks, K, c, s1, s2);
   if (threadIdx.x != 0) return;
   dbeta[c] = static_cast<float>(s1);
   dgamma[c] = static_cast<float>(s2 * static_cast<double>(invstd[c]));
@@ -456,117 +453,6 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_for
         for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
         store_vec<T, V>(z + r * K + c0, v);
       });
-}
-
-// The backward through relu(bn(y)) in one cooperative kernel, in three phases with a grid-wide
-// barrier between them: each block's partial sums of g and g (y - mean) (g = dz where bn(y) > 0),
-// as backward_partials_kernel; dgamma and dbeta, one warp per channel over the blocks' partials in
-// a fixed order, as finalize_backward_kernel; dconv, as apply_backward_kernel. The results are
-// those of the three kernels, bit for bit, without two launches and their drain. kHold: each
-// thread has at most kHeldRows rows, which stay in registers from the first phase to the last
-// (dz and y are read once); otherwise the last phase reads them again.
-constexpr int kHeldRows = 6;
-template <class T, int V, bool kHold>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) bn_relu_backward_kernel(
-    const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
-    const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta, float* p1,
-    float* p2, float* dgamma, float* dbeta, T* dconv) {
-  __shared__ float smem[V * kThreads];
-  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
-  const bool active = c0 < K;
-  const std::int64_t step = static_cast<std::int64_t>(gridDim.y) * blockDim.y;
-  const std::int64_t r0 = static_cast<std::int64_t>(blockIdx.y) * blockDim.y + threadIdx.y;
-  ChannelConsts<V> k;
-  float a1[V], a2[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) a1[j] = a2[j] = 0.0f;
-  auto accumulate = [&](const RawVec<T, V>& yraw, const RawVec<T, V>& graw) {
-    float yv[V], g[V];
-    unpack(yraw, yv);
-    unpack(graw, g);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
-      a1[j] += gm;
-      a2[j] = fmaf(gm, yv[j] - k.mean[j], a2[j]);
-    }
-  };
-  constexpr int kHeld = kHold ? kHeldRows : 1;
-  RawVec<T, V> yh[kHeld], gh[kHeld];
-  if (active) {
-    load_consts<V>(k, c0, mean, invstd, gamma, beta);
-    if constexpr (kHold) {
-#pragma unroll
-      for (int i = 0; i < kHeld; ++i)
-        if (r0 + i * step < M) {
-          yh[i] = load_raw<T, V>(y + (r0 + i * step) * K + c0);
-          gh[i] = load_raw<T, V>(dz + (r0 + i * step) * K + c0);
-        }
-#pragma unroll
-      for (int i = 0; i < kHeld; ++i)
-        if (r0 + i * step < M) accumulate(yh[i], gh[i]);
-    } else {
-      RawVec<T, V> yr[kBatch], gr[kBatch];
-      for_rows(
-          M,
-          [&](int u, std::int64_t r) {
-            yr[u] = load_raw<T, V>(y + r * K + c0);
-            gr[u] = load_raw<T, V>(dz + r * K + c0);
-          },
-          [&](int u, std::int64_t) { accumulate(yr[u], gr[u]); });
-    }
-  }
-  store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
-  cooperative_groups::this_grid().sync();
-
-  // One warp per channel over the grid's warps.
-  const int t = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
-  const std::int64_t warps = static_cast<std::int64_t>(gridDim.x) * gridDim.y * (kThreads / 32);
-  const std::int64_t warp = (static_cast<std::int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * (kThreads / 32) + t / 32;
-  for (std::int64_t c = warp; c < K; c += warps) {
-    double s1, s2;
-    sum_chunks(p1, p2, static_cast<int>(gridDim.y), K, c, t % 32, s1, s2);
-    if (t % 32 == 0) {
-      dbeta[c] = static_cast<float>(s1);
-      dgamma[c] = static_cast<float>(s2 * static_cast<double>(invstd[c]));
-    }
-  }
-  cooperative_groups::this_grid().sync();
-
-  if (!active) return;
-  const float inv_m = 1.0f / static_cast<float>(M);
-  float db[V], dgx[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    db[j] = __ldcg(dbeta + c0 + j) * inv_m;
-    dgx[j] = __ldcg(dgamma + c0 + j) * inv_m * k.invstd[j];
-  }
-  auto apply = [&](const RawVec<T, V>& yraw, const RawVec<T, V>& graw, std::int64_t r) {
-    float yv[V], g[V];
-    unpack(yraw, yv);
-    unpack(graw, g);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const float d = yv[j] - k.mean[j];
-      const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
-      g[j] = k.scale[j] * (gm - db[j] - d * dgx[j]);
-    }
-    store_vec<T, V>(dconv + r * K + c0, g);
-  };
-  if constexpr (kHold) {
-#pragma unroll
-    for (int i = 0; i < kHeld; ++i)
-      if (r0 + i * step < M) apply(yh[i], gh[i], r0 + i * step);
-  } else {
-    RawVec<T, V> yr[kBatch], gr[kBatch];
-    for_rows(
-        M,
-        [&](int u, std::int64_t r) {
-          yr[u] = load_raw<T, V>(y + r * K + c0);
-          gr[u] = load_raw<T, V>(dz + r * K + c0);
-        },
-        [&](int u, std::int64_t r) { apply(yr[u], gr[u], r); });
-  }
 }
 
 // z = relu(z + bias) in place (inference without the fused graph).
@@ -878,34 +764,10 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
          running_var.data_as<float>());
 }
 
-// True when a cooperative launch of `kernel` with `blocks` blocks of kThreads fits on the device at
-// once (its blocks per multiprocessor found once per device) and the stream is not being captured.
-template <class Kernel>
-bool cooperative_fits(CudaState& st, Kernel kernel, std::int64_t blocks) {
-  static std::mutex mutex;
-  static auto* per_sm = new std::map<std::pair<const void*, int>, int>();  // never destroyed
-  const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), st.device};
-  int n = 0;
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = per_sm->find(key);
-    if (it != per_sm->end()) n = it->second;
-  }
-  if (n == 0) {
-    DSTRAIN_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, 0));
-    n = n > 0 ? n : -1;  // -1: the kernel does not fit at all
-    std::lock_guard<std::mutex> lock(mutex);
-    per_sm->emplace(key, n);
-  }
-  if (n < 0 || blocks > static_cast<std::int64_t>(n) * sm_count(st.device)) return false;
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
-  return capture == cudaStreamCaptureStatusNone;
-}
-
 // Backward through relu(bn(y)): dgamma, dbeta and out = dL/dy from dz = dL/drelu (out may be dz).
-// One cooperative kernel where the grid fits on the device at once, else three kernels (partials,
-// finalize, apply) with the same results.
+// Three kernels: partials, finalize, apply. (One cooperative kernel with grid-wide barriers in
+// place of the launches, holding the rows in registers where they fit, was measured no faster and
+// up to 9% slower: RESULTS.md.)
 template <class T>
 void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_t M, std::int64_t K,
                              const float* mean, const float* invstd, const float* gamma, const float* beta,
@@ -917,36 +779,11 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
     return;
   }
   const int V = vector_width<T>(K, {dz, y, out});
-  Layout l = make_layout(M, K, V, st.device);
-  // Rows held in registers where kHeldRows per thread cover M within one wave of blocks.
-  const std::int64_t held_chunks = (M + static_cast<std::int64_t>(l.by) * kHeldRows - 1) /
-                                   (static_cast<std::int64_t>(l.by) * kHeldRows);
-  bool hold = held_chunks <= l.gy;
-  if (!hold && held_chunks <= kMaxChunks && held_chunks * l.gx <= kPassBlocksPerSm * sm_count(st.device)) {
-    l.gy = static_cast<int>(held_chunks);
-    hold = true;
-  }
+  const Layout l = make_layout(M, K, V, st.device);
   const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
   char* base = static_cast<char*>(st.ensure_workspace(2 * part));
   float* p1 = reinterpret_cast<float*>(base);
   float* p2 = reinterpret_cast<float*>(base + part);
-  bool done = false;
-  with_width<T>(V, [&](auto v) {
-    constexpr int kV = decltype(v)::value;
-    auto launch = [&](auto kernel) {
-      if (!cooperative_fits(st, kernel, static_cast<std::int64_t>(l.gx) * l.gy)) return;
-      std::int64_t m = M, k = K;
-      void* args[] = {&dz, &y, &m, &k, &mean, &invstd, &gamma, &beta, &p1, &p2, &dgamma, &dbeta, &out};
-      DSTRAIN_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), grid_of(l), block_of(l),
-                                                     args, 0, stream));
-      done = true;
-    };
-    if (hold)
-      launch(bn_relu_backward_kernel<T, kV, true>);
-    else
-      launch(bn_relu_backward_kernel<T, kV, false>);
-  });
-  if (done) return;
   with_width<T>(V, [&](auto v) {
     backward_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(dz, y, M, K, mean, invstd,
                                                                                             gamma, beta, p1, p2);
