@@ -173,7 +173,7 @@ int run(const Options& o) {
   std::mt19937 rng(12345);
   std::printf("# conv_bn_relu_bench: median of %d x %d calls after %d warm-up, CUDA events; times in ms\n", o.iters,
               o.batch, o.warmup);
-  std::printf("# train = forward (batch stats) + backward with dx; infer = conv+bias+ReLU from folded weights\n");
+  std::printf("# train = forward (batch stats) + backward with dx; infer = conv+bias+ReLU from folded weights (bias in the activations' dtype)\n");
   std::printf("%-22s %-5s %9s %9s %9s %7s %8s %9s %9s %7s %9s %9s %9s\n", "shape", "dtype", "fused", "conv",
               "unfused", "f/conv", "TFLOP/s", "err_z", "err_dx", "infer", "conv_fwd", "i/conv", "err_inf");
   bool all_ok = true;
@@ -225,8 +225,9 @@ int run(const Options& o) {
       unfused();
       ctx.synchronize();
       const Diff err_z = compare(z, u_z), err_dx = compare(dx, u_dx);
-      // Inference: fold the running statistics once, then conv + bias + ReLU.
-      Tensor wf = Tensor::empty(ws, dt, dev), bias = Tensor::empty({K}, DType::F32, dev);
+      // Inference: fold the running statistics once, then conv + bias + ReLU (the bias in the
+      // activations' dtype, as nn::ConvBnRelu folds it).
+      Tensor wf = Tensor::empty(ws, dt, dev), bias = Tensor::empty({K}, dt, dev);
       Tensor iz = Tensor::empty(ys, dt, dev), ref_bn = Tensor::empty(ys, dt, dev), ref_z = Tensor::empty(ys, dt, dev);
       ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, wf, bias, p.bn);
       auto infer = [&] { ops::conv_bias_relu_forward(ctx, x, wf, bias, iz, p.conv); };

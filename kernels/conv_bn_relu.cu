@@ -8,8 +8,9 @@
 // kernel first where the statistics come as per-chunk partials).
 // Backward: one pass reduces dbeta and dgamma over (dz, conv_out) with the ReLU mask recomputed
 // from conv_out, one pass writes dconv, then cuDNN's dgrad and wgrad.
-// Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16; otherwise the
-// convolution and one bias+ReLU pass.
+// Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16, cuBLASLt's RELU_BIAS
+// epilogue for 1x1, or our implicit GEMM, whichever was fastest; otherwise the convolution and one
+// bias+ReLU pass. The bias may be fp32 or in the activations' dtype (what the fold writes).
 // Chained layers (ops::ConvBnReluParams): the consumer's forward applies the producer's BN + ReLU
 // in the convolution's prologue (cuDNN graph with GenStats, timed on first use against
 // materialising the activation); its wgrad reads the same prologue; its dgrad carries dReLU and
@@ -494,18 +495,18 @@ __global__ void prologue_consts_kernel(std::int64_t C, const float* __restrict__
 }
 
 // s_k = gamma_k / sqrt(var_k + eps); w_folded = w * s_k; bias_k = beta_k - mean_k * s_k.
-template <class T>
+template <class T, class B>
 __global__ void fold_kernel(const T* __restrict__ w, std::int64_t K, std::int64_t per_k,
                             const float* __restrict__ gamma, const float* __restrict__ beta,
                             const float* __restrict__ mean, const float* __restrict__ var, float eps,
-                            T* __restrict__ w_folded, float* __restrict__ bias) {
+                            T* __restrict__ w_folded, B* __restrict__ bias) {
   const std::int64_t n = K * per_k;
   for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
     const std::int64_t k = i / per_k;
     const float s = gamma[k] / sqrtf(var[k] + eps);
     w_folded[i] = store_f<T>(load_f(w[i]) * s);
-    if (i % per_k == 0) bias[k] = beta[k] - mean[k] * s;
+    if (i % per_k == 0) bias[k] = store_f<B>(beta[k] - mean[k] * s);
   }
 }
 
@@ -930,10 +931,15 @@ void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tens
   const std::int64_t n = w.numel();
   const int blocks = static_cast<int>(std::min<std::int64_t>((n + 255) / 256, 4096));
   DSTRAIN_DISPATCH_ACT_DTYPE(w.dtype(), "conv_bn_fold", {
-    fold_kernel<T><<<blocks, 256, 0, st.cuda_stream()>>>(
-        static_cast<const T*>(w.data()), K, per_k, gamma.data_as<float>(), beta.data_as<float>(),
-        running_mean.data_as<float>(), running_var.data_as<float>(), p.eps, static_cast<T*>(w_folded.data()),
-        bias.data_as<float>());
+    auto launch = [&](auto* b) {
+      fold_kernel<<<blocks, 256, 0, st.cuda_stream()>>>(
+          static_cast<const T*>(w.data()), K, per_k, gamma.data_as<float>(), beta.data_as<float>(),
+          running_mean.data_as<float>(), running_var.data_as<float>(), p.eps, static_cast<T*>(w_folded.data()), b);
+    };
+    if (bias.dtype() == DType::F32)
+      launch(bias.data_as<float>());
+    else
+      launch(static_cast<T*>(bias.data()));  // the activations' dtype (checked by the op)
   });
   DSTRAIN_CUDA_CHECK_LAUNCH();
 }
@@ -945,17 +951,35 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
   const std::int64_t K = z.dim(3);
   const std::int64_t M = z.numel() / std::max<std::int64_t>(K, 1);
   if (z.numel() == 0) return;
+  // The implicit GEMM and the separate pass take the bias in fp32 (cuDNN's graph too where it has
+  // no plan for a 16-bit one): a bias in the activations' dtype is widened into the activation
+  // scratch for them. cuBLASLt takes it as it is.
+  auto bias_f32 = [&]() -> Tensor {
+    if (bias.dtype() == DType::F32)
+      return Tensor::wrap(const_cast<void*>(bias.data()), bias.shape(), DType::F32, bias.device());
+    Tensor wide = Tensor::wrap(st.ensure_activations(sizeof(float) * static_cast<std::size_t>(K)), bias.shape(),
+                               DType::F32, bias.device());
+    cuda::convert(ctx, bias, wide);
+    return wide;
+  };
   auto with_cudnn = [&] {
-    cudnn_graph::TunedPlan* plan =
-        conv_graph_plan(st, ConvGraph::ForwardBiasRelu, x, w, z, p, {x.data(), w.data(), z.data(), bias.data()});
+    // The graph with the bias as given where cuDNN offers it, else with the bias widened.
+    Tensor b = Tensor::wrap(const_cast<void*>(bias.data()), bias.shape(), bias.dtype(), bias.device());
+    cudnn_graph::TunedPlan* plan = nullptr;
+    if (bias.dtype() != DType::F32)
+      plan = conv_graph_plan(st, ConvGraph::ForwardBiasRelu, x, w, z, p, {x.data(), w.data(), z.data(), b.data()},
+                             PrologueScaleType::Activation);
+    if (plan == nullptr) {
+      b = bias_f32();
+      plan = conv_graph_plan(st, ConvGraph::ForwardBiasRelu, x, w, z, p, {x.data(), w.data(), z.data(), b.data()},
+                             PrologueScaleType::Float);
+    }
     if (plan != nullptr) {
       void* ws = plan->workspace_bytes() > 0
                      ? st.ensure_workspace(static_cast<std::size_t>(plan->workspace_bytes()))
                      : nullptr;
       plan->execute(st.cudnn, st.cuda_stream(), {kUidX, kUidW, kUidBias, kUidY},
-                    {const_cast<void*>(x.data()), const_cast<void*>(w.data()), const_cast<void*>(bias.data()),
-                     z.data()},
-                    ws);
+                    {const_cast<void*>(x.data()), const_cast<void*>(w.data()), b.data(), z.data()}, ws);
       return;
     }
     cuda::conv2d_forward(ctx, x, w, z, p);
@@ -964,7 +988,7 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
       const Layout l = make_layout(M, K, V, st.device);
       with_width<T>(V, [&](auto v) {
         bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
-            static_cast<T*>(z.data()), M, K, bias.data_as<float>());
+            static_cast<T*>(z.data()), M, K, b.data_as<float>());
       });
       DSTRAIN_CUDA_CHECK_LAUNCH();
     });
@@ -972,10 +996,11 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
   // 1x1: a cuBLASLt GEMM with bias + ReLU in its epilogue, or cuDNN, or our implicit GEMM with the
   // same epilogue, whichever was fastest (cuBLASLt falls back to cuDNN where it does not apply);
   // other shapes: cuDNN or the implicit GEMM.
-  const bool own = implicit_gemm_forward_applies(st.device, x, w, z, p, false) && bias.dtype() == DType::F32;
+  const bool own = implicit_gemm_forward_applies(st.device, x, w, z, p, false);
   auto with_own = [&] {
+    const Tensor b32 = bias_f32();
     ImplicitGemmExtras extras;
-    extras.bias_relu = bias.data_as<float>();
+    extras.bias_relu = b32.data_as<float>();
     implicit_gemm_forward(st, x, w, z, p, extras);
   };
   if (pointwise_conv_applies(x, w, p) && !ops::deterministic()) {

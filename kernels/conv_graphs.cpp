@@ -121,7 +121,8 @@ std::unique_ptr<cudnn_graph::TunedPlan> build(cudnnHandle_t h, ConvGraph kind, c
       break;
     case ConvGraph::ForwardBiasRelu:
       tensors.push_back(g::tensor_nhwc(kUidConvOut, CUDNN_DATA_FLOAT, n, k, ho, wo, /*is_virtual=*/true));
-      tensors.push_back(g::tensor_channels(kUidBias, CUDNN_DATA_FLOAT, k));
+      tensors.push_back(
+          g::tensor_channels(kUidBias, scale_type == PrologueScaleType::Activation ? io : CUDNN_DATA_FLOAT, k));
       tensors.push_back(g::tensor_nhwc(kUidBiased, CUDNN_DATA_FLOAT, n, k, ho, wo, /*is_virtual=*/true));
       tensors.push_back(g::tensor_nhwc(kUidY, io, n, k, ho, wo));
       ops.push_back(g::conv_forward_op(tensors[0], tensors[1], tensors[2], conv));
@@ -203,6 +204,7 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
     if (it != cache.plans.end()) return it->second.get();
   }
   const bool prologue = kind == ConvGraph::ForwardBnReluGenStats || kind == ConvGraph::BackwardFilterBnRelu;
+  const bool bias_graph = kind == ConvGraph::ForwardBiasRelu;
   std::string why;
   std::unique_ptr<cudnn_graph::TunedPlan> plan;
   try {
@@ -217,7 +219,9 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
                         std::to_string(p.stride_h) + " " + dtype_name(x.dtype()) + " (" + why + "); " +
                         (prologue && scale_type == PrologueScaleType::Activation
                              ? "trying fp32 prologue scales"
-                             : "the separate kernels are used"));
+                             : bias_graph && scale_type == PrologueScaleType::Activation
+                                   ? "trying the bias in fp32"
+                                   : "the separate kernels are used"));
   std::lock_guard<std::mutex> lock(cache.mutex);
   auto ins = cache.plans.emplace(key, std::move(plan));  // another thread may have won: keep its plan
   return ins.first->second.get();

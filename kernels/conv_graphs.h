@@ -38,11 +38,12 @@ enum class ConvGraph : int {
 };
 
 // The dtype of InScale / InShift in the prologue graphs: the activations' (fp16/bf16), the
-// pattern cuDNN's fused engines document, or fp32; tried in this order.
+// pattern cuDNN's fused engines document, or fp32; tried in this order. Also the dtype of the bias
+// of the bias + ReLU graph.
 enum class PrologueScaleType : int { Activation = 0, Float = 1 };
 
 // Tensor UIDs: X is x or dx, W is w or dw, Y is y or dy (the GenStats graph's conv output, the
-// bias graph's ReLU output); Sum / SqSum: fp32 [K] (GenStats); Bias: fp32 [K].
+// bias graph's ReLU output); Sum / SqSum: fp32 [K] (GenStats); Bias: [K], fp32 or the activations'.
 enum ConvGraphUid : std::int64_t {
   kUidX = 1,
   kUidW = 2,
@@ -78,7 +79,7 @@ bool conv_graphs_forced();
 // may use TF32), deterministic mode, DSTRAIN_CONV_GRAPHS=0, a pointer in `data` that is not
 // 16-byte aligned, or no plan from cuDNN for the shape (logged once per shape).
 // x: [N,H,W,C] (x or dx), w: [K,R,S,C] (w or dw), y: [N,Ho,Wo,K] (y or dy). `scale_type` only
-// matters for the prologue graphs.
+// matters for the prologue graphs and the bias graph.
 cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Tensor& x, const Tensor& w,
                                         const Tensor& y, const ops::Conv2dParams& p,
                                         std::initializer_list<const void*> data,
@@ -86,7 +87,7 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
 
 // A 1x1, stride-1, unpadded NHWC convolution is a GEMM: y[NHW, K] = x[NHW, C] * w[K, C]^T.
 // pointwise_conv_applies: such a convolution, in fp16 or bf16 (fp32 stays on cuDNN's FMA kernels).
-// pointwise_conv_gemm runs it through cuBLASLt, with bias (fp32 [K]) and ReLU in the epilogue when
+// pointwise_conv_gemm runs it through cuBLASLt, with bias ([K], fp32 or y's dtype) and ReLU in the epilogue when
 // bias_relu is given; false (nothing written) when cuBLASLt offers no algorithm. In linear.cu.
 bool pointwise_conv_applies(const Tensor& x, const Tensor& w, const ops::Conv2dParams& p);
 bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const Tensor* bias_relu, Tensor& y);

@@ -295,7 +295,8 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
   if (bias_relu == nullptr) return attempt(0);
   g.relu = true;
   g.bias = bias_relu->data();
-  g.bias_f32 = true;
+  g.bias_f32 = bias_relu->dtype() == DType::F32;
+  if (!g.bias_f32) return attempt(2);  // already in y's dtype
   if (attempt(1)) return true;
   // A bias in y's dtype (cuBLASLt's default for 16-bit outputs), converted into the activation
   // scratch (not the workspace, which the GEMM may grow).

@@ -208,7 +208,8 @@ void conv_bn_fold(Context&, const Tensor& w, const Tensor& gamma, const Tensor& 
   const float* bp = beta.data_as<float>();
   const float* rm = running_mean.data_as<float>();
   const float* rv = running_var.data_as<float>();
-  float* biasp = bias.data_as<float>();
+  Tensor bias_f = f32_output(bias);
+  float* biasp = bias_f.data_as<float>();
 
   const Tensor w_f = widened(w);
   Tensor wf_f = f32_output(w_folded);
@@ -221,6 +222,7 @@ void conv_bn_fold(Context&, const Tensor& w, const Tensor& gamma, const Tensor& 
     for (std::int64_t j = 0; j < per_filter; ++j) op[k * per_filter + j] = wp[k * per_filter + j] * s_f;
   }
   store_rounded(wf_f, w_folded);
+  store_rounded(bias_f, bias);
 }
 
 void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& z,
@@ -229,7 +231,8 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
   cpu::conv2d_forward(ctx, widened(x), widened(w), z_f, p);
   const std::int64_t K = z.dim(-1);
   const std::int64_t rows = K > 0 ? z.numel() / K : 0;
-  const float* bp = bias.data_as<float>();
+  const Tensor bias_f = widened(bias);
+  const float* bp = bias_f.data_as<float>();
   float* zp = z_f.data_as<float>();
   for (std::int64_t i = 0; i < rows; ++i) {
     float* zr = zp + i * K;

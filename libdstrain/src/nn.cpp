@@ -234,7 +234,7 @@ const Tensor& ConvBnRelu::forward(Context& ctx, const Tensor& x, bool training) 
   }
   ensure(z_, out, ctx, dtype_);
   ops::conv_bn_fold(ctx, w, gamma_.value, beta_.value, running_mean_, running_var_,
-                    ensure(w_folded_, w.shape(), ctx, dtype_), ensure(folded_bias_, {out_}, ctx), params_.bn);
+                    ensure(w_folded_, w.shape(), ctx, dtype_), ensure(folded_bias_, {out_}, ctx, dtype_), params_.bn);
   ops::conv_bias_relu_forward(ctx, *x_, w_folded_, folded_bias_, z_, params_.conv);
   return z_;
 }

@@ -165,6 +165,15 @@ void check_channel_vector(const Context& ctx, const Tensor& t, std::int64_t c, c
   check_f32(ctx, t, what);
   check_shape(t, {c}, what);
 }
+// A folded bias: [c] in fp32 or in the activations' dtype `act`, on the context's device.
+void check_bias_vector(const Context& ctx, const Tensor& t, std::int64_t c, DType act, const char* what) {
+  if (t.dtype() == act && act != DType::F32) {
+    check_act(ctx, t, what);
+    check_shape(t, {c}, what);
+    return;
+  }
+  check_channel_vector(ctx, t, c, what);
+}
 }  // namespace
 
 void batchnorm_forward_train(Context& ctx, const Tensor& x, const Tensor& gamma, const Tensor& beta,
@@ -331,7 +340,7 @@ void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tens
   check_channel_vector(ctx, beta, k, "conv_bn_fold beta");
   check_channel_vector(ctx, running_mean, k, "conv_bn_fold running_mean");
   check_channel_vector(ctx, running_var, k, "conv_bn_fold running_var");
-  check_channel_vector(ctx, bias, k, "conv_bn_fold bias");
+  check_bias_vector(ctx, bias, k, w.dtype(), "conv_bn_fold bias");
   DSTRAIN_CHECK(p.eps > 0.0f, "conv_bn_fold eps must be positive");
   DSTRAIN_DISPATCH(conv_bn_fold, w, gamma, beta, running_mean, running_var, w_folded, bias, p);
 }
@@ -343,7 +352,7 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
   const Shape out = conv2d_output_shape(x.shape(), w.shape(), p);
   check_like(ctx, z, x, "conv_bias_relu z");
   check_shape(z, out, "conv_bias_relu z");
-  check_channel_vector(ctx, bias, out[3], "conv_bias_relu bias");
+  check_bias_vector(ctx, bias, out[3], x.dtype(), "conv_bias_relu bias");
   DSTRAIN_DISPATCH(conv_bias_relu_forward, x, w, bias, z, p);
 }
 

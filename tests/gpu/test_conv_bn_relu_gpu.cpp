@@ -187,6 +187,17 @@ TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU refer
         ops::conv_bias_relu_forward(c, x, wf_h, b_h, e_c, p.conv);
         ops::conv_bias_relu_forward(g, x_g, wf_g, b_g, e_g, p.conv);
         require_close(g, e_g, e_c, units(dt, 16, 64), "inference z");
+        if (dt != DType::F32) {  // the folded bias in the activations' dtype (cuBLASLt takes it as it is)
+          Tensor lb_c = poisoned({K}, cpu(), dt), lb_g = poisoned({K}, gpu(), dt);
+          ops::conv_bn_fold(c, w, gamma, beta, rm_c, rv_c, wf_c, lb_c, p.bn);
+          ops::conv_bn_fold(g, w_g, gamma_g, beta_g, rm_c.to(gpu()), rv_c.to(gpu()), wf_g, lb_g, p.bn);
+          require_close(g, lb_g, lb_c, units(dt, 2, 8), "bias in the activations' dtype");
+          const Tensor lb_h = lb_g.to(cpu());
+          Tensor l_c = poisoned(ys, cpu(), dt), l_g = poisoned(ys, gpu(), dt);
+          ops::conv_bias_relu_forward(c, x, wf_h, lb_h, l_c, p.conv);
+          ops::conv_bias_relu_forward(g, x_g, wf_g, lb_g, l_g, p.conv);
+          require_close(g, l_g, l_c, units(dt, 16, 64), "inference z, bias in the activations' dtype");
+        }
       }
     }
   }

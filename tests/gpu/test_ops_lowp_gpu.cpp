@@ -203,6 +203,15 @@ TEST_CASE("CUDA 1x1 convolution and conv + bias + ReLU in fp16/bf16 match the CP
         ops::conv_bias_relu_forward(c, x, w, bias, z_ref, p);
         ops::conv_bias_relu_forward(g, x_g, w_g, bias_g, z, p);
         require_close(g, z, z_ref, 8.0);
+
+        // The bias in the activations' dtype: cuBLASLt's epilogue reads it as it is.
+        Tensor low_bias = Tensor::empty({cs.K}, dt, Device::cpu());
+        dstrain::convert_host(bias.data(), DType::F32, low_bias.data(), dt, static_cast<std::size_t>(cs.K));
+        const Tensor low_bias_g = low_bias.to(gpu());
+        Tensor lz_ref = poisoned(ys, Device::cpu(), dt), lz = poisoned(ys, gpu(), dt);
+        ops::conv_bias_relu_forward(c, x, w, low_bias, lz_ref, p);
+        ops::conv_bias_relu_forward(g, x_g, w_g, low_bias_g, lz, p);
+        require_close(g, lz, lz_ref, 8.0);
       }
     }
   }

@@ -110,11 +110,12 @@ void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, cons
                            Tensor& dbeta, const ConvBnReluParams& p);
 // Inference fold of BatchNorm's running statistics: s_k = gamma_k / sqrt(running_var_k + eps);
 // w_folded[k] = w[k] * s_k (w's shape and dtype, computed in fp32 and rounded once);
-// bias[k] = beta_k - running_mean_k * s_k (fp32 [K]).
+// bias[k] = beta_k - running_mean_k * s_k ([K], fp32 or w's dtype: the bias is rounded once).
 void conv_bn_fold(Context& ctx, const Tensor& w, const Tensor& gamma, const Tensor& beta, const Tensor& running_mean,
                   const Tensor& running_var, Tensor& w_folded, Tensor& bias, const BatchNormParams& p);
-// Inference forward: z = relu(conv2d(x, w) + bias), bias fp32 [K]; one fused cuDNN call on the
-// GPU where cuDNN offers it for the shape.
+// Inference forward: z = relu(conv2d(x, w) + bias), bias [K] in fp32 or x's dtype; one fused call
+// on the GPU where cuDNN, cuBLASLt (1x1) or the implicit GEMM offers it for the shape. A 16-bit
+// bias goes to cuBLASLt's epilogue as it is (an fp32 one is converted on every call there).
 void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, const Tensor& bias, Tensor& z,
                             const Conv2dParams& p);
 
