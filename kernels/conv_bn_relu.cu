@@ -256,13 +256,17 @@ __device__ __forceinline__ BatchStats batch_stats(double s1, double s2, double s
   return {shift + d, fmax(s2 / m - d * d, 0.0)};
 }
 
+__device__ __forceinline__ double invstd_of(const BatchStats& b, float eps) {
+  return 1.0 / sqrt(b.var + static_cast<double>(eps));
+}
+
 // save_mean, save_invstd and the running statistics (unbiased variance) of one channel.
 __device__ __forceinline__ void write_batch_stats(const BatchStats& b, std::int64_t c, std::int64_t M, float eps,
                                                   float momentum, float* save_mean, float* save_invstd,
                                                   float* running_mean, float* running_var) {
   const double m = static_cast<double>(M);
   save_mean[c] = static_cast<float>(b.mean);
-  save_invstd[c] = static_cast<float>(1.0 / sqrt(b.var + static_cast<double>(eps)));
+  save_invstd[c] = static_cast<float>(invstd_of(b, eps));
   const double unbiased = M > 1 ? b.var * m / (m - 1.0) : b.var;
   running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * b.mean);
   running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * unbiased);
@@ -309,16 +313,10 @@ __device__ __forceinline__ void load_consts(ChannelConsts<V>& k, std::int64_t c0
   }
 }
 
-// z = relu(bn(y)).
+// z = relu(bn(y)) over this thread's rows of channels c0 .. c0 + V.
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
-    apply_forward_kernel(const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
-                         const float* __restrict__ invstd, const float* __restrict__ gamma,
-                         const float* __restrict__ beta, T* __restrict__ z) {
-  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
-  if (c0 >= K) return;
-  ChannelConsts<V> k;
-  load_consts<V>(k, c0, mean, invstd, gamma, beta);
+__device__ __forceinline__ void apply_bn_relu_rows(const T* __restrict__ y, std::int64_t M, std::int64_t K,
+                                                   std::int64_t c0, const ChannelConsts<V>& k, T* __restrict__ z) {
   RawVec<T, V> yr[kBatch];
   for_rows(
       M, [&](int u, std::int64_t r) { yr[u] = load_raw<T, V>(y + r * K + c0); },
@@ -329,6 +327,19 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
         for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
         store_vec<T, V>(z + r * K + c0, v);
       });
+}
+
+// z = relu(bn(y)).
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
+    apply_forward_kernel(const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
+                         const float* __restrict__ invstd, const float* __restrict__ gamma,
+                         const float* __restrict__ beta, T* __restrict__ z) {
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= K) return;
+  ChannelConsts<V> k;
+  load_consts<V>(k, c0, mean, invstd, gamma, beta);
+  apply_bn_relu_rows<T, V>(y, M, K, c0, k, z);
 }
 
 // Backward partials: sum g and sum g * (y - mean), g = dz where bn(y) > 0.
@@ -438,22 +449,13 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_for
   for (int j = 0; j < V; ++j) {
     const BatchStats b = batch_stats(sum[c0 + j], sqsum[c0 + j], 0.0, M);
     k.mean[j] = static_cast<float>(b.mean);
-    k.invstd[j] = static_cast<float>(1.0 / sqrt(b.var + static_cast<double>(eps)));
+    k.invstd[j] = static_cast<float>(invstd_of(b, eps));
     k.scale[j] = gamma[c0 + j] * k.invstd[j];
     k.beta[j] = beta[c0 + j];
     if (blockIdx.y == 0 && threadIdx.y == 0)
       write_batch_stats(b, c0 + j, M, eps, momentum, save_mean, save_invstd, running_mean, running_var);
   }
-  RawVec<T, V> yr[kBatch];
-  for_rows(
-      M, [&](int u, std::int64_t r) { yr[u] = load_raw<T, V>(y + r * K + c0); },
-      [&](int u, std::int64_t r) {
-        float v[V];
-        unpack(yr[u], v);
-#pragma unroll
-        for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
-        store_vec<T, V>(z + r * K + c0, v);
-      });
+  apply_bn_relu_rows<T, V>(y, M, K, c0, k, z);
 }
 
 // z = relu(z + bias) in place (inference without the fused graph).
