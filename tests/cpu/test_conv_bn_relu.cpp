@@ -473,6 +473,18 @@ TEST_CASE("conv_bn_relu ops reject bad arguments", "[conv_bn_relu]") {
   Tensor x_i32 = Tensor::zeros(xs, DType::I32, Device::cpu());
   CHECK(error_code_of([&] { ops::conv_bias_relu_forward(ctx, x_i32, w, bias, z, p.conv); }) == invalid);
   CHECK(error_code_of([&] { ops::conv_bias_relu_forward(ctx, x, w, bias_long, z, p.conv); }) == invalid);
+  // The bias in fp32 or the activations' dtype only: fp32 activations with an fp16 bias, or fp16
+  // activations with a bf16 one, are refused.
+  Tensor bias_f16 = poisoned({4}, DType::F16), bias_bf16 = poisoned({4}, DType::BF16);
+  CHECK(error_code_of([&] { ops::conv_bn_fold(ctx, w, gamma, beta, rm, rv, w_folded, bias_f16, p.bn); }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bias_relu_forward(ctx, x, w, bias_f16, z, p.conv); }) == invalid);
+  Tensor x_f16 = Tensor::zeros(xs, DType::F16, Device::cpu()), w_f16 = Tensor::zeros(ws, DType::F16, Device::cpu());
+  CHECK(error_code_of([&] {
+          ops::conv_bn_fold(ctx, w_f16, gamma, beta, rm, rv, w_folded_f16, bias_bf16, p.bn);
+        }) == invalid);
+  CHECK(error_code_of([&] { ops::conv_bias_relu_forward(ctx, x_f16, w_f16, bias_bf16, z_f16, p.conv); }) ==
+        invalid);
+  CHECK_NOTHROW(ops::conv_bias_relu_forward(ctx, x_f16, w_f16, bias_f16, z_f16, p.conv));
 }
 
 namespace {
