@@ -637,17 +637,17 @@ Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, con
 template <class T>
 Partials<T> stats_with_implicit_gemm(CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
                                      const ops::Conv2dParams& p, const Prologue* pro) {
-  const std::size_t sums = round_up(sizeof(float) * static_cast<std::size_t>(conv_out.dim(3)));
+  const std::int64_t K = conv_out.dim(3);
+  const std::size_t sums = round_up(2 * sizeof(float) * static_cast<std::size_t>(K));
   const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(x.dim(3)));
-  char* base = static_cast<char*>(st.ensure_workspace(2 * sums + (pro != nullptr ? 4 * consts : 0)));
+  char* base = static_cast<char*>(st.ensure_workspace(sums + (pro != nullptr ? 4 * consts : 0)));
   Partials<T> r;
   r.p1 = reinterpret_cast<float*>(base);
-  r.p2 = reinterpret_cast<float*>(base + sums);
+  r.p2 = r.p1 + K;  // the kernel's layout: sums, then sums of squares
   ImplicitGemmExtras extras;
-  extras.sum = r.p1;
-  extras.sqsum = r.p2;
+  extras.sums = r.p1;
   if (pro != nullptr) {
-    char* at = base + 2 * sums;
+    char* at = base + sums;
     prologue_consts<T>(st.cuda_stream(), *pro, x.dim(3), at, consts);
     extras.in_scale = at + 2 * consts;  // the pair in the activations' dtype, after the fp32 one
     extras.in_shift = at + 3 * consts;
@@ -712,7 +712,7 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   // next layer applies them in its prologue, z = relu(bn(y)); one pass when the statistics come
   // as one sum per channel, else the finalize kernel and the apply pass.
   auto finish = [&](const Partials<T>& part, float* s_mean, float* s_invstd, float* r_mean, float* r_var) {
-    const int V = vector_width<T>(K, {conv_out.data(), p.chained_output ? conv_out.data() : z.data()});
+    const int V = vector_width<T>(K, {conv_out.data(), z.data()});  // z.data() null with a chained output
     const Layout l = make_layout(M, K, V, st.device);
     if (!p.chained_output && part.chunks == 1 && part.shift == nullptr) {
       with_width<T>(V, [&](auto v) {

@@ -19,9 +19,8 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 // What the kernel does besides y = conv(x, w), in one of four combinations: nothing; the sums;
 // the sums and the prologue (a chained layer's training forward); bias + ReLU alone (inference).
 struct ImplicitGemmExtras {
-  // fp32 [K], any contents: they receive the column sums and sums of squares of y as stored.
-  float* sum = nullptr;
-  float* sqsum = nullptr;
+  // fp32 [2K], any contents: receives the column sums of y as stored, then their sums of squares.
+  float* sums = nullptr;
   // [C] in x's dtype, 16-byte aligned: the convolution reads relu(x * in_scale + in_shift) (one
   // fused multiply-add in x's dtype; padding stays zero): a chained layer's prologue.
   const void* in_scale = nullptr;

@@ -24,14 +24,15 @@ namespace {
 
 using igemm::ForwardVariant;
 
-igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p, float* sum,
-                               float* sqsum) {
+// sums: null, or [2K] (the column sums, then the sums of squares).
+igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
+                               float* sums) {
   igemm::ConvForwardArgs a{};
   a.x = x.data();
   a.w = w.data();
   a.y = y.data();
-  a.sum = sum;
-  a.sqsum = sqsum;
+  a.sum = sums;
+  a.sqsum = sums != nullptr ? sums + w.dim(0) : nullptr;
   a.N = static_cast<int>(x.dim(0));
   a.H = static_cast<int>(x.dim(1));
   a.W = static_cast<int>(x.dim(2));
@@ -66,15 +67,8 @@ ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
 
 void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DType dt) {
   cudaStream_t stream = st.cuda_stream();
-  if (a.sum != nullptr) {
-    const std::size_t bytes = sizeof(float) * static_cast<std::size_t>(a.K);
-    if (a.sqsum == a.sum + a.K) {  // one memset where the two arrays are adjacent
-      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * bytes, stream));
-    } else {
-      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, bytes, stream));
-      DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sqsum, 0, bytes, stream));
-    }
-  }
+  if (a.sum != nullptr)  // the sums of squares follow the sums (args_of)
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * sizeof(float) * static_cast<std::size_t>(a.K), stream));
   igemm::ConvTensorMaps maps{};
   const bool half = dt == DType::F16;
   const cudaError_t mapped =
@@ -168,12 +162,12 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
                            const ImplicitGemmExtras& extras) {
-  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sum != nullptr, extras.in_scale != nullptr))
+  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sums != nullptr, extras.in_scale != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
   if (!aligned16(extras.in_scale) || !aligned16(extras.in_shift) ||
       (reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: prologue constants or bias unaligned");
-  igemm::ConvForwardArgs a = args_of(x, w, y, p, extras.sum, extras.sqsum);
+  igemm::ConvForwardArgs a = args_of(x, w, y, p, extras.sums);
   a.in_scale = extras.in_scale;
   a.in_shift = extras.in_shift;
   a.bias = extras.bias_relu;
@@ -186,8 +180,8 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
 
 bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, const Tensor& dx,
                                  const ops::Conv2dParams& p) {
-  if (ops::deterministic() || compute_capability(device) != 90 || w.ndim() != 4 || dy.ndim() != 4 || dx.ndim() != 4 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= w.dim(1) ||
-      p.pad_w >= w.dim(2))
+  if (ops::deterministic() || compute_capability(device) != 90 || w.ndim() != 4 || dy.ndim() != 4 ||
+      dx.ndim() != 4 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= w.dim(1) || p.pad_w >= w.dim(2))
     return false;
   // The rotated filters [C, R, S, K] have w's element count and dtype; only their shape matters here.
   const Tensor rotated = Tensor::wrap(const_cast<void*>(w.data()), {w.dim(3), w.dim(1), w.dim(2), w.dim(0)},
