@@ -9,6 +9,7 @@
 // output z and dx against the unfused path's, and the inference output against eval-mode BN.
 // "chained" is one layer inside a chain of fused layers (ops::ChainedInput): see run().
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -259,6 +260,21 @@ int run(const Options& o) {
       const double t_fbwd = time_ms([&] {
         ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p);
       });
+      // The host's time to enqueue one step, no synchronisation inside (median of --iters repeats of
+      // --batch steps): while it stays below the GPU's time, the GPU never waits for a launch.
+      auto host_ms = [&](const std::function<void()>& fn) {
+        std::vector<double> t;
+        for (int i = 0; i < o.iters; ++i) {
+          ctx.synchronize();
+          const auto t0 = std::chrono::steady_clock::now();
+          for (int j = 0; j < o.batch; ++j) fn();
+          const auto t1 = std::chrono::steady_clock::now();
+          t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / o.batch);
+        }
+        ctx.synchronize();
+        return dstrain::bench::median(t);
+      };
+      const double h_fused = host_ms(fused), h_conv = host_ms(conv_only);
       const double t_dgrad = time_ms([&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); });
       const double t_wgrad = time_ms([&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); });
       // A layer inside a chain of fused layers (ops::ChainedInput): x is the previous layer's raw
@@ -333,9 +349,10 @@ int run(const Options& o) {
       std::printf("%-22s %-5s %9.4f %9.4f %9.4f %7.3f %8.1f %9.2e %9.2e %7.4f %9.4f %7.3f %9.2e%s\n", name, dt_name(dt),
                   t_fused, t_conv, t_unfused, t_fused / t_conv, flops / (t_fused * 1e-3) / 1e12, err_z.max_rel,
                   err_dx.max_rel, t_infer, t_conv_fwd, t_infer / t_conv_fwd, err_inf.max_rel, ok ? "" : "  WRONG");
-      std::printf("#   parts: fused fwd %.4f bwd %.4f | conv fwd %.4f dgrad %.4f wgrad %.4f | rms err z %.1e dx %.1e "
-                  "inf %.1e\n",
-                  t_ffwd, t_fbwd, t_conv_fwd, t_dgrad, t_wgrad, err_z.rms_rel, err_dx.rms_rel, err_inf.rms_rel);
+      std::printf("#   parts: fused fwd %.4f bwd %.4f | conv fwd %.4f dgrad %.4f wgrad %.4f | host enqueue fused %.4f "
+                  "conv %.4f | rms err z %.1e dx %.1e inf %.1e\n",
+                  t_ffwd, t_fbwd, t_conv_fwd, t_dgrad, t_wgrad, h_fused, h_conv, err_z.rms_rel, err_dx.rms_rel,
+                  err_inf.rms_rel);
       std::printf("#   chained: %.4f (fwd %.4f bwd %.4f) chained/conv %.3f | rms err conv_out %.1e dx %.1e dw %.1e "
                   "dgamma %.1e%s\n",
                   t_chain, t_cfwd, t_cbwd, t_chain / t_conv, err_cy.rms_rel, err_cdx.rms_rel, err_cdw.rms_rel,

@@ -43,6 +43,7 @@
 #include "elem_types.cuh"
 #include "implicit_gemm_conv.h"
 #include "ops_cuda.h"
+#include "overlapped_launch.cuh"
 
 namespace dstrain::kernels::cuda {
 
@@ -119,6 +120,13 @@ __device__ __forceinline__ void for_rows(std::int64_t M, Load load, Use use) {
     for (int u = 0; u < kBatch; ++u)
       if (r + u * step < M) use(u, r + u * step);
   }
+}
+
+// A pass kernel on the state's stream, overlapped with the previous kernel's tail where the device
+// allows it (overlapped_launch.cuh); each pass kernel starts with wait_then_release_next_kernel().
+template <class... Params, class... Args>
+void launch_pass(const CudaState& st, void (*kernel)(Params...), dim3 grid, dim3 block, Args... args) {
+  DSTRAIN_CUDA_CHECK(launch_overlapped(overlap_launches(st.device), st.cuda_stream(), kernel, grid, block, 0, args...));
 }
 
 // v = (y - mean) * (gamma * invstd) + beta as one fma, the formula the CPU reference uses too,
@@ -203,6 +211,7 @@ template <class T, int V>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
     stats_partials_kernel(const T* __restrict__ y, std::int64_t M, std::int64_t K, float* __restrict__ p1,
                           float* __restrict__ p2) {
+  wait_then_release_next_kernel();
   __shared__ float smem[V * kThreads];
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < K;
@@ -285,6 +294,7 @@ __global__ void finalize_forward_kernel(const float* __restrict__ p1, const floa
                                         float momentum, float* __restrict__ save_mean,
                                         float* __restrict__ save_invstd, float* __restrict__ running_mean,
                                         float* __restrict__ running_var) {
+  wait_then_release_next_kernel();
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= K) return;  // the whole warp: c depends on threadIdx.y only
   double s1, s2;
@@ -335,6 +345,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
     apply_forward_kernel(const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
                          const float* __restrict__ invstd, const float* __restrict__ gamma,
                          const float* __restrict__ beta, T* __restrict__ z) {
+  wait_then_release_next_kernel();
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   ChannelConsts<V> k;
@@ -348,6 +359,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) backward_partials_
     const T* __restrict__ dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
     float* __restrict__ p1, float* __restrict__ p2) {
+  wait_then_release_next_kernel();
   __shared__ float smem[V * kThreads];
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < K;
@@ -383,6 +395,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) backward_partials_
 __global__ void finalize_backward_kernel(const float* __restrict__ p1, const float* __restrict__ p2, int chunks,
                                          std::int64_t K, const float* __restrict__ invstd,
                                          float* __restrict__ dgamma, float* __restrict__ dbeta) {
+  wait_then_release_next_kernel();
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (c >= K) return;
   double s1, s2;
@@ -399,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_ker
     const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
     const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* dconv) {
+  wait_then_release_next_kernel();
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   ChannelConsts<V> k;
@@ -442,6 +456,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_for
     std::int64_t K, float eps, float momentum, const float* __restrict__ gamma, const float* __restrict__ beta,
     float* __restrict__ save_mean, float* __restrict__ save_invstd, float* __restrict__ running_mean,
     float* __restrict__ running_var, T* __restrict__ z) {
+  wait_then_release_next_kernel();
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   ChannelConsts<V> k;
@@ -462,6 +477,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_for
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
     bias_relu_kernel(T* __restrict__ z, std::int64_t M, std::int64_t K, const float* __restrict__ bias) {
+  wait_then_release_next_kernel();
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   if (c0 >= K) return;
   float b[V];
@@ -486,6 +502,7 @@ __global__ void prologue_consts_kernel(std::int64_t C, const float* __restrict__
                                        const float* __restrict__ mean, const float* __restrict__ invstd,
                                        float* __restrict__ scale_f, float* __restrict__ shift_f,
                                        T* __restrict__ scale_t, T* __restrict__ shift_t) {
+  wait_then_release_next_kernel();
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const float s = gamma[c] * invstd[c];
@@ -573,16 +590,15 @@ cudnn_graph::TunedPlan* prologue_plan(CudaState& st, ConvGraph kind, const Tenso
 // Writes the prologue's scale and shift into `at` (4 arrays of `stride` bytes: fp32 scale and
 // shift, then T scale and shift) and returns the pair the graph reads.
 template <class T>
-std::array<void*, 2> prologue_consts(cudaStream_t stream, const Prologue& pro, std::int64_t C, char* at,
+std::array<void*, 2> prologue_consts(const CudaState& st, const Prologue& pro, std::int64_t C, char* at,
                                      std::size_t stride) {
   float* scale_f = reinterpret_cast<float*>(at);
   float* shift_f = reinterpret_cast<float*>(at + stride);
   T* scale_t = reinterpret_cast<T*>(at + 2 * stride);
   T* shift_t = reinterpret_cast<T*>(at + 3 * stride);
-  prologue_consts_kernel<T><<<static_cast<unsigned>((C + 255) / 256), 256, 0, stream>>>(
-      C, pro.in->gamma->data_as<float>(), pro.in->beta->data_as<float>(), pro.in->save_mean->data_as<float>(),
-      pro.in->save_invstd->data_as<float>(), scale_f, shift_f, scale_t, shift_t);
-  DSTRAIN_CUDA_CHECK_LAUNCH();
+  launch_pass(st, prologue_consts_kernel<T>, static_cast<unsigned>((C + 255) / 256), 256, C,
+              pro.in->gamma->data_as<float>(), pro.in->beta->data_as<float>(), pro.in->save_mean->data_as<float>(),
+              pro.in->save_invstd->data_as<float>(), scale_f, shift_f, scale_t, shift_t);
   if (pro.scale_type == PrologueScaleType::Float) return {scale_f, shift_f};
   return {scale_t, shift_t};
 }
@@ -596,11 +612,10 @@ Tensor materialise_activation(CudaState& st, const Tensor& x, const ops::Chained
   const int V = vector_width<T>(C, {x.data(), a});
   const Layout l = make_layout(M, C, V, st.device);
   with_width<T>(V, [&](auto v) {
-    apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
-        static_cast<const T*>(x.data()), M, C, in.save_mean->data_as<float>(), in.save_invstd->data_as<float>(),
-        in.gamma->data_as<float>(), in.beta->data_as<float>(), static_cast<T*>(a));
+    launch_pass(st, apply_forward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l),
+                static_cast<const T*>(x.data()), M, C, in.save_mean->data_as<float>(), in.save_invstd->data_as<float>(),
+                in.gamma->data_as<float>(), in.beta->data_as<float>(), static_cast<T*>(a));
   });
-  DSTRAIN_CUDA_CHECK_LAUNCH();
   return Tensor::wrap(a, x.shape(), x.dtype(), x.device());
 }
 
@@ -621,7 +636,7 @@ Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, con
   std::vector<std::int64_t> uids{kUidX, kUidW, kUidY, kUidSum, kUidSqSum};
   std::vector<void*> ptrs{const_cast<void*>(x.data()), const_cast<void*>(w.data()), conv_out.data(), r.p1, r.p2};
   if (pro != nullptr) {
-    const std::array<void*, 2> sb = prologue_consts<T>(stream, *pro, C, base + ws + 2 * sums, consts);
+    const std::array<void*, 2> sb = prologue_consts<T>(st, *pro, C, base + ws + 2 * sums, consts);
     uids.insert(uids.end(), {kUidInScale, kUidInShift});
     ptrs.insert(ptrs.end(), {sb[0], sb[1]});
   }
@@ -648,7 +663,7 @@ Partials<T> stats_with_implicit_gemm(CudaState& st, const Tensor& x, const Tenso
   extras.sums = r.p1;
   if (pro != nullptr) {
     char* at = base + sums;
-    prologue_consts<T>(st.cuda_stream(), *pro, x.dim(3), at, consts);
+    prologue_consts<T>(st, *pro, x.dim(3), at, consts);
     extras.in_scale = at + 2 * consts;  // the pair in the activations' dtype, after the fp32 one
     extras.in_shift = at + 3 * consts;
   }
@@ -681,9 +696,8 @@ Partials<T> stats_with_pass(Context& ctx, CudaState& st, const Tensor& x, const 
   r.chunks = l.gy;
   r.shift = y;
   with_width<T>(V, [&](auto v) {
-    stats_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(y, M, K, r.p1, r.p2);
+    launch_pass(st, stats_partials_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), y, M, K, r.p1, r.p2);
   });
-  DSTRAIN_CUDA_CHECK_LAUNCH();
   return r;
 }
 
@@ -716,24 +730,20 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
     const Layout l = make_layout(M, K, V, st.device);
     if (!p.chained_output && part.chunks == 1 && part.shift == nullptr) {
       with_width<T>(V, [&](auto v) {
-        finalize_apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-            part.p1, part.p2, static_cast<const T*>(conv_out.data()), M, K, p.bn.eps, p.bn.momentum,
-            gamma.data_as<float>(), beta.data_as<float>(), s_mean, s_invstd, r_mean, r_var,
-            static_cast<T*>(z.data()));
+        launch_pass(st, finalize_apply_forward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), part.p1, part.p2,
+                    static_cast<const T*>(conv_out.data()), M, K, p.bn.eps, p.bn.momentum, gamma.data_as<float>(),
+                    beta.data_as<float>(), s_mean, s_invstd, r_mean, r_var, static_cast<T*>(z.data()));
       });
-      DSTRAIN_CUDA_CHECK_LAUNCH();
       return;
     }
-    finalize_forward_kernel<T><<<finalize_grid(K), finalize_block(), 0, stream>>>(
-        part.p1, part.p2, part.chunks, part.shift, M, K, p.bn.eps, p.bn.momentum, s_mean, s_invstd, r_mean, r_var);
-    DSTRAIN_CUDA_CHECK_LAUNCH();
+    launch_pass(st, finalize_forward_kernel<T>, finalize_grid(K), finalize_block(), part.p1, part.p2, part.chunks,
+                part.shift, M, K, p.bn.eps, p.bn.momentum, s_mean, s_invstd, r_mean, r_var);
     if (p.chained_output) return;  // the next layer applies BN + ReLU in its own prologue
     with_width<T>(V, [&](auto v) {
-      apply_forward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-          static_cast<const T*>(conv_out.data()), M, K, s_mean, s_invstd, gamma.data_as<float>(),
-          beta.data_as<float>(), static_cast<T*>(z.data()));
+      launch_pass(st, apply_forward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l),
+                  static_cast<const T*>(conv_out.data()), M, K, s_mean, s_invstd, gamma.data_as<float>(),
+                  beta.data_as<float>(), static_cast<T*>(z.data()));
     });
-    DSTRAIN_CUDA_CHECK_LAUNCH();
   };
   // The ways are timed whole, statistics and what follows them, into scratch statistics (the
   // running statistics must be updated once, by the real call).
@@ -788,17 +798,14 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
   float* p1 = reinterpret_cast<float*>(base);
   float* p2 = reinterpret_cast<float*>(base + part);
   with_width<T>(V, [&](auto v) {
-    backward_partials_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(dz, y, M, K, mean, invstd,
-                                                                                            gamma, beta, p1, p2);
+    launch_pass(st, backward_partials_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dz, y, M, K, mean, invstd,
+                gamma, beta, p1, p2);
   });
-  DSTRAIN_CUDA_CHECK_LAUNCH();
-  finalize_backward_kernel<<<finalize_grid(K), finalize_block(), 0, stream>>>(p1, p2, l.gy, K, invstd, dgamma, dbeta);
-  DSTRAIN_CUDA_CHECK_LAUNCH();
+  launch_pass(st, finalize_backward_kernel, finalize_grid(K), finalize_block(), p1, p2, l.gy, K, invstd, dgamma, dbeta);
   with_width<T>(V, [&](auto v) {
-    apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-        dz, y, M, K, mean, invstd, gamma, beta, dgamma, dbeta, out);
+    launch_pass(st, apply_backward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dz, y, M, K, mean, invstd,
+                gamma, beta, dgamma, dbeta, out);
   });
-  DSTRAIN_CUDA_CHECK_LAUNCH();
 }
 
 // dw and dx of a layer whose input is chained: wgrad reads a = relu(bn(x)) (fused prologue or the
@@ -819,7 +826,7 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     const std::size_t ws = round_up(static_cast<std::size_t>(wgrad_plan->workspace_bytes()));
     const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(C));
     char* base = static_cast<char*>(st.ensure_workspace(ws + 4 * consts));
-    const std::array<void*, 2> sb = prologue_consts<T>(stream, pro, C, base + ws, consts);
+    const std::array<void*, 2> sb = prologue_consts<T>(st, pro, C, base + ws, consts);
     wgrad_plan->execute(st.cudnn, stream, {kUidX, kUidW, kUidY, kUidInScale, kUidInShift},
                         {const_cast<void*>(x.data()), dw.data(), const_cast<void*>(dconv.data()), sb[0], sb[1]},
                         wgrad_plan->workspace_bytes() > 0 ? base : nullptr);
@@ -870,10 +877,9 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     const int V = vector_width<T>(C, {xp, dxp});
     const Layout l = make_layout(M_in, C, V, st.device);
     with_width<T>(V, [&](auto v) {
-      apply_backward_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, stream>>>(
-          dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
+      launch_pass(st, apply_backward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dxp, xp, M_in, C, mean,
+                  invstd, gamma, beta, dgamma, dbeta, dxp);
     });
-    DSTRAIN_CUDA_CHECK_LAUNCH();
   };
   if (dgrad_plan != nullptr && graph_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
     dgrad_fused();
@@ -989,10 +995,9 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
       const int V = vector_width<T>(K, {z.data()});
       const Layout l = make_layout(M, K, V, st.device);
       with_width<T>(V, [&](auto v) {
-        bias_relu_kernel<T, decltype(v)::value><<<grid_of(l), block_of(l), 0, st.cuda_stream()>>>(
-            static_cast<T*>(z.data()), M, K, b.data_as<float>());
+        launch_pass(st, bias_relu_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), static_cast<T*>(z.data()), M,
+                    K, b.data_as<float>());
       });
-      DSTRAIN_CUDA_CHECK_LAUNCH();
     });
   };
   // 1x1: a cuBLASLt GEMM with bias + ReLU in its epilogue, or cuDNN, or our implicit GEMM with the

@@ -15,6 +15,7 @@
 #include <array>
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
 #include <string>
 
 #include "cuda_api.h"
@@ -207,6 +208,14 @@ int compute_capability(int device) {
     DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
     return 10 * major + minor;
   });
+}
+
+bool overlap_launches(int device) {
+  static const bool wanted = [] {
+    const char* env = std::getenv("DSTRAIN_OVERLAP_LAUNCHES");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return wanted && compute_capability(device) >= 90;
 }
 
 int cuda_device_count() noexcept {

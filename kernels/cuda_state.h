@@ -36,6 +36,10 @@ int sm_count(int device);
 // Compute capability of a device as 10 * major + minor (asked once per device ordinal).
 int compute_capability(int device);
 
+// Whether dstrain's own kernels are launched overlapped with the kernel before them
+// (overlapped_launch.cuh): on sm_90 and newer, unless DSTRAIN_OVERLAP_LAUNCHES=0 (for A/B timing).
+bool overlap_launches(int device);
+
 // True when p is 16-byte aligned: what the vectorised kernels, cuDNN's graph plans and the
 // tensor memory accelerator need.
 inline bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }

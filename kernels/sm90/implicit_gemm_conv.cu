@@ -14,6 +14,7 @@
 
 #include "conv_graphs.h"
 #include "cuda_check.h"
+#include "cuda_state.h"
 #include "cudnn_graph.h"
 #include "dstrain/error.h"
 #include "sm90/implicit_gemm_conv_kernels.cuh"
@@ -45,6 +46,7 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
   a.pad_h = p.pad_h;
   a.pad_w = p.pad_w;
   a.M = a.N * a.P * a.Q;
+  a.overlap_launch = overlap_launches(x.device().index);
   return a;
 }
 

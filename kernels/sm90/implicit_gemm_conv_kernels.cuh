@@ -34,6 +34,7 @@
 #include <cstring>
 #include <string>
 
+#include "overlapped_launch.cuh"
 #include "sm90_ptx.cuh"
 
 namespace dstrain::kernels::cuda::igemm {
@@ -53,6 +54,8 @@ struct ConvForwardArgs {
   const float* bias;  // [K] or null: y = relu(conv + bias) (the inference epilogue)
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;  // N * P * Q
+  // Launch overlapped with the previous kernel's tail (overlapped_launch.cuh); host side only.
+  bool overlap_launch;
 };
 
 // Built on the host (make_tensor_maps), passed as a __grid_constant__ kernel parameter.
@@ -166,6 +169,7 @@ template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     conv_forward_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wait_then_release_next_kernel();  // launched overlapped with the previous kernel's tail
   constexpr int BN = Cfg::BN, BM = Cfg::BM, kStages = Cfg::kStages, kMAtoms = Cfg::kMAtoms;
   constexpr int kGroupRows = Cfg::kGroupRows;
   constexpr bool kStats = kEpi == Epilogue::Stats;
@@ -537,8 +541,9 @@ cudaError_t launch_built(const ConvForwardArgs& a, const ConvTensorMaps& maps, c
     slots.store(ctas, std::memory_order_release);
   }
   const int tiles = (a.M + Cfg::BM - 1) / Cfg::BM * (a.K / Cfg::BN);
-  kernel<<<static_cast<unsigned>(tiles < ctas ? tiles : ctas), kThreads, Cfg::kBytes, stream>>>(a, maps);
-  return cudaGetLastError();
+  return launch_overlapped(a.overlap_launch, stream, kernel,
+                           dim3(static_cast<unsigned>(tiles < ctas ? tiles : ctas)), dim3(kThreads), Cfg::kBytes, a,
+                           maps);
 }
 
 template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
