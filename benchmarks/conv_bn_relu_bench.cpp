@@ -212,6 +212,12 @@ int run(const Options& o) {
         ops::conv2d_backward_data(ctx, dz, w, dx, p.conv);
         ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv);
       };
+      // The same convolutions with both gradients from one call (ops::conv2d_backward: wgrad on a
+      // second stream beside dgrad, as the fused layer runs them): the floor for that way of running.
+      auto conv_beside = [&] {
+        ops::conv2d_forward(ctx, x, w, conv_out, p.conv);
+        ops::conv2d_backward(ctx, x, dz, w, &dx, dw, p.conv);
+      };
       auto unfused = [&] {
         ops::conv2d_forward(ctx, x, w, conv_out, p.conv);
         ops::batchnorm_forward_train(ctx, conv_out, gamma, beta, u_rm, u_rv, u_bn, u_sm, u_si, p.bn);
@@ -248,6 +254,7 @@ int run(const Options& o) {
 
       const double t_fused = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, fused) / 1000.0;
       const double t_conv = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_only) / 1000.0;
+      const double t_conv_beside = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_beside) / 1000.0;
       const double t_unfused = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, unfused) / 1000.0;
       const double t_infer = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, infer) / 1000.0;
       const double t_conv_fwd = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_fwd) / 1000.0;
@@ -353,6 +360,8 @@ int run(const Options& o) {
                   "conv %.4f | rms err z %.1e dx %.1e inf %.1e\n",
                   t_ffwd, t_fbwd, t_conv_fwd, t_dgrad, t_wgrad, h_fused, h_conv, err_z.rms_rel, err_dx.rms_rel,
                   err_inf.rms_rel);
+      std::printf("#   conv alone with dgrad beside wgrad (ops::conv2d_backward): %.4f | fused / that %.3f\n",
+                  t_conv_beside, t_fused / t_conv_beside);
       std::printf("#   chained: %.4f (fwd %.4f bwd %.4f) chained/conv %.3f | rms err conv_out %.1e dx %.1e dw %.1e "
                   "dgamma %.1e%s\n",
                   t_chain, t_cfwd, t_cbwd, t_chain / t_conv, err_cy.rms_rel, err_cdx.rms_rel, err_cdw.rms_rel,

@@ -368,8 +368,23 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
 
 void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw,
                             const ops::Conv2dParams& p) {
-  if (dw.numel() == 0) return;
+  conv2d_backward_filter_on(ctx.cuda_state(), x, dy, dw, p);
+}
+
+void conv2d_backward(Context& ctx, const Tensor& x, const Tensor& dy, const Tensor& w, Tensor* dx, Tensor& dw,
+                     const ops::Conv2dParams& p) {
   CudaState& st = ctx.cuda_state();
+  DeviceGuard guard(st.device);
+  run_beside(
+      st, [&](CudaState& side) { conv2d_backward_filter_on(side, x, dy, dw, p); },
+      [&] {
+        if (dx != nullptr) cuda::conv2d_backward_data(ctx, dy, w, *dx, p);
+      });
+}
+
+void conv2d_backward_filter_on(CudaState& st, const Tensor& x, const Tensor& dy, Tensor& dw,
+                               const ops::Conv2dParams& p) {
+  if (dw.numel() == 0) return;
   DeviceGuard guard(st.device);
   if (x.numel() == 0 || dy.numel() == 0) {
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dw.data(), 0, dw.nbytes(), st.cuda_stream()));

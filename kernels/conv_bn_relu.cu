@@ -820,26 +820,28 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
   const std::int64_t M_in = x.numel() / std::max<std::int64_t>(C, 1);
   Prologue pro;
   pro.in = &in;
-  cudnn_graph::TunedPlan* wgrad_plan = prologue_plan(st, ConvGraph::BackwardFilterBnRelu, x, dw, dconv, p,
-                                                     &pro.scale_type);
-  auto wgrad_fused = [&] {
-    const std::size_t ws = round_up(static_cast<std::size_t>(wgrad_plan->workspace_bytes()));
-    const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(C));
-    char* base = static_cast<char*>(st.ensure_workspace(ws + 4 * consts));
-    const std::array<void*, 2> sb = prologue_consts<T>(st, pro, C, base + ws, consts);
-    wgrad_plan->execute(st.cudnn, stream, {kUidX, kUidW, kUidY, kUidInScale, kUidInShift},
-                        {const_cast<void*>(x.data()), dw.data(), const_cast<void*>(dconv.data()), sb[0], sb[1]},
-                        wgrad_plan->workspace_bytes() > 0 ? base : nullptr);
+  // dw on the side stream (its own scratch), beside dx on the main stream: they share only inputs.
+  auto wgrad = [&](CudaState& s) {
+    cudnn_graph::TunedPlan* wgrad_plan =
+        prologue_plan(s, ConvGraph::BackwardFilterBnRelu, x, dw, dconv, p, &pro.scale_type);
+    auto wgrad_fused = [&] {
+      const std::size_t ws = round_up(static_cast<std::size_t>(wgrad_plan->workspace_bytes()));
+      const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(C));
+      char* base = static_cast<char*>(s.ensure_workspace(ws + 4 * consts));
+      const std::array<void*, 2> sb = prologue_consts<T>(s, pro, C, base + ws, consts);
+      wgrad_plan->execute(s.cudnn, s.cuda_stream(), {kUidX, kUidW, kUidY, kUidInScale, kUidInShift},
+                          {const_cast<void*>(x.data()), dw.data(), const_cast<void*>(dconv.data()), sb[0], sb[1]},
+                          wgrad_plan->workspace_bytes() > 0 ? base : nullptr);
+    };
+    auto wgrad_separate = [&] {
+      const Tensor a = materialise_activation<T>(s, x, in);
+      conv2d_backward_filter_on(s, a, dconv, dw, p);
+    };
+    if (wgrad_plan != nullptr && graph_is_faster(s, Site::ChainedWgrad, x, dw, p, wgrad_fused, wgrad_separate))
+      wgrad_fused();
+    else
+      wgrad_separate();
   };
-  auto wgrad_separate = [&] {
-    const Tensor a = materialise_activation<T>(st, x, in);
-    cuda::conv2d_backward_filter(ctx, a, dconv, dw, p);
-  };
-  if (wgrad_plan != nullptr && graph_is_faster(st, Site::ChainedWgrad, x, dw, p, wgrad_fused, wgrad_separate))
-    wgrad_fused();
-  else
-    wgrad_separate();
-
   const T* xp = static_cast<const T*>(x.data());
   T* dxp = static_cast<T*>(dx.data());
   const float* mean = in.save_mean->data_as<float>();
@@ -881,10 +883,12 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
                   invstd, gamma, beta, dgamma, dbeta, dxp);
     });
   };
-  if (dgrad_plan != nullptr && graph_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
-    dgrad_fused();
-  else
-    dgrad_separate();
+  run_beside(st, wgrad, [&] {
+    if (dgrad_plan != nullptr && graph_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
+      dgrad_fused();
+    else
+      dgrad_separate();
+  });
 }
 
 }  // namespace
@@ -919,9 +923,12 @@ void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, cons
                                  static_cast<T*>(dconv.data()));
     if (p.chained_input != nullptr) {
       chained_backward_impl<T>(ctx, st, grad_conv, x, w, dw, *dx, *p.chained_input, p.conv);
-    } else {
-      cuda::conv2d_backward_filter(ctx, x, grad_conv, dw, p.conv);
-      if (dx != nullptr) cuda::conv2d_backward_data(ctx, grad_conv, w, *dx, p.conv);
+    } else {  // dw on the side stream beside dx: they share only inputs
+      run_beside(
+          st, [&](CudaState& s) { conv2d_backward_filter_on(s, x, grad_conv, dw, p.conv); },
+          [&] {
+            if (dx != nullptr) cuda::conv2d_backward_data(ctx, grad_conv, w, *dx, p.conv);
+          });
     }
   });
 }

@@ -85,6 +85,10 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
                                         std::initializer_list<const void*> data,
                                         PrologueScaleType scale_type = PrologueScaleType::Activation);
 
+// ops::conv2d_backward_filter on `st`'s stream and scratch (a side state's, say: cuda_state.h).
+void conv2d_backward_filter_on(CudaState& st, const Tensor& x, const Tensor& dy, Tensor& dw,
+                               const ops::Conv2dParams& p);
+
 // A 1x1, stride-1, unpadded NHWC convolution is a GEMM: y[NHW, K] = x[NHW, C] * w[K, C]^T.
 // pointwise_conv_applies: such a convolution, in fp16 or bf16 (fp32 stays on cuDNN's FMA kernels).
 // pointwise_conv_gemm runs it through cuBLASLt, with bias ([K], fp32 or y's dtype) and ReLU in the epilogue when

@@ -16,6 +16,7 @@
 #include <atomic>
 #include <cstddef>
 #include <cstdlib>
+#include <memory>
 #include <string>
 
 #include "cuda_api.h"
@@ -353,8 +354,57 @@ CudaState* create_cuda_state(int device) {
   return s;
 }
 
+CudaState* side_state(CudaState& st) {
+  static const bool wanted = [] {
+    const char* env = std::getenv("DSTRAIN_SIDE_STREAM");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  if (!wanted) return nullptr;
+  if (st.side != nullptr) return st.side;
+  DeviceGuard guard(st.device);
+  std::unique_ptr<CudaState, void (*)(CudaState*)> side(new CudaState(), destroy_cuda_state);
+  side->device = st.device;
+  side->owns_handles = false;
+  side->stream = Stream::create(st.device);
+  side->cudnn = st.cudnn;
+  side->cublaslt = st.cublaslt;
+  st.fork = Event::create(st.device, false);
+  st.join = Event::create(st.device, false);
+  st.side = side.release();
+  return st.side;
+}
+
+CudnnStreamSwitch::CudnnStreamSwitch(const CudaState& from, const CudaState& to) : from_(from) {
+  DSTRAIN_CUDNN_CHECK(cudnnSetStream(to.cudnn, to.cuda_stream()));
+}
+
+CudnnStreamSwitch::~CudnnStreamSwitch() {
+  const cudnnStatus_t status = cudnnSetStream(from_.cudnn, from_.cuda_stream());
+  if (status != CUDNN_STATUS_SUCCESS) {
+    try {
+      detail::log_warning(std::string("cudnnSetStream (back to the main stream) failed: ") +
+                          cudnnGetErrorString(status));
+    } catch (...) {
+    }
+  }
+}
+
+SideJoin::~SideJoin() {
+  try {
+    st_.join.record(side_.stream.handle());
+    st_.join.wait(st_.stream.handle());
+  } catch (const std::exception& e) {
+    try {
+      detail::log_warning(std::string("joining the side stream failed: ") + e.what());
+    } catch (...) {
+    }
+  }
+}
+
 void destroy_cuda_state(CudaState* s) noexcept {
   if (s == nullptr) return;
+  destroy_cuda_state(s->side);  // first: it shares this state's handles
+  s->side = nullptr;
   int previous = -1;
   const bool have_previous = cudaGetDevice(&previous) == cudaSuccess;
   if (!have_previous) cudaGetLastError();
@@ -362,6 +412,10 @@ void destroy_cuda_state(CudaState* s) noexcept {
   // Work still queued may use the workspace and handles: let it finish first.
   if (s->stream.handle() != nullptr)
     warn_cuda(cudaStreamSynchronize(s->cuda_stream()), "cudaStreamSynchronize (destroy)");
+  if (!s->owns_handles) {
+    s->cublaslt = nullptr;
+    s->cudnn = nullptr;
+  }
   if (s->cublaslt != nullptr) {
     cublasStatus_t st = cublasLtDestroy(s->cublaslt);
     if (st != CUBLAS_STATUS_SUCCESS) {

@@ -22,6 +22,12 @@ struct CudaState {
   // also call cuDNN (which may grow `workspace`): a chained layer's activated input, say.
   void* activations = nullptr;
   std::size_t activations_bytes = 0;
+  // A second stream on the same device for work independent of the main stream's (a layer's wgrad
+  // beside its dgrad): its own scratch, the main state's handles (cuDNN's stream is switched to it
+  // while it works). Made on first use by run_beside; null until then.
+  CudaState* side = nullptr;
+  bool owns_handles = true;  // false for a side state
+  Event fork, join;          // main -> side before the side's work, side -> main after it
 
   cudaStream_t cuda_stream() const { return reinterpret_cast<cudaStream_t>(stream.handle()); }
   // Grows the workspace to at least `bytes` (synchronising the stream first when it reallocates).
@@ -29,6 +35,57 @@ struct CudaState {
   // The same for the activation scratch.
   void* ensure_activations(std::size_t bytes);
 };
+
+// The side state of `st` (made on first use), or null when DSTRAIN_SIDE_STREAM=0: then run_beside
+// runs both parts on the main stream, one after the other.
+CudaState* side_state(CudaState& st);
+
+// Points the shared cuDNN handle at `to`'s stream for its lifetime, then back at `from`'s.
+class CudnnStreamSwitch {
+ public:
+  CudnnStreamSwitch(const CudaState& from, const CudaState& to);
+  ~CudnnStreamSwitch();
+  CudnnStreamSwitch(const CudnnStreamSwitch&) = delete;
+  CudnnStreamSwitch& operator=(const CudnnStreamSwitch&) = delete;
+
+ private:
+  const CudaState& from_;
+};
+
+// Makes the main stream wait for the side stream's work so far (also when unwinding: the side
+// may still write buffers the caller frees or reuses).
+class SideJoin {
+ public:
+  SideJoin(CudaState& st, CudaState& side) : st_(st), side_(side) {}
+  ~SideJoin();
+  SideJoin(const SideJoin&) = delete;
+  SideJoin& operator=(const SideJoin&) = delete;
+
+ private:
+  CudaState& st_;
+  CudaState& side_;
+};
+
+// side_work(CudaState&) on the side stream, after all work queued on st so far, while main_work()
+// queues on st's stream; st's stream then waits for both. Where there is no side state, both run
+// on st in turn.
+template <class SideWork, class MainWork>
+void run_beside(CudaState& st, SideWork side_work, MainWork main_work) {
+  CudaState* side = side_state(st);
+  if (side == nullptr) {
+    side_work(st);
+    main_work();
+    return;
+  }
+  st.fork.record(st.stream.handle());
+  st.fork.wait(side->stream.handle());
+  SideJoin join(st, *side);
+  {
+    CudnnStreamSwitch on_side(st, *side);
+    side_work(*side);
+  }
+  main_work();
+}
 
 // Multiprocessors of a device (asked once per device ordinal), for grids sized to the chip.
 int sm_count(int device);

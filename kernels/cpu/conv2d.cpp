@@ -182,6 +182,12 @@ void conv2d_backward_data(Context&, const Tensor& dy, const Tensor& w, Tensor& d
   }
 }
 
+void conv2d_backward(Context& ctx, const Tensor& x, const Tensor& dy, const Tensor& w, Tensor* dx, Tensor& dw,
+                     const ops::Conv2dParams& p) {
+  cpu::conv2d_backward_filter(ctx, x, dy, dw, p);
+  if (dx != nullptr) cpu::conv2d_backward_data(ctx, dy, w, *dx, p);
+}
+
 void conv2d_backward_filter(Context&, const Tensor& x, const Tensor& dy, Tensor& dw,
                             const ops::Conv2dParams& p) {
   const Geometry g = make_geometry(x.shape(), dw.shape(), dy.shape(), p);

@@ -95,18 +95,14 @@ const Tensor& Conv2d::forward(Context& ctx, const Tensor& x, bool) {
 const Tensor& Conv2d::backward(Context& ctx, const Tensor& dy) {
   const Tensor& x = require_input(x_, name());
   const Tensor& g = as_dtype(ctx, dy, dtype_, dy_cast_);
-  if (dtype_ == DType::F32) {
-    ops::conv2d_backward_filter(ctx, x, g, weight_.grad, params_);
-  } else {
-    ops::conv2d_backward_filter(ctx, x, g, ensure(dw_low_, weight_.value.shape(), ctx, dtype_), params_);
-    ops::convert(ctx, dw_low_, weight_.grad);
-  }
+  Tensor& dw = dtype_ == DType::F32 ? weight_.grad : ensure(dw_low_, weight_.value.shape(), ctx, dtype_);
+  Tensor* dx = needs_input_grad_ ? &ensure(dx_, x.shape(), ctx, dtype_) : nullptr;
+  ops::conv2d_backward(ctx, x, g, dtype_ == DType::F32 ? weight_.value : w_low_, dx, dw, params_);
+  if (dtype_ != DType::F32) ops::convert(ctx, dw_low_, weight_.grad);
   if (!needs_input_grad_) {
     dx_ = Tensor();
     return dx_;
   }
-  ensure(dx_, x.shape(), ctx, dtype_);
-  ops::conv2d_backward_data(ctx, g, dtype_ == DType::F32 ? weight_.value : w_low_, dx_, params_);
   if (input_dtype_ == dtype_) return dx_;
   ops::convert(ctx, dx_, ensure(dx_input_, x.shape(), ctx, input_dtype_));
   return dx_input_;

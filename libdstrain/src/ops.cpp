@@ -160,6 +160,26 @@ void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Ten
   DSTRAIN_DISPATCH(conv2d_backward_filter, x, dy, dw, p);
 }
 
+void conv2d_backward(Context& ctx, const Tensor& x, const Tensor& dy, const Tensor& w, Tensor* dx, Tensor& dw,
+                     const Conv2dParams& p) {
+  if (!ctx.is_cuda()) {  // the two ops in turn (they widen 16-bit tensors on the CPU)
+    conv2d_backward_filter(ctx, x, dy, dw, p);
+    if (dx != nullptr) conv2d_backward_data(ctx, dy, w, *dx, p);
+    return;
+  }
+  check_act(ctx, x, "conv2d x");
+  check_like(ctx, dy, x, "conv2d dy");
+  check_like(ctx, dw, x, "conv2d dw");
+  check_like(ctx, w, x, "conv2d w");
+  check_shape(dw, w.shape(), "conv2d dw");
+  check_shape(dy, conv2d_output_shape(x.shape(), w.shape(), p), "conv2d dy");
+  if (dx != nullptr) {
+    check_like(ctx, *dx, x, "conv2d dx");
+    check_shape(*dx, x.shape(), "conv2d dx");
+  }
+  DSTRAIN_DISPATCH(conv2d_backward, x, dy, w, dx, dw, p);
+}
+
 namespace {
 void check_channel_vector(const Context& ctx, const Tensor& t, std::int64_t c, const char* what) {
   check_f32(ctx, t, what);

@@ -135,6 +135,14 @@ TEST_CASE("conv2d backward: hand values on the 3x3 example", "[ops][conv]") {
   ops::conv2d_backward_filter(ctx, x, dy, dw, {});
   // dw[r,s] = x[r,s] * 1 + x[r+1,s+1] * 2
   require_values(dw, {1 + 10, 2 + 12, 4 + 16, 5 + 18});
+  // Both in one call, and dw alone when dx is not wanted.
+  Tensor dx2 = poisoned({1, 3, 3, 1}), dw2 = poisoned({1, 2, 2, 1});
+  ops::conv2d_backward(ctx, x, dy, w, &dx2, dw2, {});
+  require_values(dx2, {1, 2, 0, 3, 4 + 2, 4, 0, 6, 8});
+  require_values(dw2, {1 + 10, 2 + 12, 4 + 16, 5 + 18});
+  Tensor dw3 = poisoned({1, 2, 2, 1});
+  ops::conv2d_backward(ctx, x, dy, w, nullptr, dw3, {});
+  require_values(dw3, {1 + 10, 2 + 12, 4 + 16, 5 + 18});
 }
 
 // ------------------------------------------------------------------------------------ batchnorm

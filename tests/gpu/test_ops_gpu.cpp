@@ -233,6 +233,13 @@ TEST_CASE("conv2d forward, backward data and backward filter match the CPU", "[g
       ops::conv2d_backward_filter(g, xg, dyg, dw_gpu, p);
       require_close(g, dw_gpu, dw_ref, sum_tol(ys[0] * ys[1] * ys[2]), "conv2d_backward_filter dw");
 
+      // Both gradients in one call (dw on the side stream beside dx), read after the main stream's
+      // synchronisation only: the main stream must have waited for the side's work.
+      Tensor dx_both = gpu_poisoned(xs), dw_both = gpu_poisoned(ws);
+      ops::conv2d_backward(g, xg, dyg, wg, &dx_both, dw_both, p);
+      require_close(g, dx_both, dx_ref, sum_tol(k.K * k.R * k.S), "conv2d_backward dx");
+      require_close(g, dw_both, dw_ref, sum_tol(ys[0] * ys[1] * ys[2]), "conv2d_backward dw");
+
       // A second call reuses the cached plan and must give the same result.
       Tensor y_again = gpu_poisoned(ys);
       ops::conv2d_forward(g, xg, wg, y_again, p);

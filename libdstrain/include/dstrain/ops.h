@@ -38,6 +38,10 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
                           const Conv2dParams& p);
 void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw,
                             const Conv2dParams& p);
+// Both gradients of one convolution: dw, and dx when it is not null. On the GPU the two run beside
+// each other, dw on a second stream (DSTRAIN_SIDE_STREAM=0: one after the other).
+void conv2d_backward(Context& ctx, const Tensor& x, const Tensor& dy, const Tensor& w, Tensor* dx, Tensor& dw,
+                     const Conv2dParams& p);
 
 struct BatchNormParams {
   float momentum = 0.1f;  // running = (1 - momentum) * running + momentum * batch
