@@ -375,8 +375,8 @@ void conv2d_backward(Context& ctx, const Tensor& x, const Tensor& dy, const Tens
                      const ops::Conv2dParams& p) {
   CudaState& st = ctx.cuda_state();
   DeviceGuard guard(st.device);
-  run_beside(
-      st, [&](CudaState& side) { conv2d_backward_filter_on(side, x, dy, dw, p); },
+  run_gradients(
+      st, Site::Gradients, x, w, p, [&](CudaState& s) { conv2d_backward_filter_on(s, x, dy, dw, p); },
       [&] {
         if (dx != nullptr) cuda::conv2d_backward_data(ctx, dy, w, *dx, p);
       });

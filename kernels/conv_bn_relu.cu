@@ -7,7 +7,8 @@
 // that derives the batch mean, invstd and running statistics and applies BN + ReLU (a finalize
 // kernel first where the statistics come as per-chunk partials).
 // Backward: one pass reduces dbeta and dgamma over (dz, conv_out) with the ReLU mask recomputed
-// from conv_out, one pass writes dconv, then cuDNN's dgrad and wgrad.
+// from conv_out, one pass writes dconv, then dgrad and wgrad, on one stream or with wgrad on the
+// side stream beside dgrad (timed per shape, conv_graphs.h: run_gradients).
 // Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16, cuBLASLt's RELU_BIAS
 // epilogue for 1x1, or our implicit GEMM, whichever was fastest; otherwise the convolution and one
 // bias+ReLU pass. The bias may be fp32 or in the activations' dtype (what the fold writes).
@@ -20,7 +21,8 @@
 // The passes share one 2-D launch layout: a thread owns V consecutive channels (one 16-byte
 // vector when the channel count and pointers allow it, else V = 1) and strides over rows, so
 // per-channel constants stay in registers; it loads four rows before using any (memory-level
-// parallelism), and the grid is one wave of resident blocks. Reductions write one partial per
+// parallelism), and the grid is one wave of resident blocks. On sm_90 they are launched overlapped
+// with the kernel before them (overlapped_launch.cuh). Reductions write one partial per
 // (row chunk, channel), added in a fixed order by the finalize kernels: results are deterministic
 // on a given device.
 #include <cuda_runtime.h>
@@ -820,7 +822,8 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
   const std::int64_t M_in = x.numel() / std::max<std::int64_t>(C, 1);
   Prologue pro;
   pro.in = &in;
-  // dw on the side stream (its own scratch), beside dx on the main stream: they share only inputs.
+  // dw on `s`: the main state or the side one (its own stream and scratch) beside dx; they share
+  // only inputs.
   auto wgrad = [&](CudaState& s) {
     cudnn_graph::TunedPlan* wgrad_plan =
         prologue_plan(s, ConvGraph::BackwardFilterBnRelu, x, dw, dconv, p, &pro.scale_type);
@@ -883,7 +886,7 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
                   invstd, gamma, beta, dgamma, dbeta, dxp);
     });
   };
-  run_beside(st, wgrad, [&] {
+  run_gradients(st, Site::ChainedGradients, x, w, p, wgrad, [&] {
     if (dgrad_plan != nullptr && graph_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
       dgrad_fused();
     else
@@ -923,9 +926,10 @@ void conv_bn_relu_backward(Context& ctx, const Tensor& dz, const Tensor& x, cons
                                  static_cast<T*>(dconv.data()));
     if (p.chained_input != nullptr) {
       chained_backward_impl<T>(ctx, st, grad_conv, x, w, dw, *dx, *p.chained_input, p.conv);
-    } else {  // dw on the side stream beside dx: they share only inputs
-      run_beside(
-          st, [&](CudaState& s) { conv2d_backward_filter_on(s, x, grad_conv, dw, p.conv); },
+    } else {  // dw and dx share only inputs: on one stream or on two
+      run_gradients(
+          st, Site::LayerGradients, x, w, p.conv,
+          [&](CudaState& s) { conv2d_backward_filter_on(s, x, grad_conv, dw, p.conv); },
           [&] {
             if (dx != nullptr) cuda::conv2d_backward_data(ctx, grad_conv, w, *dx, p.conv);
           });

@@ -279,7 +279,8 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
     static const char* const sites[] = {"training statistics",  "chained forward", "chained wgrad",
                                         "chained dgrad",        "1x1 forward",     "1x1 conv + bias + ReLU",
                                         "convolution forward",  "conv + bias + ReLU",
-                                        "backward data"};
+                                        "backward data",        "conv gradients",  "layer gradients",
+                                        "chained gradients"};
     std::string times;
     for (std::size_t i = 0; i < ways.size(); ++i)
       times += (i > 0 ? " / " : "") + std::string(ways[i].name) + " " + std::to_string(ms[i]);
@@ -296,7 +297,8 @@ bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w,
                                          {"prologue graph", "separate kernels"}, {"epilogue graph", "separate kernels"},
                                          {"cuBLASLt", "cuDNN"},                 {"cuBLASLt", "cuDNN"},
                                          {"cuDNN", "implicit GEMM"},           {"cuDNN", "implicit GEMM"},
-                                         {"cuDNN", "implicit GEMM"}};
+                                         {"cuDNN", "implicit GEMM"},           {"one stream", "two streams"},
+                                         {"one stream", "two streams"},         {"one stream", "two streams"}};
   const auto& n = names[static_cast<int>(site)];
   return fastest_way(st, site, x, w, p, {{n[0], first}, {n[1], second}}) == 0;
 }

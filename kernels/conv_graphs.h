@@ -106,7 +106,9 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // graph, or materialising the activation first); a chained input's wgrad and dgrad (fused graph,
 // or separate kernels); a 1x1 convolution forward and the inference conv + bias + ReLU (cuBLASLt,
 // cuDNN, implicit GEMM); any other convolution forward, plain or with bias + ReLU, and the
-// backward data (cuDNN, implicit GEMM).
+// backward data (cuDNN, implicit GEMM); dw and dx on one stream or on two (cuda_state.h: side
+// stream), which helps where the two kernels leave each other room and hurts where they contend
+// for memory (1x1 64->256 at 56x56, say).
 enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,
@@ -117,6 +119,9 @@ enum class Site : std::int64_t {
   Forward = 6,
   ForwardBiasRelu = 7,
   BackwardData = 8,
+  Gradients = 9,         // a convolution's dw and dx: one stream, or dw on the side stream beside dx
+  LayerGradients = 10,   // the same for a fused layer's backward
+  ChainedGradients = 11,  // and for a chained layer's
 };
 
 // One way of computing a site's outputs; the name is what DSTRAIN_LOG_CHOICES prints.
@@ -141,6 +146,26 @@ bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w,
 inline bool graph_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                             const std::function<void()>& graph, const std::function<void()>& separate) {
   return conv_graphs_forced() || first_is_faster(st, site, x, w, p, graph, separate);
+}
+
+// dw_work(CudaState&) and dx_work(): on st in turn, or dw on the side stream beside dx
+// (run_beside), whichever was faster at `site` when the shape was first seen.
+template <class DwWork, class DxWork>
+void run_gradients(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                   DwWork dw_work, DxWork dx_work) {
+  auto in_turn = [&] {
+    dw_work(st);
+    dx_work();
+  };
+  if (side_state(st) == nullptr) {
+    in_turn();
+    return;
+  }
+  auto beside = [&] { run_beside(st, dw_work, dx_work); };
+  if (first_is_faster(st, site, x, w, p, in_turn, beside))
+    in_turn();
+  else
+    beside();
 }
 
 }  // namespace dstrain::kernels::cuda
