@@ -211,11 +211,16 @@ int compute_capability(int device) {
   });
 }
 
+namespace {
+// A switch that is on unless the environment variable says "0".
+bool on_unless_zero(const char* name) {
+  const char* env = std::getenv(name);
+  return env == nullptr || std::string(env) != "0";
+}
+}  // namespace
+
 bool overlap_launches(int device) {
-  static const bool wanted = [] {
-    const char* env = std::getenv("DSTRAIN_OVERLAP_LAUNCHES");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool wanted = on_unless_zero("DSTRAIN_OVERLAP_LAUNCHES");
   return wanted && compute_capability(device) >= 90;
 }
 
@@ -355,10 +360,7 @@ CudaState* create_cuda_state(int device) {
 }
 
 CudaState* side_state(CudaState& st) {
-  static const bool wanted = [] {
-    const char* env = std::getenv("DSTRAIN_SIDE_STREAM");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool wanted = on_unless_zero("DSTRAIN_SIDE_STREAM");
   if (!wanted) return nullptr;
   if (st.side != nullptr) return st.side;
   DeviceGuard guard(st.device);
