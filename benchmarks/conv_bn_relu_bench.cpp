@@ -174,6 +174,7 @@ int run(const Options& o) {
   std::mt19937 rng(12345);
   std::printf("# conv_bn_relu_bench: median of %d x %d calls after %d warm-up, CUDA events; times in ms\n", o.iters,
               o.batch, o.warmup);
+  std::printf("# device: %s\n", dstrain::cuda_description(o.device).c_str());
   std::printf("# train = forward (batch stats) + backward with dx; infer = conv+bias+ReLU from folded weights (bias in the activations' dtype)\n");
   std::printf("%-22s %-5s %9s %9s %9s %7s %8s %9s %9s %7s %9s %9s %9s\n", "shape", "dtype", "fused", "conv",
               "unfused", "f/conv", "TFLOP/s", "err_z", "err_dx", "infer", "conv_fwd", "i/conv", "err_inf");

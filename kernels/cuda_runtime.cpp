@@ -157,6 +157,33 @@ float Event::elapsed_ms(const Event& since) const {
 }
 
 // ---------------------------------------------------------------------------------------------
+// cuda_description
+
+namespace {
+// "13.0" from CUDA's 1000 * major + 10 * minor.
+std::string cuda_version_text(int v) { return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10); }
+// "9.14.0" from cuDNN 9's 10000 * major + 100 * minor + patch (cuBLASLt: the same layout).
+std::string library_version_text(std::size_t v) {
+  return std::to_string(v / 10000) + "." + std::to_string((v % 10000) / 100) + "." + std::to_string(v % 100);
+}
+}  // namespace
+
+std::string cuda_description(int device) {
+  if (device < 0 || device >= kernels::cuda_device_count())
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, "cuda_description: no CUDA device " + std::to_string(device));
+  cudaDeviceProp prop{};
+  DSTRAIN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  int driver = 0, runtime = 0;
+  DSTRAIN_CUDA_CHECK(cudaDriverGetVersion(&driver));
+  DSTRAIN_CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+  return std::string(prop.name) + " (sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
+         std::to_string(prop.multiProcessorCount) + " SMs, " +
+         std::to_string(prop.totalGlobalMem >> 30) + " GiB), driver CUDA " + cuda_version_text(driver) +
+         ", runtime " + cuda_version_text(runtime) + ", cuDNN " + library_version_text(cudnnGetVersion()) +
+         ", cuBLASLt " + library_version_text(cublasLtGetVersion());
+}
+
+// ---------------------------------------------------------------------------------------------
 // kernels:: runtime services
 
 namespace kernels {

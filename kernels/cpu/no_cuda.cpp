@@ -77,6 +77,11 @@ float Event::elapsed_ms(const Event& since) const {
   DSTRAIN_NO_CUDA("Event::elapsed_ms");
 }
 
+std::string cuda_description(int device) {
+  (void)device;
+  DSTRAIN_NO_CUDA("cuda_description");
+}
+
 namespace kernels {
 
 int cuda_device_count() noexcept { return 0; }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "dstrain/context.h"
+#include "dstrain/device.h"
 #include "dstrain/error.h"
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
@@ -52,6 +53,14 @@ using dstrain_test::error_code_of;
 }  // namespace
 
 // ------------------------------------------------------------------------------------------ conv
+
+TEST_CASE("cuda_description refuses a device that is not there", "[runtime]") {
+  const int count = dstrain::cuda_device_count();
+  const dstrain::ErrorCode code = error_code_of([&] { (void)dstrain::cuda_description(count); });
+  // InvalidArgument in a CUDA build, Unsupported in a build without CUDA
+  CHECK((code == dstrain::ErrorCode::InvalidArgument || code == dstrain::ErrorCode::Unsupported));
+  CHECK(error_code_of([] { (void)dstrain::cuda_description(-1); }) != dstrain::ErrorCode::Internal);
+}
 
 TEST_CASE("conv2d forward: 3x3 input, 2x2 filter, stride 1 and stride 2 with padding", "[ops][conv]") {
   Context ctx = Context::cpu();

@@ -141,6 +141,10 @@ Tensor gpu_view_of(const Tensor& host, std::vector<Tensor>& owners, int offset) 
 TEST_CASE("cuda runtime: contexts, streams, events and copies", "[gpu][runtime]") {
   SEEDED_RNG(rng);
   REQUIRE(dstrain::cuda_available());
+  const std::string description = dstrain::cuda_description(0);
+  INFO(description);
+  CHECK(description.find("sm_") != std::string::npos);
+  CHECK(description.find("cuDNN 9.") != std::string::npos);
   Context g = Context::cuda(0);
   REQUIRE(g.is_cuda());
   REQUIRE(g.stream() != nullptr);

@@ -25,6 +25,9 @@ struct Device {
 // True when this build has CUDA and the process sees at least one GPU.
 bool cuda_available();
 int cuda_device_count();  // 0 when the build has no CUDA or no GPU is visible
+// One line naming GPU `device` and the CUDA libraries loaded at run time (driver, runtime, cuDNN,
+// cuBLASLt versions), for benchmark headers: the cuDNN that runs may not be the one built against.
+std::string cuda_description(int device);
 
 using StreamHandle = CUstream_st*;
 using EventHandle = CUevent_st*;
