@@ -203,6 +203,9 @@ cudnn_graph::TunedPlan* conv_graph_plan(CudaState& st, ConvGraph kind, const Ten
     auto it = cache.plans.find(key);
     if (it != cache.plans.end()) return it->second.get();
   }
+  // No plan is built inside a CUDA graph capture (building may load kernels and time candidates):
+  // the op takes its other way there, and a later run outside the capture builds the plan.
+  if (capturing(st.cuda_stream())) return nullptr;
   const bool prologue = kind == ConvGraph::ForwardBnReluGenStats || kind == ConvGraph::BackwardFilterBnRelu;
   const bool bias_graph = kind == ConvGraph::ForwardBiasRelu;
   std::string why;
@@ -271,6 +274,9 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
     auto it = choices->fastest.find(key);
     if (it != choices->fastest.end()) return it->second;
   }
+  // Nothing can be timed inside a CUDA graph capture: the first way, untimed and not remembered,
+  // so that a later run outside the capture still times them.
+  if (capturing(st.cuda_stream())) return 0;
   // Timed outside the lock: a way may make choices of its own (a convolution inside).
   std::vector<float> ms;
   for (const Way& way : ways) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, way.run) / 3.0f);

@@ -157,7 +157,8 @@ void run_gradients(CudaState& st, Site site, const Tensor& x, const Tensor& w, c
     dw_work(st);
     dx_work();
   };
-  if (side_state(st) == nullptr) {
+  // No side stream is made inside a CUDA graph capture (and nothing is timed there: in turn).
+  if ((st.side == nullptr && capturing(st.cuda_stream())) || side_state(st) == nullptr) {
     in_turn();
     return;
   }

@@ -246,6 +246,12 @@ bool on_unless_zero(const char* name) {
 }
 }  // namespace
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(stream, &status));
+  return status != cudaStreamCaptureStatusNone;
+}
+
 bool overlap_launches(int device) {
   static const bool wanted = on_unless_zero("DSTRAIN_OVERLAP_LAUNCHES");
   return wanted && compute_capability(device) >= 90;
@@ -471,6 +477,8 @@ void destroy_cuda_state(CudaState* s) noexcept {
   if (s->activations != nullptr) warn_cuda(cudaFree(s->activations), "cudaFree (activations)");
   s->activations = nullptr;
   s->activations_bytes = 0;
+  for (void* p : s->retired) warn_cuda(cudaFree(p), "cudaFree (retired scratch)");
+  s->retired.clear();
   delete s;  // destroys the stream
   if (have_previous && previous != -1) {
     int now = -1;
@@ -488,16 +496,29 @@ namespace {
 
 // Grows `buffer` to at least `bytes`: geometrically, in whole MiB, so that a sequence of slightly
 // larger requests does not reallocate (and synchronise) each time.
-void* grow_scratch(CudaState& s, void*& buffer, std::size_t& size, std::size_t bytes) {
-  if (bytes <= size && buffer != nullptr) return buffer;
+void* grow_scratch(CudaState& s, void*& buffer, std::size_t& size, std::size_t bytes, const char* what) {
+  const bool in_capture = capturing(s.cuda_stream());
+  if (bytes <= size && buffer != nullptr) {
+    if (in_capture) s.scratch_in_graph = true;
+    return buffer;
+  }
+  if (in_capture)
+    DSTRAIN_THROW(ErrorCode::Unsupported,
+                  std::string("the ") + what + " must grow to " + std::to_string(bytes) +
+                      " bytes while the stream is being captured into a CUDA graph: run the same work once "
+                      "before capturing it");
   std::size_t want = bytes > size + size / 2 ? bytes : size + size / 2;
   const std::size_t mib = std::size_t(1) << 20;
   want = (want + mib - 1) / mib * mib;
   DeviceGuard guard(s.device);
   if (buffer != nullptr) {
-    // Queued work may still read or write the old buffer.
+    // Queued work may still read or write the old buffer, and a captured graph may hold it.
     DSTRAIN_CUDA_CHECK(cudaStreamSynchronize(s.cuda_stream()));
-    DSTRAIN_CUDA_CHECK(cudaFree(buffer));
+    if (s.scratch_in_graph) {
+      s.retired.push_back(buffer);
+    } else {
+      DSTRAIN_CUDA_CHECK(cudaFree(buffer));
+    }
     buffer = nullptr;
     size = 0;
   }
@@ -508,10 +529,12 @@ void* grow_scratch(CudaState& s, void*& buffer, std::size_t& size, std::size_t b
 
 }  // namespace
 
-void* CudaState::ensure_workspace(std::size_t bytes) { return grow_scratch(*this, workspace, workspace_bytes, bytes); }
+void* CudaState::ensure_workspace(std::size_t bytes) {
+  return grow_scratch(*this, workspace, workspace_bytes, bytes, "workspace");
+}
 
 void* CudaState::ensure_activations(std::size_t bytes) {
-  return grow_scratch(*this, activations, activations_bytes, bytes);
+  return grow_scratch(*this, activations, activations_bytes, bytes, "activation scratch");
 }
 
 }  // namespace kernels

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "dstrain/device.h"
 
@@ -22,6 +23,11 @@ struct CudaState {
   // also call cuDNN (which may grow `workspace`): a chained layer's activated input, say.
   void* activations = nullptr;
   std::size_t activations_bytes = 0;
+  // Set when a scratch buffer was handed out while the stream was being captured into a CUDA
+  // graph: the graph holds its address, so growing it later keeps the old buffer (in `retired`,
+  // freed with the state) instead of freeing it under the graph.
+  bool scratch_in_graph = false;
+  std::vector<void*> retired;
   // A second stream on the same device for work independent of the main stream's (a layer's wgrad
   // beside its dgrad): its own scratch, the main state's handles (cuDNN's stream is switched to it
   // while it works). Made on first use by run_beside; null until then.
@@ -31,6 +37,9 @@ struct CudaState {
 
   cudaStream_t cuda_stream() const { return reinterpret_cast<cudaStream_t>(stream.handle()); }
   // Grows the workspace to at least `bytes` (synchronising the stream first when it reallocates).
+  // While the stream is being captured into a CUDA graph a buffer cannot grow (that would need an
+  // allocation and a synchronisation inside the capture): Unsupported, asking for a run of the
+  // same work before the capture.
   void* ensure_workspace(std::size_t bytes);
   // The same for the activation scratch.
   void* ensure_activations(std::size_t bytes);
@@ -86,6 +95,10 @@ void run_beside(CudaState& st, SideWork side_work, MainWork main_work) {
   }
   main_work();
 }
+
+// True while `stream` is being captured into a CUDA graph: nothing may be timed or synchronised,
+// and no timed choice is made (the first way runs, untimed, and nothing is remembered).
+bool capturing(cudaStream_t stream);
 
 // Multiprocessors of a device (asked once per device ordinal), for grids sized to the chip.
 int sm_count(int device);

@@ -5,6 +5,7 @@
 #include <utility>
 
 #include "cuda_check.h"
+#include "cuda_state.h"
 #include "dstrain/device.h"
 #include "dstrain/error.h"
 
@@ -304,6 +305,12 @@ TunedPlan::TunedPlan(std::vector<std::unique_ptr<Plan>> candidates) : candidates
 
 void TunedPlan::execute(cudnnHandle_t handle, cudaStream_t stream, const std::vector<std::int64_t>& uids,
                         const std::vector<void*>& pointers, void* workspace) {
+  if (chosen_.load() < 0 && capturing(stream)) {
+    // Inside a CUDA graph capture nothing can be timed: the heuristic's first plan, untimed and
+    // not remembered, so that a later run outside the capture still tunes.
+    candidates_.front()->execute(handle, uids, pointers, workspace);
+    return;
+  }
   tune(handle, stream, uids, pointers, workspace);
   candidates_[static_cast<std::size_t>(chosen_.load())]->execute(handle, uids, pointers, workspace);
 }

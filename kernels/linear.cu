@@ -74,8 +74,8 @@ std::map<AlgoKey, AlgoChoice>& algo_cache() {
 // The algorithm for a new (shape, epilogue, types, alignments): the fastest of the heuristic's
 // first few, timed on the caller's buffers (D is written, nothing else). The heuristic's first
 // answer is often not the fastest: for a 64->256 1x1 convolution with the RELU_BIAS epilogue it
-// took 40% longer than the best of its eight. In deterministic mode, or while the stream is being
-// captured into a CUDA graph, the first answer is taken untimed (the same choice every run).
+// took 40% longer than the best of its eight. In deterministic mode the first answer is taken
+// untimed (the same choice every run); inside a CUDA graph capture too (not remembered there).
 AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t desc, cublasLtMatrixLayout_t la,
                        cublasLtMatrixLayout_t lb, cublasLtMatrixLayout_t ld, int al_a, int al_b, int al_d) {
   LtPreference pref;
@@ -90,9 +90,7 @@ AlgoChoice choose_algo(CudaState& st, const GemmSpec& g, cublasLtMatmulDesc_t de
     if (results[i].state == CUBLAS_STATUS_SUCCESS) offered.push_back({results[i].algo, results[i].workspaceSize});
   const std::string product = std::to_string(g.m) + "x" + std::to_string(g.n) + "x" + std::to_string(g.k);
   if (offered.empty()) DSTRAIN_THROW(ErrorCode::Cublas, "cuBLASLt found no algorithm for a " + product + " product");
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
-  if (offered.size() == 1 || ops::deterministic() || capture != cudaStreamCaptureStatusNone) return offered[0];
+  if (offered.size() == 1 || ops::deterministic() || capturing(st.cuda_stream())) return offered[0];
 
   // Ten calls each: the candidates of a memory-bound product are often within a few percent, and
   // three calls of a 70 us product did not tell them apart reliably.
@@ -171,8 +169,11 @@ void lt_gemm(CudaState& st, const GemmSpec& g) {
   }
   if (!found) {
     choice = choose_algo(st, g, desc.d, la.l, lb.l, ld.l, al_a, al_b, al_d);
-    std::lock_guard<std::mutex> lock(algo_mutex());
-    algo_cache().emplace(key, choice);
+    // An untimed choice made inside a CUDA graph capture is not remembered: a later run times.
+    if (!capturing(st.cuda_stream())) {
+      std::lock_guard<std::mutex> lock(algo_mutex());
+      algo_cache().emplace(key, choice);
+    }
   }
 
   void* ws = choice.workspace > 0 ? st.ensure_workspace(choice.workspace) : nullptr;

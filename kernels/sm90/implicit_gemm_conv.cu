@@ -94,9 +94,7 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
     auto it = chosen->find(key);
     if (it != chosen->end()) return it->second;
   }
-  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  DSTRAIN_CUDA_CHECK(cudaStreamIsCapturing(st.cuda_stream(), &capture));
-  if (capture != cudaStreamCaptureStatusNone) return default_variant(a);
+  if (capturing(st.cuda_stream())) return default_variant(a);
   const std::vector<ForwardVariant> vs = variants_for(a.K, a.in_scale != nullptr);
   std::vector<float> ms;
   for (ForwardVariant v : vs) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch(st, v, a, dt); }));

@@ -6,7 +6,10 @@
 // and the comparison measures the arithmetic only.
 #include <catch2/catch.hpp>
 
+#include <cuda_runtime.h>
+
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -372,5 +375,140 @@ TEST_CASE("CUDA FP8 convolution forward matches the CPU reference", "[gpu][conv_
     REQUIRE(sx.to_host_floats()[0] != 1.0f);  // the scales were really updated
     REQUIRE(dstrain::amp::conv2d_forward_fp8(c, x8.to(cpu()), w8.to(cpu()), sx, sw, y_ref, p));
     require_close(g, y, y_ref, 4, "fp8 conv y");
+  }
+}
+
+namespace {
+
+// A CUDA graph captured from a Context's stream and instantiated; destroyed with the object.
+class CapturedStep {
+ public:
+  CapturedStep(Context& ctx, const std::function<void()>& work)
+      : stream_(reinterpret_cast<cudaStream_t>(ctx.stream())) {
+    REQUIRE(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
+    try {
+      work();
+    } catch (...) {
+      cudaGraph_t broken = nullptr;
+      cudaStreamEndCapture(stream_, &broken);  // leaves the stream usable
+      if (broken != nullptr) cudaGraphDestroy(broken);
+      cudaGetLastError();
+      throw;
+    }
+    REQUIRE(cudaStreamEndCapture(stream_, &graph_) == cudaSuccess);
+    REQUIRE(cudaGraphInstantiate(&exec_, graph_, 0) == cudaSuccess);
+  }
+  ~CapturedStep() {
+    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
+    if (graph_ != nullptr) cudaGraphDestroy(graph_);
+  }
+  CapturedStep(const CapturedStep&) = delete;
+  CapturedStep& operator=(const CapturedStep&) = delete;
+  void replay() { REQUIRE(cudaGraphLaunch(exec_, stream_) == cudaSuccess); }
+
+ private:
+  cudaStream_t stream_;
+  cudaGraph_t graph_ = nullptr;
+  cudaGraphExec_t exec_ = nullptr;
+};
+
+struct GraphCase {
+  Case shape;
+  DType dt;
+  bool warm;  // the step ran once outside the capture first; else its first use is in the capture
+};
+
+}  // namespace
+
+// A training step (forward with batch statistics, backward with dx) captured into a CUDA graph and
+// replayed on new data loaded into the same buffers, against the CPU reference. "cold" shapes are
+// used nowhere else in this program, so their plans are built and their choices made inside the
+// capture (untimed: the first way); "warm" ones ran once before, so the graph holds the timed choices.
+TEST_CASE("CUDA conv_bn_relu training step replayed from a CUDA graph matches the CPU reference",
+          "[gpu][conv_bn_relu][graph]") {
+  Context g = Context::cuda(0), c = Context::cpu();
+  const GraphCase cases[] = {
+      {{{3, 11, 9, 40}, 48, 3, 1}, DType::F16, false},  // cuDNN graphs, first use inside the capture
+      {{{2, 7, 7, 32}, 96, 1, 1}, DType::BF16, false},  // 1x1 (cuBLASLt), first use inside the capture
+      {{{2, 9, 7, 64}, 128, 3, 1}, DType::F16, true},   // the implicit GEMM's shapes (Hopper), warmed up
+      {{{2, 9, 11, 5}, 7, 3, 2}, DType::F32, true},     // odd channels, stride 2: separate kernels
+  };
+  for (const GraphCase& gc : cases) {
+    const Case& cs = gc.shape;
+    const DType dt = gc.dt;
+    DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " R " << cs.R
+                                   << " stride " << cs.stride << (gc.warm ? " warm" : " cold")) {
+      SEEDED_RNG(rng);
+      ops::ConvBnReluParams p;
+      p.conv.stride_h = p.conv.stride_w = cs.stride;
+      p.conv.pad_h = p.conv.pad_w = cs.R / 2;
+      p.bn.momentum = 0.1f;
+      const std::int64_t C = cs.x[3], K = cs.K;
+      const Shape ws{K, cs.R, cs.R, C};
+      const Shape ys = ops::conv2d_output_shape(cs.x, ws, p.conv);
+      const Tensor w = random_tensor(ws, dt, rng), gamma = random_tensor({K}, DType::F32, rng, 0.5f, 1.5f),
+                   beta = random_tensor({K}, DType::F32, rng);
+      const Tensor w_g = w.to(gpu()), gamma_g = gamma.to(gpu()), beta_g = beta.to(gpu());
+      // The step's buffers: the graph reads and writes these addresses on every replay.
+      Tensor x_g = poisoned(cs.x, gpu(), dt), dz_g = poisoned(ys, gpu(), dt);
+      Tensor rm_g = poisoned({K}, gpu(), DType::F32), rv_g = poisoned({K}, gpu(), DType::F32);
+      Tensor y_g = poisoned(ys, gpu(), dt), z_g = poisoned(ys, gpu(), dt), dconv_g = poisoned(ys, gpu(), dt);
+      Tensor sm_g = poisoned({K}, gpu(), DType::F32), si_g = poisoned({K}, gpu(), DType::F32);
+      Tensor dx_g = poisoned(cs.x, gpu(), dt), dw_g = poisoned(ws, gpu(), dt);
+      Tensor dg_g = poisoned({K}, gpu(), DType::F32), db_g = poisoned({K}, gpu(), DType::F32);
+      const auto step = [&] {
+        ops::conv_bn_relu_forward_train(g, x_g, w_g, gamma_g, beta_g, rm_g, rv_g, y_g, z_g, sm_g, si_g, p);
+        ops::conv_bn_relu_backward(g, dz_g, x_g, w_g, gamma_g, beta_g, y_g, sm_g, si_g, dconv_g, &dx_g, dw_g, dg_g,
+                                   db_g, p);
+      };
+      if (gc.warm) {
+        x_g.copy_from(random_tensor(cs.x, dt, rng));
+        dz_g.copy_from(random_tensor(ys, dt, rng));
+        rm_g.copy_from(Tensor::zeros({K}, DType::F32, cpu()));
+        rv_g.copy_from(Tensor::zeros({K}, DType::F32, cpu()));
+        step();
+        g.synchronize();
+      }
+      CapturedStep graph(g, step);
+      for (int replay = 0; replay < 2; ++replay) {  // new data each time: the graph must read it
+        INFO("replay " << replay);
+        const Tensor x = random_tensor(cs.x, dt, rng), dz = random_tensor(ys, dt, rng);
+        const Tensor rm0 = random_tensor({K}, DType::F32, rng), rv0 = random_tensor({K}, DType::F32, rng, 0.5f, 2.0f);
+        x_g.copy_from(x);
+        dz_g.copy_from(dz);
+        rm_g.copy_from(rm0);
+        rv_g.copy_from(rv0);
+        for (Tensor* t : {&y_g, &z_g, &dconv_g, &sm_g, &si_g, &dx_g, &dw_g, &dg_g, &db_g}) t->fill_bytes(0xFF);
+        graph.replay();
+        g.synchronize();
+
+        // Forward against the CPU: the convolution, then BatchNorm + ReLU of the GPU's own conv_out.
+        Tensor y_c = poisoned(ys, cpu(), dt);
+        ops::conv2d_forward(c, x, w, y_c, p.conv);
+        require_close(g, y_g, y_c, units(dt, 8, 64), "conv_out");
+        const Tensor y_h = y_g.to(cpu());
+        Tensor rm_r = rm0.to(cpu()), rv_r = rv0.to(cpu());
+        Tensor bn_r = poisoned(ys, cpu(), dt), z_r = poisoned(ys, cpu(), dt);
+        Tensor sm_r = poisoned({K}, cpu(), DType::F32), si_r = poisoned({K}, cpu(), DType::F32);
+        ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, p.bn);
+        ops::relu_forward(c, bn_r, z_r);
+        const double y_scale = max_abs(y_h);
+        require_close(g, sm_g, sm_r, units(dt, 2, 16), "save_mean", y_scale, eps_of(dt));
+        require_close(g, si_g, si_r, units(dt, 4, 16), "save_invstd", -1.0, eps_of(dt));
+        require_close(g, rm_g, rm_r, units(dt, 2, 16), "running_mean", y_scale, eps_of(dt));
+        require_close(g, rv_g, rv_r, units(dt, 4, 16), "running_var", -1.0, eps_of(dt));
+        require_close(g, z_g, z_r, units(dt, 8, 64), "z");
+
+        // Backward against the CPU from the GPU forward's state.
+        const Tensor sm_h = sm_g.to(cpu()), si_h = si_g.to(cpu());
+        Tensor dconv_c = poisoned(ys, cpu(), dt), dx_c = poisoned(cs.x, cpu(), dt), dw_c = poisoned(ws, cpu(), dt);
+        Tensor dg_c = poisoned({K}, cpu(), DType::F32), db_c = poisoned({K}, cpu(), DType::F32);
+        ops::conv_bn_relu_backward(c, dz, x, w, gamma, beta, y_h, sm_h, si_h, dconv_c, &dx_c, dw_c, dg_c, db_c, p);
+        require_close(g, db_g, db_c, units(dt, 8, 64), "dbeta");
+        require_close(g, dg_g, dg_c, units(dt, 8, 64), "dgamma");
+        require_close(g, dw_g, dw_c, units(dt, 32, 256), "dw");
+        require_close(g, dx_g, dx_c, units(dt, 32, 256), "dx");
+      }
+    }
   }
 }
