@@ -55,7 +55,8 @@ struct Options {
 const char* kUsage =
     "usage: conv_bn_relu_bench [options]\n"
     "  Times the fused Conv+BN+ReLU (training forward+backward and inference forward) against the\n"
-    "  convolution alone and the unfused ops, NHWC, on one GPU.\n"
+    "  convolution alone and the unfused ops, NHWC, on one GPU; the fused step, the chained step\n"
+    "  and the convolutions alone also replayed from CUDA graphs (--batch steps per graph).\n"
     "  --shape N,C,K,H,k[,stride]  a block: batch N, C -> K channels, H x H input, k x k filter\n"
     "                              (padding k/2); repeatable. Default: the six ResNet-50 shapes at\n"
     "                              N=128 (64-64 56 3x3, 128-128 28, 256-256 14, 512-512 7, 256-64 56\n"
@@ -336,6 +337,33 @@ int run(const Options& o) {
         chain_fwd();
         chain_bwd();
       });
+      // The same steps replayed from CUDA graphs (dstrain::CudaGraph, captured now, so with the choices
+      // made above): the host launches one graph of --batch steps, the like-for-like peer of
+      // PyTorch's graph figure. The fused graph's results are checked first.
+      auto graph_ms = [&](const std::function<void()>& fn) {
+        const dstrain::CudaGraph graph = dstrain::CudaGraph::capture(ctx.stream(), [&] {
+          for (int j = 0; j < o.batch; ++j) fn();
+        });
+        return dstrain::bench::time_us(ctx, o.warmup, o.iters, 1, [&] { graph.replay(ctx.stream()); }) / 1000.0 /
+               o.batch;
+      };
+      Diff err_gz{}, err_gdx{};
+      {
+        const dstrain::CudaGraph once = dstrain::CudaGraph::capture(ctx.stream(), fused);
+        z.fill_bytes(0xFF);
+        dx.fill_bytes(0xFF);
+        once.replay(ctx.stream());
+        ctx.synchronize();
+        err_gz = compare(z, u_z);
+        err_gdx = compare(dx, u_dx);
+      }
+      const bool graph_ok = err_gz.rms_rel <= tol && err_gdx.rms_rel <= tol;
+      all_ok = all_ok && graph_ok;
+      const double g_fused = graph_ms(fused), g_conv = graph_ms(conv_only);
+      const double g_chain = graph_ms([&] {
+        chain_fwd();
+        chain_bwd();
+      });
 #ifdef DSTRAIN_BENCH_PROFILER_RANGE
       if (o.profile) {  // one step of each path, in a known order, for a profiler's capture range
         ctx.synchronize();
@@ -367,6 +395,10 @@ int run(const Options& o) {
                   "dgamma %.1e%s\n",
                   t_chain, t_cfwd, t_cbwd, t_chain / t_conv, err_cy.rms_rel, err_cdx.rms_rel, err_cdw.rms_rel,
                   err_cdg.rms_rel, chain_ok ? "" : "  WRONG");
+      std::printf("#   from CUDA graphs: fused %.4f conv alone %.4f chained %.4f | fused/conv %.3f chained/conv %.3f | "
+                  "rms err z %.1e dx %.1e%s\n",
+                  g_fused, g_conv, g_chain, g_fused / g_conv, g_chain / g_conv, err_gz.rms_rel, err_gdx.rms_rel,
+                  graph_ok ? "" : "  WRONG");
       std::fflush(stdout);
     }
   }

@@ -157,6 +157,68 @@ float Event::elapsed_ms(const Event& since) const {
 }
 
 // ---------------------------------------------------------------------------------------------
+// CudaGraph
+
+CudaGraph CudaGraph::capture(StreamHandle stream, const std::function<void()>& work) {
+  if (stream == nullptr)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, "CudaGraph::capture needs a stream (the legacy default stream cannot "
+                                              "be captured)");
+  DSTRAIN_CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  // Ends the capture on every path, so that the stream is usable again whatever happened.
+  auto end_capture = [stream](cudaGraph_t* graph) {
+    const cudaError_t status = cudaStreamEndCapture(stream, graph);
+    if (status != cudaSuccess) cudaGetLastError();
+    return status;
+  };
+  try {
+    work();
+  } catch (...) {
+    cudaGraph_t broken = nullptr;
+    end_capture(&broken);
+    if (broken != nullptr) warn_cuda(cudaGraphDestroy(broken), "cudaGraphDestroy");
+    throw;
+  }
+  cudaGraph_t graph = nullptr;
+  const cudaError_t ended = end_capture(&graph);
+  if (ended != cudaSuccess || graph == nullptr)
+    DSTRAIN_THROW(ErrorCode::Cuda, std::string("CudaGraph::capture: the capture failed (") +
+                                       cudaGetErrorString(ended) +
+                                       "): the work made a call that cannot be captured, such as a synchronisation "
+                                       "or an allocation");
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
+  warn_cuda(cudaGraphDestroy(graph), "cudaGraphDestroy");
+  if (made != cudaSuccess) {
+    cudaGetLastError();
+    DSTRAIN_THROW(ErrorCode::Cuda, std::string("CudaGraph::capture: cudaGraphInstantiate failed: ") +
+                                       cudaGetErrorString(made));
+  }
+  CudaGraph out;
+  out.exec_ = exec;
+  return out;
+}
+
+CudaGraph::~CudaGraph() {
+  if (exec_ != nullptr) warn_cuda(cudaGraphExecDestroy(exec_), "cudaGraphExecDestroy");
+}
+
+CudaGraph::CudaGraph(CudaGraph&& o) noexcept : exec_(o.exec_) { o.exec_ = nullptr; }
+
+CudaGraph& CudaGraph::operator=(CudaGraph&& o) noexcept {
+  if (this != &o) {
+    if (exec_ != nullptr) warn_cuda(cudaGraphExecDestroy(exec_), "cudaGraphExecDestroy");
+    exec_ = o.exec_;
+    o.exec_ = nullptr;
+  }
+  return *this;
+}
+
+void CudaGraph::replay(StreamHandle stream) const {
+  if (exec_ == nullptr) DSTRAIN_THROW(ErrorCode::InvalidArgument, "CudaGraph::replay on an empty graph");
+  DSTRAIN_CUDA_CHECK(cudaGraphLaunch(exec_, stream));
+}
+
+// ---------------------------------------------------------------------------------------------
 // cuda_description
 
 namespace {

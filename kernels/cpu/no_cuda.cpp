@@ -77,6 +77,25 @@ float Event::elapsed_ms(const Event& since) const {
   DSTRAIN_NO_CUDA("Event::elapsed_ms");
 }
 
+CudaGraph CudaGraph::capture(StreamHandle stream, const std::function<void()>& work) {
+  (void)stream;
+  (void)work;
+  DSTRAIN_NO_CUDA("CudaGraph::capture");
+}
+CudaGraph::~CudaGraph() {}
+CudaGraph::CudaGraph(CudaGraph&& o) noexcept : exec_(o.exec_) { o.exec_ = nullptr; }
+CudaGraph& CudaGraph::operator=(CudaGraph&& o) noexcept {
+  if (this != &o) {
+    exec_ = o.exec_;
+    o.exec_ = nullptr;
+  }
+  return *this;
+}
+void CudaGraph::replay(StreamHandle stream) const {
+  (void)stream;
+  DSTRAIN_NO_CUDA("CudaGraph::replay");
+}
+
 std::string cuda_description(int device) {
   (void)device;
   DSTRAIN_NO_CUDA("cuda_description");

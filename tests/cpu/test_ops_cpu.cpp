@@ -62,6 +62,19 @@ TEST_CASE("cuda_description refuses a device that is not there", "[runtime]") {
   CHECK(error_code_of([] { (void)dstrain::cuda_description(-1); }) != dstrain::ErrorCode::Internal);
 }
 
+TEST_CASE("CudaGraph refuses an empty replay and a capture without a stream", "[runtime]") {
+  const auto refused = [](dstrain::ErrorCode code) {
+    // InvalidArgument in a CUDA build, Unsupported in a build without CUDA
+    return code == dstrain::ErrorCode::InvalidArgument || code == dstrain::ErrorCode::Unsupported;
+  };
+  const dstrain::CudaGraph empty;
+  CHECK(empty.empty());
+  CHECK(refused(error_code_of([&] { empty.replay(nullptr); })));
+  bool ran = false;
+  CHECK(refused(error_code_of([&] { (void)dstrain::CudaGraph::capture(nullptr, [&] { ran = true; }); })));
+  CHECK_FALSE(ran);
+}
+
 TEST_CASE("conv2d forward: 3x3 input, 2x2 filter, stride 1 and stride 2 with padding", "[ops][conv]") {
   Context ctx = Context::cpu();
   // x = 1..9 row-major ([1,3,3,1]), w = [[1,2],[3,4]] ([1,2,2,1]).

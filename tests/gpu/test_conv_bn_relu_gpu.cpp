@@ -6,8 +6,6 @@
 // and the comparison measures the arithmetic only.
 #include <catch2/catch.hpp>
 
-#include <cuda_runtime.h>
-
 #include <algorithm>
 #include <functional>
 #include <cmath>
@@ -18,6 +16,7 @@
 
 #include "dstrain/amp.h"
 #include "dstrain/context.h"
+#include "dstrain/device.h"
 #include "dstrain/dtype.h"
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
@@ -380,38 +379,6 @@ TEST_CASE("CUDA FP8 convolution forward matches the CPU reference", "[gpu][conv_
 
 namespace {
 
-// A CUDA graph captured from a Context's stream and instantiated; destroyed with the object.
-class CapturedStep {
- public:
-  CapturedStep(Context& ctx, const std::function<void()>& work)
-      : stream_(reinterpret_cast<cudaStream_t>(ctx.stream())) {
-    REQUIRE(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal) == cudaSuccess);
-    try {
-      work();
-    } catch (...) {
-      cudaGraph_t broken = nullptr;
-      cudaStreamEndCapture(stream_, &broken);  // leaves the stream usable
-      if (broken != nullptr) cudaGraphDestroy(broken);
-      cudaGetLastError();
-      throw;
-    }
-    REQUIRE(cudaStreamEndCapture(stream_, &graph_) == cudaSuccess);
-    REQUIRE(cudaGraphInstantiate(&exec_, graph_, 0) == cudaSuccess);
-  }
-  ~CapturedStep() {
-    if (exec_ != nullptr) cudaGraphExecDestroy(exec_);
-    if (graph_ != nullptr) cudaGraphDestroy(graph_);
-  }
-  CapturedStep(const CapturedStep&) = delete;
-  CapturedStep& operator=(const CapturedStep&) = delete;
-  void replay() { REQUIRE(cudaGraphLaunch(exec_, stream_) == cudaSuccess); }
-
- private:
-  cudaStream_t stream_;
-  cudaGraph_t graph_ = nullptr;
-  cudaGraphExec_t exec_ = nullptr;
-};
-
 struct GraphCase {
   Case shape;
   DType dt;
@@ -469,7 +436,7 @@ TEST_CASE("CUDA conv_bn_relu training step replayed from a CUDA graph matches th
         step();
         g.synchronize();
       }
-      CapturedStep graph(g, step);
+      const dstrain::CudaGraph graph = dstrain::CudaGraph::capture(g.stream(), step);
       for (int replay = 0; replay < 2; ++replay) {  // new data each time: the graph must read it
         INFO("replay " << replay);
         const Tensor x = random_tensor(cs.x, dt, rng), dz = random_tensor(ys, dt, rng);
@@ -479,7 +446,7 @@ TEST_CASE("CUDA conv_bn_relu training step replayed from a CUDA graph matches th
         rm_g.copy_from(rm0);
         rv_g.copy_from(rv0);
         for (Tensor* t : {&y_g, &z_g, &dconv_g, &sm_g, &si_g, &dx_g, &dw_g, &dg_g, &db_g}) t->fill_bytes(0xFF);
-        graph.replay();
+        graph.replay(g.stream());
         g.synchronize();
 
         // Forward against the CPU: the convolution, then BatchNorm + ReLU of the GPU's own conv_out.

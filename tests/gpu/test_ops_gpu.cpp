@@ -22,6 +22,7 @@
 #include "dstrain/ops.h"
 #include "dstrain/tensor.h"
 
+#include "error_code_of.h"
 #include "gpu/seeded_rng.h"
 
 using dstrain::Context;
@@ -30,6 +31,7 @@ using dstrain::DType;
 using dstrain::Shape;
 using dstrain::Tensor;
 namespace ops = dstrain::ops;
+using dstrain_test::error_code_of;
 
 namespace {
 
@@ -177,6 +179,44 @@ TEST_CASE("cuda runtime: contexts, streams, events and copies", "[gpu][runtime]"
   CHECK(other.handle() == nullptr);
   CHECK(moved.handle() != nullptr);
   { dstrain::DeviceGuard guard(0); }
+}
+
+TEST_CASE("CudaGraph replays captured ops on new data; a failed capture leaves the stream usable",
+          "[gpu][runtime]") {
+  SEEDED_RNG(rng);
+  Context g = Context::cuda(0);
+  Tensor a = gpu_poisoned({4096}), b = gpu_poisoned({4096});
+  const dstrain::CudaGraph graph = dstrain::CudaGraph::capture(g.stream(), [&] { ops::relu_forward(g, a, b); });
+  CHECK_FALSE(graph.empty());
+  auto check_relu = [&](const Tensor& in) {
+    std::vector<float> want = in.to_host_floats();
+    for (float& v : want) v = std::max(v, 0.0f);
+    require_close(b.to_host_floats(), want, {0, 0}, "relu replayed from the graph");
+  };
+  for (int round = 0; round < 2; ++round) {  // the graph reads what `a` holds at each replay
+    const Tensor h = random_host({4096}, rng);
+    a.copy_from(h);
+    b.fill_bytes(0xFF);
+    graph.replay(g.stream());
+    g.synchronize();
+    check_relu(h);
+  }
+  // Work that throws: the error propagates and the stream is out of capture.
+  CHECK(error_code_of([&] {
+          (void)dstrain::CudaGraph::capture(g.stream(), [] {
+            DSTRAIN_THROW(dstrain::ErrorCode::InvalidArgument, "refused inside the capture");
+          });
+        }) == dstrain::ErrorCode::InvalidArgument);
+  // Work that cannot be captured (a synchronisation): a CUDA error, and again the stream is usable.
+  CHECK(error_code_of([&] { (void)dstrain::CudaGraph::capture(g.stream(), [&] { g.synchronize(); }); }) ==
+        dstrain::ErrorCode::Cuda);
+  const Tensor h = random_host({4096}, rng);
+  a.copy_from(h);
+  b.fill_bytes(0xFF);
+  ops::relu_forward(g, a, b);
+  g.synchronize();
+  check_relu(h);
+  CHECK(error_code_of([&] { dstrain::CudaGraph().replay(g.stream()); }) == dstrain::ErrorCode::InvalidArgument);
 }
 
 // ---------------------------------------------------------------------------------------- conv

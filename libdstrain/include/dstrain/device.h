@@ -1,10 +1,12 @@
 // Where tensors live, and move-only RAII for the CUDA objects the library hands to users.
 // No CUDA type appears here: streams are passed as opaque handles (cudaStream_t is a pointer).
 #pragma once
+#include <functional>
 #include <string>
 
 struct CUstream_st;
 struct CUevent_st;
+struct CUgraphExec_st;
 
 namespace dstrain {
 
@@ -31,6 +33,7 @@ std::string cuda_description(int device);
 
 using StreamHandle = CUstream_st*;
 using EventHandle = CUevent_st*;
+using GraphExecHandle = CUgraphExec_st*;
 
 // Makes `device` current for the lifetime of the guard and restores the previous one after.
 class DeviceGuard {
@@ -84,6 +87,31 @@ class Event {
  private:
   EventHandle event_ = nullptr;
   int device_ = -1;
+};
+
+// A CUDA graph: what `work` queues on a stream (a Context's, and any stream it forks to), captured
+// once and then replayed with one launch. Replays read and write the same device addresses as the
+// capture, so new data goes into the same tensors between replays. dstrain's ops can be captured
+// after one run of the same work outside the capture (plans built, choices timed, scratch sized);
+// a shape first seen inside the capture runs its untimed first way, and an op whose scratch would
+// have to grow there raises Unsupported. Capture uses cudaStreamCaptureModeThreadLocal.
+class CudaGraph {
+ public:
+  CudaGraph() = default;  // empty: nothing to replay
+  // Captures `work` on `stream` (nothing runs); if work throws, or the capture fails, the capture
+  // is ended and the stream left usable before the error propagates.
+  static CudaGraph capture(StreamHandle stream, const std::function<void()>& work);
+  ~CudaGraph();
+  CudaGraph(CudaGraph&& o) noexcept;
+  CudaGraph& operator=(CudaGraph&& o) noexcept;
+  CudaGraph(const CudaGraph&) = delete;
+  CudaGraph& operator=(const CudaGraph&) = delete;
+
+  void replay(StreamHandle stream) const;  // queues one replay on `stream`; no host wait
+  bool empty() const { return exec_ == nullptr; }
+
+ private:
+  GraphExecHandle exec_ = nullptr;
 };
 
 }  // namespace dstrain
