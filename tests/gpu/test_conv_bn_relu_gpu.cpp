@@ -111,6 +111,31 @@ const DType kTypes[] = {DType::F32, DType::F16, DType::BF16};
 // Tolerance units per dtype: fp32 results differ by summation order over up to 9*C products.
 double units(DType dt, double low, double f32) { return dt == DType::F32 ? f32 : low; }
 
+// A GPU training forward's statistics, running statistics and z against the CPU's BatchNorm + ReLU
+// applied to the GPU's own conv_out: cuDNN's convolution may round differently from the CPU's
+// (fp32 FFT or Winograd algorithms), and the comparison is about the statistics. rm0 / rv0: the
+// running statistics before the forward (host). Returns that conv_out, on the host.
+Tensor require_bn_relu_forward_close(Context& g, Context& c, const Tensor& y_g, const Tensor& z_g, const Tensor& sm_g,
+                                     const Tensor& si_g, const Tensor& rm_g, const Tensor& rv_g, const Tensor& rm0,
+                                     const Tensor& rv0, const Tensor& gamma, const Tensor& beta,
+                                     const ops::BatchNormParams& bn) {
+  const DType dt = y_g.dtype();
+  const Shape ys = y_g.shape(), ks = sm_g.shape();
+  Tensor y_h = y_g.to(cpu());
+  Tensor rm_r = rm0.to(cpu()), rv_r = rv0.to(cpu());
+  Tensor bn_r = poisoned(ys, cpu(), dt), z_r = poisoned(ys, cpu(), dt);
+  Tensor sm_r = poisoned(ks, cpu(), DType::F32), si_r = poisoned(ks, cpu(), DType::F32);
+  ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, bn);
+  ops::relu_forward(c, bn_r, z_r);
+  const double y_scale = max_abs(y_h);
+  require_close(g, sm_g, sm_r, units(dt, 2, 16), "save_mean", y_scale, eps_of(dt));
+  require_close(g, si_g, si_r, units(dt, 4, 16), "save_invstd", -1.0, eps_of(dt));
+  require_close(g, rm_g, rm_r, units(dt, 2, 16), "running_mean", y_scale, eps_of(dt));
+  require_close(g, rv_g, rv_r, units(dt, 4, 16), "running_var", -1.0, eps_of(dt));
+  require_close(g, z_g, z_r, units(dt, 8, 64), "z");
+  return y_h;
+}
+
 }  // namespace
 
 TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU reference", "[gpu][conv_bn_relu]") {
@@ -142,21 +167,8 @@ TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU refer
         ops::conv_bn_relu_forward_train(c, x, w, gamma, beta, rm_c, rv_c, y_c, z_c, sm_c, si_c, p);
         ops::conv_bn_relu_forward_train(g, x_g, w_g, gamma_g, beta_g, rm_g, rv_g, y_g, z_g, sm_g, si_g, p);
         require_close(g, y_g, y_c, units(dt, 8, 64), "conv_out");
-        // The statistics and z against the CPU reference applied to the GPU's own conv_out: cuDNN's
-        // convolution may round differently from the CPU's (fp32 FFT or Winograd algorithms), and
-        // the comparison is about the statistics.
-        const Tensor y_h = y_g.to(cpu());
-        Tensor rm_r = rm_c0.to(cpu()), rv_r = rv_c0.to(cpu());
-        Tensor bn_r = poisoned(ys, cpu(), dt), z_r = poisoned(ys, cpu(), dt);
-        Tensor sm_r = poisoned({K}, cpu(), DType::F32), si_r = poisoned({K}, cpu(), DType::F32);
-        ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, p.bn);
-        ops::relu_forward(c, bn_r, z_r);
-        const double y_scale = max_abs(y_h);
-        require_close(g, sm_g, sm_r, units(dt, 2, 16), "save_mean", y_scale, eps_of(dt));
-        require_close(g, si_g, si_r, units(dt, 4, 16), "save_invstd", -1.0, eps_of(dt));
-        require_close(g, rm_g, rm_r, units(dt, 2, 16), "running_mean", y_scale, eps_of(dt));
-        require_close(g, rv_g, rv_r, units(dt, 4, 16), "running_var", -1.0, eps_of(dt));
-        require_close(g, z_g, z_r, units(dt, 8, 64), "z");
+        const Tensor y_h = require_bn_relu_forward_close(g, c, y_g, z_g, sm_g, si_g, rm_g, rv_g, rm_c0, rv_c0, gamma,
+                                                         beta, p.bn);
         require_close(g, z_g, z_c, units(dt, 16, 1024), "z against the CPU fused op");
 
         // Backward, from the GPU forward's state on both sides.
@@ -453,18 +465,8 @@ TEST_CASE("CUDA conv_bn_relu training step replayed from a CUDA graph matches th
         Tensor y_c = poisoned(ys, cpu(), dt);
         ops::conv2d_forward(c, x, w, y_c, p.conv);
         require_close(g, y_g, y_c, units(dt, 8, 64), "conv_out");
-        const Tensor y_h = y_g.to(cpu());
-        Tensor rm_r = rm0.to(cpu()), rv_r = rv0.to(cpu());
-        Tensor bn_r = poisoned(ys, cpu(), dt), z_r = poisoned(ys, cpu(), dt);
-        Tensor sm_r = poisoned({K}, cpu(), DType::F32), si_r = poisoned({K}, cpu(), DType::F32);
-        ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, p.bn);
-        ops::relu_forward(c, bn_r, z_r);
-        const double y_scale = max_abs(y_h);
-        require_close(g, sm_g, sm_r, units(dt, 2, 16), "save_mean", y_scale, eps_of(dt));
-        require_close(g, si_g, si_r, units(dt, 4, 16), "save_invstd", -1.0, eps_of(dt));
-        require_close(g, rm_g, rm_r, units(dt, 2, 16), "running_mean", y_scale, eps_of(dt));
-        require_close(g, rv_g, rv_r, units(dt, 4, 16), "running_var", -1.0, eps_of(dt));
-        require_close(g, z_g, z_r, units(dt, 8, 64), "z");
+        const Tensor y_h =
+            require_bn_relu_forward_close(g, c, y_g, z_g, sm_g, si_g, rm_g, rv_g, rm0, rv0, gamma, beta, p.bn);
 
         // Backward against the CPU from the GPU forward's state.
         const Tensor sm_h = sm_g.to(cpu()), si_h = si_g.to(cpu());
