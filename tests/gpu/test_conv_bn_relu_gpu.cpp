@@ -136,6 +136,26 @@ Tensor require_bn_relu_forward_close(Context& g, Context& c, const Tensor& y_g, 
   return y_h;
 }
 
+// A GPU backward's gradients against the CPU's backward from the same state: the GPU forward's
+// conv_out (y_h, on the host) and statistics; x, w and dz on the host. dconv_g is checked when given.
+void require_backward_close(Context& g, Context& c, const Tensor& dz, const Tensor& x, const Tensor& w,
+                            const Tensor& gamma, const Tensor& beta, const Tensor& y_h, const Tensor& sm_g,
+                            const Tensor& si_g, const Tensor* dconv_g, const Tensor& dx_g, const Tensor& dw_g,
+                            const Tensor& dg_g, const Tensor& db_g, const ops::ConvBnReluParams& p) {
+  const DType dt = x.dtype();
+  const std::int64_t K = w.dim(0);
+  const Tensor sm_h = sm_g.to(cpu()), si_h = si_g.to(cpu());
+  Tensor dconv_c = poisoned(y_h.shape(), cpu(), dt), dx_c = poisoned(x.shape(), cpu(), dt);
+  Tensor dw_c = poisoned(w.shape(), cpu(), dt);
+  Tensor dg_c = poisoned({K}, cpu(), DType::F32), db_c = poisoned({K}, cpu(), DType::F32);
+  ops::conv_bn_relu_backward(c, dz, x, w, gamma, beta, y_h, sm_h, si_h, dconv_c, &dx_c, dw_c, dg_c, db_c, p);
+  require_close(g, db_g, db_c, units(dt, 8, 64), "dbeta");
+  require_close(g, dg_g, dg_c, units(dt, 8, 64), "dgamma");
+  if (dconv_g != nullptr) require_close(g, *dconv_g, dconv_c, units(dt, 16, 256), "dconv");
+  require_close(g, dw_g, dw_c, units(dt, 32, 256), "dw");
+  require_close(g, dx_g, dx_c, units(dt, 32, 256), "dx");
+}
+
 }  // namespace
 
 TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU reference", "[gpu][conv_bn_relu]") {
@@ -172,22 +192,13 @@ TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU refer
         require_close(g, z_g, z_c, units(dt, 16, 1024), "z against the CPU fused op");
 
         // Backward, from the GPU forward's state on both sides.
-        const Tensor sm_h = sm_g.to(cpu()), si_h = si_g.to(cpu());
         Tensor dz = random_tensor(ys, dt, rng);
         const Tensor dz_g = dz.to(gpu());
-        Tensor dconv_c = poisoned(ys, cpu(), dt), dconv_g = poisoned(ys, gpu(), dt);
-        Tensor dx_c = poisoned(cs.x, cpu(), dt), dx_g = poisoned(cs.x, gpu(), dt);
-        Tensor dw_c = poisoned(ws, cpu(), dt), dw_g = poisoned(ws, gpu(), dt);
-        Tensor dg_c = poisoned({K}, cpu(), DType::F32), db_c = poisoned({K}, cpu(), DType::F32);
+        Tensor dconv_g = poisoned(ys, gpu(), dt), dx_g = poisoned(cs.x, gpu(), dt), dw_g = poisoned(ws, gpu(), dt);
         Tensor dg_g = poisoned({K}, gpu(), DType::F32), db_g = poisoned({K}, gpu(), DType::F32);
-        ops::conv_bn_relu_backward(c, dz, x, w, gamma, beta, y_h, sm_h, si_h, dconv_c, &dx_c, dw_c, dg_c, db_c, p);
         ops::conv_bn_relu_backward(g, dz_g, x_g, w_g, gamma_g, beta_g, y_g, sm_g, si_g, dconv_g, &dx_g, dw_g, dg_g,
                                    db_g, p);
-        require_close(g, db_g, db_c, units(dt, 8, 64), "dbeta");
-        require_close(g, dg_g, dg_c, units(dt, 8, 64), "dgamma");
-        require_close(g, dconv_g, dconv_c, units(dt, 16, 256), "dconv");
-        require_close(g, dw_g, dw_c, units(dt, 32, 256), "dw");
-        require_close(g, dx_g, dx_c, units(dt, 32, 256), "dx");
+        require_backward_close(g, c, dz, x, w, gamma, beta, y_h, sm_g, si_g, &dconv_g, dx_g, dw_g, dg_g, db_g, p);
 
         // Inference: the fold, then conv + bias + ReLU from the same folded filter on both sides.
         Tensor wf_c = poisoned(ws, cpu(), dt), wf_g = poisoned(ws, gpu(), dt);
@@ -469,14 +480,7 @@ TEST_CASE("CUDA conv_bn_relu training step replayed from a CUDA graph matches th
             require_bn_relu_forward_close(g, c, y_g, z_g, sm_g, si_g, rm_g, rv_g, rm0, rv0, gamma, beta, p.bn);
 
         // Backward against the CPU from the GPU forward's state.
-        const Tensor sm_h = sm_g.to(cpu()), si_h = si_g.to(cpu());
-        Tensor dconv_c = poisoned(ys, cpu(), dt), dx_c = poisoned(cs.x, cpu(), dt), dw_c = poisoned(ws, cpu(), dt);
-        Tensor dg_c = poisoned({K}, cpu(), DType::F32), db_c = poisoned({K}, cpu(), DType::F32);
-        ops::conv_bn_relu_backward(c, dz, x, w, gamma, beta, y_h, sm_h, si_h, dconv_c, &dx_c, dw_c, dg_c, db_c, p);
-        require_close(g, db_g, db_c, units(dt, 8, 64), "dbeta");
-        require_close(g, dg_g, dg_c, units(dt, 8, 64), "dgamma");
-        require_close(g, dw_g, dw_c, units(dt, 32, 256), "dw");
-        require_close(g, dx_g, dx_c, units(dt, 32, 256), "dx");
+        require_backward_close(g, c, dz, x, w, gamma, beta, y_h, sm_g, si_g, nullptr, dx_g, dw_g, dg_g, db_g, p);
       }
     }
   }
