@@ -95,6 +95,16 @@ void require_close(Context& g, const Tensor& dev, const Tensor& ref, double unit
 struct Case {
   Shape x;  // N, H, W, C
   int K, R, stride;
+
+  Shape filter() const { return {K, R, R, x[3]}; }
+  // The case's convolution (padding R / 2) with BatchNorm's default momentum.
+  ops::ConvBnReluParams params() const {
+    ops::ConvBnReluParams p;
+    p.conv.stride_h = p.conv.stride_w = stride;
+    p.conv.pad_h = p.conv.pad_w = R / 2;
+    p.bn.momentum = 0.1f;
+    return p;
+  }
 };
 
 const Case kCases[] = {
@@ -165,12 +175,9 @@ TEST_CASE("CUDA conv_bn_relu forward, backward and inference match the CPU refer
       DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " R " << cs.R
                                      << " stride " << cs.stride) {
         SEEDED_RNG(rng);
-        ops::ConvBnReluParams p;
-        p.conv.stride_h = p.conv.stride_w = cs.stride;
-        p.conv.pad_h = p.conv.pad_w = cs.R / 2;
-        p.bn.momentum = 0.1f;
-        const std::int64_t C = cs.x[3], K = cs.K;
-        const Shape ws{K, cs.R, cs.R, C};
+        const ops::ConvBnReluParams p = cs.params();
+        const std::int64_t K = cs.K;
+        const Shape ws = cs.filter();
         const Shape ys = ops::conv2d_output_shape(cs.x, ws, p.conv);
         Tensor x = random_tensor(cs.x, dt, rng), w = random_tensor(ws, dt, rng);
         Tensor gamma = random_tensor({K}, DType::F32, rng, 0.5f, 1.5f), beta = random_tensor({K}, DType::F32, rng);
@@ -278,14 +285,12 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
         ops::ChainedInput in_c{&in_gamma, &in_beta, &in_mean, &in_invstd, &in_dg_c, &in_db_c};
         ops::ChainedInput in_g{&in_gamma_g, &in_beta_g, &in_mean_g, &in_invstd_g, &in_dg_g, &in_db_g};
 
-        ops::ConvBnReluParams p;
-        p.conv.stride_h = p.conv.stride_w = cs.stride;
-        p.conv.pad_h = p.conv.pad_w = cs.R / 2;
+        ops::ConvBnReluParams p = cs.params();
         p.chained_output = true;  // also chained on its output side: no z, dz is dL/dconv_out
         ops::ConvBnReluParams pc = p, pg = p;
         pc.chained_input = &in_c;
         pg.chained_input = &in_g;
-        const Shape ws{K, cs.R, cs.R, C};
+        const Shape ws = cs.filter();
         const Shape ys = ops::conv2d_output_shape(cs.x, ws, p.conv);
         Tensor w = random_tensor(ws, dt, rng);
         Tensor gamma = random_tensor({K}, DType::F32, rng, 0.5f, 1.5f), beta = random_tensor({K}, DType::F32, rng);
@@ -429,12 +434,9 @@ TEST_CASE("CUDA conv_bn_relu training step replayed from a CUDA graph matches th
     DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " R " << cs.R
                                    << " stride " << cs.stride << (gc.warm ? " warm" : " cold")) {
       SEEDED_RNG(rng);
-      ops::ConvBnReluParams p;
-      p.conv.stride_h = p.conv.stride_w = cs.stride;
-      p.conv.pad_h = p.conv.pad_w = cs.R / 2;
-      p.bn.momentum = 0.1f;
-      const std::int64_t C = cs.x[3], K = cs.K;
-      const Shape ws{K, cs.R, cs.R, C};
+      const ops::ConvBnReluParams p = cs.params();
+      const std::int64_t K = cs.K;
+      const Shape ws = cs.filter();
       const Shape ys = ops::conv2d_output_shape(cs.x, ws, p.conv);
       const Tensor w = random_tensor(ws, dt, rng), gamma = random_tensor({K}, DType::F32, rng, 0.5f, 1.5f),
                    beta = random_tensor({K}, DType::F32, rng);
