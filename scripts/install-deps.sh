@@ -3,7 +3,7 @@
 # The CUDA toolkit (with NCCL and cuDNN) is optional: without nvcc the build is CPU-only.
 set -euo pipefail
 packages=(cmake g++ make libopenmpi-dev openmpi-bin libeigen3-dev catch2 zlib1g-dev dataset-fashion-mnist
-          procps)  # procps: pgrep, which the fault tests use to check that no process is left
+          procps python3)  # procps: pgrep, which the fault tests use; python3: the bench summary's test
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

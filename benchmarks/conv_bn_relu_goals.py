@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""The fused Conv+BN+ReLU layer's goals from one device call's output.
+
+Reads what conv_bn_relu_bench printed and what torch_baseline.py printed (its stdout, or the JSON
+it wrote) in the same call, and prints a Markdown table per (shape, dtype) and the goals:
+
+- training: the better of the fused and the chained step within 1.15x of the convolutions alone,
+  every shape and dtype (also from CUDA graphs, where the bench measured them);
+- training: the fused step's geometric mean over the shapes at least 1.25x faster than PyTorch in
+  a CUDA graph, and at least 1.5x faster than PyTorch eager, per dtype;
+- inference: within 1.10x of the convolution forward, and faster than PyTorch's BN-folded eval
+  forward, every shape.
+
+A figure that is missing from the input (a shape PyTorch did not time, graphs not measured) is
+written as "not measured", and a goal that needs it is not called met; nor is a goal judged on a
+run without all six of the issue's shapes (the bench's default) for that dtype.
+"""
+
+import argparse
+import ast
+import json
+import math
+import re
+import sys
+
+TRAIN_WITHIN = 1.15
+VS_GRAPH = 1.25
+VS_EAGER = 1.5
+INFER_WITHIN = 1.10
+
+TORCH_DTYPE = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# The issue's shapes (the bench's default): a goal over "every shape" or "the six shapes" is judged
+# only where the run has all of them.
+SIX_SHAPES = ["N128_c64-64_h56_k3", "N128_c128-128_h28_k3", "N128_c256-256_h14_k3", "N128_c512-512_h7_k3",
+              "N128_c256-64_h56_k1", "N128_c64-256_h56_k1"]
+
+ROW = re.compile(
+    r"^(?P<shape>N\d+_c\d+-\d+_h\d+_k\d+(?:_s\d+)?)\s+(?P<dtype>fp16|bf16|fp32)\s+(?P<fused>\S+)\s+(?P<conv>\S+)\s+"
+    r"\S+\s+\S+\s+\S+\s+\S+\s+\S+\s+(?P<infer>\S+)\s+(?P<conv_fwd>\S+)\s+\S+\s+\S+(?P<wrong>\s+WRONG)?\s*$")
+CHAINED = re.compile(r"^#\s+chained: (?P<chained>\S+) .*?(?P<wrong>WRONG)?\s*$")
+GRAPHS = re.compile(r"^#\s+from CUDA graphs: fused (?P<fused>\S+) conv alone (?P<conv>\S+) chained (?P<chained>\S+)"
+                    r".*?(?P<wrong>WRONG)?\s*$")
+
+
+class InputError(Exception):
+    pass
+
+
+def parse_bench(lines):
+    """Rows of the bench in order: dicts with the figures of one (shape, dtype)."""
+    rows = []
+    for line in lines:
+        m = ROW.match(line.rstrip("\n"))
+        if m:
+            rows.append({
+                "shape": m["shape"], "dtype": m["dtype"], "fused": float(m["fused"]), "conv": float(m["conv"]),
+                "infer": float(m["infer"]), "conv_fwd": float(m["conv_fwd"]), "wrong": bool(m["wrong"]),
+                "chained": None, "g_fused": None, "g_conv": None, "g_chained": None,
+            })
+            continue
+        if not rows:
+            continue
+        m = CHAINED.match(line.rstrip("\n"))
+        if m:
+            rows[-1]["chained"] = float(m["chained"])
+            rows[-1]["wrong"] |= bool(m["wrong"])
+            continue
+        m = GRAPHS.match(line.rstrip("\n"))
+        if m:
+            rows[-1].update(g_fused=float(m["fused"]), g_conv=float(m["conv"]), g_chained=float(m["chained"]))
+            rows[-1]["wrong"] |= bool(m["wrong"])
+    if not rows:
+        raise InputError("no result rows found in the bench output")
+    return rows
+
+
+def parse_torch(text):
+    """PyTorch's block figures by key (shape_dtype), from torch_baseline.py's JSON or its stdout."""
+    text = text.strip()
+    if text.startswith("{") and '"block"' in text:
+        try:
+            return json.loads(text).get("block", {})
+        except json.JSONDecodeError as e:
+            raise InputError(f"the PyTorch JSON does not parse: {e}") from e
+    block = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(" ")
+        if not re.match(r"^N\d+_c", key) or not rest.startswith("{"):
+            continue
+        try:
+            block[key] = ast.literal_eval(rest)
+        except (ValueError, SyntaxError) as e:
+            raise InputError(f"a PyTorch line does not parse: {line[:80]}") from e
+    return block
+
+
+def geomean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def fmt(v, spec=".4f", suffix=""):
+    return "not measured" if v is None else f"{v:{spec}}{suffix}"
+
+
+def evaluate(rows, torch):
+    """The table rows and the goals, as lists of strings."""
+    table = ["| shape | dtype | fused | chained | conv alone | best / conv | graphs: best / conv | PyTorch graph | "
+             "PyTorch eager | fused vs graph | fused vs eager | inference / conv fwd | PyTorch BN-folded eval |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    per_dtype = {}
+    for r in rows:
+        best = min(t for t in (r["fused"], r["chained"]) if t is not None) / r["conv"]
+        g_best = None
+        if r["g_fused"] is not None and r["g_conv"]:
+            g_best = min(r["g_fused"], r["g_chained"]) / r["g_conv"]
+        peer = torch.get(f"{r['shape']}_{TORCH_DTYPE[r['dtype']]}", {})
+        graph, eager, folded = (peer.get(k) for k in ("cbr_fwdbwd_graph_ms", "cbr_fwdbwd_ms",
+                                                        "cbr_eval_folded_fwd_ms"))
+        vs_graph = graph / r["fused"] if graph else None
+        vs_eager = eager / r["fused"] if eager else None
+        infer_ratio = r["infer"] / r["conv_fwd"]
+        d = per_dtype.setdefault(r["dtype"], {"best": [], "g_best": [], "vs_graph": [], "vs_eager": [],
+                                              "infer": [], "infer_vs_folded": [], "shapes": set(), "wrong": False})
+        d["shapes"].add(r["shape"])
+        d["wrong"] |= r["wrong"]
+        d["best"].append(best)
+        d["g_best"].append(g_best)
+        d["vs_graph"].append(vs_graph)
+        d["vs_eager"].append(vs_eager)
+        d["infer"].append(infer_ratio)
+        d["infer_vs_folded"].append(folded / r["infer"] if folded else None)
+        table.append(f"| {r['shape']} | {r['dtype']} | {r['fused']:.4f} | {fmt(r['chained'])} | {r['conv']:.4f} | "
+                     f"{best:.3f} | {fmt(g_best, '.3f')} | {fmt(graph, '.3f')} | {fmt(eager, '.3f')} | "
+                     f"{fmt(vs_graph, '.2f', 'x')} | {fmt(vs_eager, '.2f', 'x')} | {infer_ratio:.3f} | "
+                     f"{fmt(folded, '.3f')} |" + (" WRONG |" if r["wrong"] else ""))
+
+    goals = ["| goal | dtype | measured | |", "|---|---|---|---|"]
+
+    def verdict(ok, complete, every_shape=False):
+        # A shape over the bound misses an every-shape goal whatever else was measured.
+        if not ok and every_shape:
+            return "**missed**"
+        if not complete:
+            return "not judged: not measured on the six shapes"
+        return "met" if ok else "**missed**"
+
+    for dt, d in per_dtype.items():
+        n = len(d["best"])
+        six = set(SIX_SHAPES) <= d["shapes"]
+        missed = sum(1 for b in d["best"] if b > TRAIN_WITHIN)
+        goals.append(f"| training within {TRAIN_WITHIN:.2f}x of the convolutions alone, every shape | {dt} | best of "
+                     f"fused and chained {min(d['best']):.3f} to {max(d['best']):.3f} ({missed} of {n} over) | "
+                     f"{verdict(missed == 0, six, True)} |")
+        g = [v for v in d["g_best"] if v is not None]
+        if g:
+            g_missed = sum(1 for v in g if v > TRAIN_WITHIN)
+            goals.append(f"| the same from CUDA graphs | {dt} | {min(g):.3f} to {max(g):.3f} ({g_missed} of {len(g)} "
+                         f"over) | {verdict(g_missed == 0, six and len(g) == n, True)} |")
+        for key, bound, what in (("vs_graph", VS_GRAPH, "PyTorch in a CUDA graph"),
+                                 ("vs_eager", VS_EAGER, "PyTorch eager")):
+            vals = [v for v in d[key] if v is not None]
+            gm = geomean(vals)
+            goals.append(f"| training: geometric mean at least {bound:.2f}x faster than {what} | {dt} | "
+                         f"{fmt(gm, '.2f', 'x')} over {len(vals)} of {n} shapes | "
+                         f"{verdict(gm is not None and gm >= bound, six and len(vals) == n)} |")
+        i_missed = sum(1 for v in d["infer"] if v > INFER_WITHIN)
+        goals.append(f"| inference within {INFER_WITHIN:.2f}x of the convolution forward, every shape | {dt} | "
+                     f"{min(d['infer']):.3f} to {max(d['infer']):.3f} | {verdict(i_missed == 0, six, True)} |")
+        f = [v for v in d["infer_vs_folded"] if v is not None]
+        goals.append(f"| inference faster than PyTorch's BN-folded eval forward, every shape | {dt} | "
+                     + (f"{min(f):.1f}x to {max(f):.1f}x faster" if f else "not measured")
+                     + f" | {verdict(all(v > 1.0 for v in f), six and len(f) == n, True)} |")
+        if d["wrong"]:
+            goals.append(f"| results checked against the unfused path | {dt} | some rows WRONG | **failed** |")
+    return table, goals
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bench", required=True, help="conv_bn_relu_bench's output")
+    parser.add_argument("--torch", help="torch_baseline.py's stdout or JSON from the same call (block)")
+    args = parser.parse_args(argv)
+    try:
+        with open(args.bench, encoding="utf-8") as f:
+            rows = parse_bench(f)
+        torch = {}
+        if args.torch:
+            with open(args.torch, encoding="utf-8") as f:
+                torch = parse_torch(f.read())
+        table, goals = evaluate(rows, torch)
+    except (OSError, InputError) as e:
+        print(f"conv_bn_relu_goals: {e}", file=sys.stderr)
+        return 2
+    print("\n".join(table))
+    print()
+    print("\n".join(goals))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+#!/usr/bin/env python3
+"""benchmarks/conv_bn_relu_goals.py on saved output of one H100 device call (2026-12-06).
+
+The expected figures were worked out by hand from the saved files: a ratio is two numbers of one
+line, and the geometric means are over PyTorch's graph (eager) time divided by the fused time of
+the six shapes.
+"""
+
+import io
+import os
+import sys
+import tempfile
+import unittest
+from contextlib import redirect_stderr, redirect_stdout
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures", "conv_bn_relu_goals")
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import conv_bn_relu_goals as goals  # noqa: E402
+
+
+def run(*args):
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        rc = goals.main(list(args))
+    return rc, out.getvalue(), err.getvalue()
+
+
+def fixture(name):
+    return os.path.join(FIXTURES, name)
+
+
+class SixShapes(unittest.TestCase):
+    def setUp(self):
+        self.rc, self.out, self.err = run("--bench", fixture("bench_fp16_h100.txt"), "--torch",
+                                          fixture("torch_h100.txt"))
+        self.assertEqual(self.rc, 0, self.err)
+
+    def row(self, shape):
+        lines = [l for l in self.out.splitlines() if l.startswith(f"| {shape} | fp16 |")]
+        self.assertEqual(len(lines), 1, self.out)
+        return [c.strip() for c in lines[0].strip("|").split("|")]
+
+    def goal(self, start):
+        lines = [l for l in self.out.splitlines() if l.startswith(f"| {start}")]
+        self.assertEqual(len(lines), 1, self.out)
+        return lines[0]
+
+    def test_best_of_fused_and_chained(self):
+        # 64-64: fused 0.3925, chained 0.3726, conv 0.2339 -> 0.3726 / 0.2339 = 1.593
+        self.assertEqual(self.row("N128_c64-64_h56_k3")[5], "1.593")
+        # 512-512: fused 0.1827 better than chained 0.1829 -> 0.1827 / 0.1519 = 1.203
+        self.assertEqual(self.row("N128_c512-512_h7_k3")[5], "1.203")
+        # from graphs, 64-256: min(0.8485, 0.4082) / 0.2870 = 1.422
+        self.assertEqual(self.row("N128_c64-256_h56_k1")[6], "1.422")
+
+    def test_peer_ratios(self):
+        # 512-512 fp16: PyTorch graph 0.24297 ms / fused 0.1827 = 1.33x; eager 0.33951 / 0.1827 = 1.86x
+        r = self.row("N128_c512-512_h7_k3")
+        self.assertEqual(r[9], "1.33x")
+        self.assertEqual(r[10], "1.86x")
+
+    def test_goals(self):
+        self.assertIn("1.203 to 1.593 (6 of 6 over) | **missed**", self.goal("training within 1.15x"))
+        self.assertIn("1.82x over 6 of 6 shapes | met", self.goal("training: geometric mean at least 1.25x"))
+        self.assertIn("2.02x over 6 of 6 shapes | met", self.goal("training: geometric mean at least 1.50x"))
+        self.assertIn("0.994 to 1.037 | met", self.goal("inference within 1.10x"))
+        self.assertIn("| met |", self.goal("inference faster than PyTorch"))
+
+
+class PartialRun(unittest.TestCase):
+    def test_goals_not_judged_without_the_six_shapes(self):
+        rc, out, err = run("--bench", fixture("bench_bf16_two_shapes_h100.txt"), "--torch", fixture("torch_h100.txt"))
+        self.assertEqual(rc, 0, err)
+        # bf16 512-512 chained 0.1787 / conv 0.1558 = 1.147: within 1.15, but 256-256 (1.306) is over
+        self.assertIn("1.147 to 1.306 (1 of 2 over) | **missed**", out)
+        self.assertIn("1.49x over 2 of 2 shapes | not judged", out)
+
+    def test_without_the_peer(self):
+        rc, out, err = run("--bench", fixture("bench_fp16_h100.txt"))
+        self.assertEqual(rc, 0, err)
+        self.assertIn("not measured over 0 of 6 shapes | not judged", out)
+
+
+class BadInput(unittest.TestCase):
+    def test_missing_file(self):
+        rc, _, err = run("--bench", os.path.join(FIXTURES, "no_such_file.txt"))
+        self.assertEqual(rc, 2)
+        self.assertIn("no_such_file.txt", err)
+
+    def test_not_bench_output(self):
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("nothing to see\n")
+        try:
+            rc, _, err = run("--bench", f.name)
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(rc, 2)
+        self.assertIn("no result rows", err)
+
+
+if __name__ == "__main__":
+    unittest.main()
