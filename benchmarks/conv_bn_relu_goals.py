@@ -101,37 +101,34 @@ def fmt(v, spec=".4f", suffix=""):
     return "not measured" if v is None else f"{v:{spec}}{suffix}"
 
 
+def row_figures(r, torch):
+    """The ratios of one bench row, and PyTorch's figures for its shape and dtype (None where missing)."""
+    peer = torch.get(f"{r['shape']}_{TORCH_DTYPE[r['dtype']]}", {})
+    graph, eager, folded = (peer.get(k) for k in ("cbr_fwdbwd_graph_ms", "cbr_fwdbwd_ms", "cbr_eval_folded_fwd_ms"))
+    return {
+        "best": min(t for t in (r["fused"], r["chained"]) if t is not None) / r["conv"],
+        "g_best": min(r["g_fused"], r["g_chained"]) / r["g_conv"] if r["g_fused"] is not None and r["g_conv"] else None,
+        "graph": graph, "eager": eager, "folded": folded,
+        "vs_graph": graph / r["fused"] if graph else None,
+        "vs_eager": eager / r["fused"] if eager else None,
+        "infer": r["infer"] / r["conv_fwd"],
+        "infer_vs_folded": folded / r["infer"] if folded else None,
+    }
+
+
 def evaluate(rows, torch):
     """The table rows and the goals, as lists of strings."""
     table = ["| shape | dtype | fused | chained | conv alone | best / conv | graphs: best / conv | PyTorch graph | "
              "PyTorch eager | fused vs graph | fused vs eager | inference / conv fwd | PyTorch BN-folded eval |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    per_dtype = {}
+    by_dtype = {}  # dtype -> [(row, figures)] in bench order
     for r in rows:
-        best = min(t for t in (r["fused"], r["chained"]) if t is not None) / r["conv"]
-        g_best = None
-        if r["g_fused"] is not None and r["g_conv"]:
-            g_best = min(r["g_fused"], r["g_chained"]) / r["g_conv"]
-        peer = torch.get(f"{r['shape']}_{TORCH_DTYPE[r['dtype']]}", {})
-        graph, eager, folded = (peer.get(k) for k in ("cbr_fwdbwd_graph_ms", "cbr_fwdbwd_ms",
-                                                        "cbr_eval_folded_fwd_ms"))
-        vs_graph = graph / r["fused"] if graph else None
-        vs_eager = eager / r["fused"] if eager else None
-        infer_ratio = r["infer"] / r["conv_fwd"]
-        d = per_dtype.setdefault(r["dtype"], {"best": [], "g_best": [], "vs_graph": [], "vs_eager": [],
-                                              "infer": [], "infer_vs_folded": [], "shapes": set(), "wrong": False})
-        d["shapes"].add(r["shape"])
-        d["wrong"] |= r["wrong"]
-        d["best"].append(best)
-        d["g_best"].append(g_best)
-        d["vs_graph"].append(vs_graph)
-        d["vs_eager"].append(vs_eager)
-        d["infer"].append(infer_ratio)
-        d["infer_vs_folded"].append(folded / r["infer"] if folded else None)
+        f = row_figures(r, torch)
+        by_dtype.setdefault(r["dtype"], []).append((r, f))
         table.append(f"| {r['shape']} | {r['dtype']} | {r['fused']:.4f} | {fmt(r['chained'])} | {r['conv']:.4f} | "
-                     f"{best:.3f} | {fmt(g_best, '.3f')} | {fmt(graph, '.3f')} | {fmt(eager, '.3f')} | "
-                     f"{fmt(vs_graph, '.2f', 'x')} | {fmt(vs_eager, '.2f', 'x')} | {infer_ratio:.3f} | "
-                     f"{fmt(folded, '.3f')} |" + (" WRONG |" if r["wrong"] else ""))
+                     f"{f['best']:.3f} | {fmt(f['g_best'], '.3f')} | {fmt(f['graph'], '.3f')} | "
+                     f"{fmt(f['eager'], '.3f')} | {fmt(f['vs_graph'], '.2f', 'x')} | {fmt(f['vs_eager'], '.2f', 'x')} | "
+                     f"{f['infer']:.3f} | {fmt(f['folded'], '.3f')} |" + (" WRONG |" if r["wrong"] else ""))
 
     goals = ["| goal | dtype | measured | |", "|---|---|---|---|"]
 
@@ -143,33 +140,39 @@ def evaluate(rows, torch):
             return "not judged: not measured on the six shapes"
         return "met" if ok else "**missed**"
 
-    for dt, d in per_dtype.items():
-        n = len(d["best"])
-        six = set(SIX_SHAPES) <= d["shapes"]
-        missed = sum(1 for b in d["best"] if b > TRAIN_WITHIN)
+    for dt, entries in by_dtype.items():
+        n = len(entries)
+        six = set(SIX_SHAPES) <= {r["shape"] for r, _ in entries}
+
+        def measured(key):
+            return [f[key] for _, f in entries if f[key] is not None]
+
+        best = measured("best")
+        missed = sum(1 for b in best if b > TRAIN_WITHIN)
         goals.append(f"| training within {TRAIN_WITHIN:.2f}x of the convolutions alone, every shape | {dt} | best of "
-                     f"fused and chained {min(d['best']):.3f} to {max(d['best']):.3f} ({missed} of {n} over) | "
+                     f"fused and chained {min(best):.3f} to {max(best):.3f} ({missed} of {n} over) | "
                      f"{verdict(missed == 0, six, True)} |")
-        g = [v for v in d["g_best"] if v is not None]
+        g = measured("g_best")
         if g:
             g_missed = sum(1 for v in g if v > TRAIN_WITHIN)
             goals.append(f"| the same from CUDA graphs | {dt} | {min(g):.3f} to {max(g):.3f} ({g_missed} of {len(g)} "
                          f"over) | {verdict(g_missed == 0, six and len(g) == n, True)} |")
         for key, bound, what in (("vs_graph", VS_GRAPH, "PyTorch in a CUDA graph"),
                                  ("vs_eager", VS_EAGER, "PyTorch eager")):
-            vals = [v for v in d[key] if v is not None]
+            vals = measured(key)
             gm = geomean(vals)
             goals.append(f"| training: geometric mean at least {bound:.2f}x faster than {what} | {dt} | "
                          f"{fmt(gm, '.2f', 'x')} over {len(vals)} of {n} shapes | "
                          f"{verdict(gm is not None and gm >= bound, six and len(vals) == n)} |")
-        i_missed = sum(1 for v in d["infer"] if v > INFER_WITHIN)
+        infer = measured("infer")
+        i_missed = sum(1 for v in infer if v > INFER_WITHIN)
         goals.append(f"| inference within {INFER_WITHIN:.2f}x of the convolution forward, every shape | {dt} | "
-                     f"{min(d['infer']):.3f} to {max(d['infer']):.3f} | {verdict(i_missed == 0, six, True)} |")
-        f = [v for v in d["infer_vs_folded"] if v is not None]
+                     f"{min(infer):.3f} to {max(infer):.3f} | {verdict(i_missed == 0, six, True)} |")
+        f = measured("infer_vs_folded")
         goals.append(f"| inference faster than PyTorch's BN-folded eval forward, every shape | {dt} | "
                      + (f"{min(f):.1f}x to {max(f):.1f}x faster" if f else "not measured")
                      + f" | {verdict(all(v > 1.0 for v in f), six and len(f) == n, True)} |")
-        if d["wrong"]:
+        if any(r["wrong"] for r, _ in entries):
             goals.append(f"| results checked against the unfused path | {dt} | some rows WRONG | **failed** |")
     return table, goals
 
