@@ -7,7 +7,8 @@
 // Each figure is the median of --iters repeats of --batch back-to-back calls after --warmup calls,
 // timed with CUDA events on the context's stream. Results are checked before timing: the fused
 // output z and dx against the unfused path's, and the inference output against eval-mode BN.
-// "chained" is one layer inside a chain of fused layers (ops::ChainedInput): see run().
+// "chained" is one layer inside a chain of fused layers (ops::ChainedInput): see run(). The "memory
+// floor" line is the least time any block that hands on its output can take: see t_floor.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -56,7 +57,8 @@ const char* kUsage =
     "usage: conv_bn_relu_bench [options]\n"
     "  Times the fused Conv+BN+ReLU (training forward+backward and inference forward) against the\n"
     "  convolution alone and the unfused ops, NHWC, on one GPU; the fused step, the chained step\n"
-    "  and the convolutions alone also replayed from CUDA graphs (--batch steps per graph).\n"
+    "  and the convolutions alone also replayed from CUDA graphs (--batch steps per graph), and a\n"
+    "  memory floor per shape: the faster convolutions alone plus two copies of the output tensor.\n"
     "  --shape N,C,K,H,k[,stride]  a block: batch N, C -> K channels, H x H input, k x k filter\n"
     "                              (padding k/2); repeatable. Default: the six ResNet-50 shapes at\n"
     "                              N=128 (64-64 56 3x3, 128-128 28, 256-256 14, 512-512 7, 256-64 56\n"
@@ -284,6 +286,14 @@ int run(const Options& o) {
         return dstrain::bench::median(t);
       };
       const double h_fused = host_ms(fused), h_conv = host_ms(conv_only);
+      // The memory floor of any block that hands on its output z: z can be written only once the
+      // batch statistics of the whole convolution output y are known (y read, z written, after the
+      // forward convolution), and no gradient GEMM can start before dgamma and dbeta's sums have read
+      // dz and y. Each of those two serial passes moves at least twice the output tensor's bytes,
+      // as one device-to-device copy of it does (cudaMemcpyAsync, the memory's speed).
+      Tensor copy_of_y = Tensor::empty(ys, dt, dev);
+      const double t_copy = time_ms([&] { ops::copy(ctx, conv_out, copy_of_y); });
+      const double t_floor = std::min(t_conv, t_conv_beside) + 2.0 * t_copy;
       const double t_dgrad = time_ms([&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); });
       const double t_wgrad = time_ms([&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); });
       // A layer inside a chain of fused layers (ops::ChainedInput): x is the previous layer's raw
@@ -399,6 +409,9 @@ int run(const Options& o) {
                   err_inf.rms_rel);
       std::printf("#   conv alone with dgrad beside wgrad (ops::conv2d_backward): %.4f | fused / that %.3f\n",
                   t_conv_beside, t_fused / t_conv_beside);
+      std::printf("#   memory floor: copy of the output tensor (%.1f MB) %.4f | faster convolutions alone + 2 copies "
+                  "%.4f | floor/conv %.3f\n",
+                  static_cast<double>(conv_out.nbytes()) / 1e6, t_copy, t_floor, t_floor / t_conv);
       std::printf("#   chained: %.4f (fwd %.4f bwd %.4f) chained/conv %.3f | rms err conv_out %.1e dx %.1e dw %.1e "
                   "dgamma %.1e%s\n",
                   t_chain, t_cfwd, t_cbwd, t_chain / t_conv, err_cy.rms_rel, err_cdx.rms_rel, err_cdw.rms_rel,

@@ -84,6 +84,36 @@ class PartialRun(unittest.TestCase):
         self.assertIn("not measured over 0 of 6 shapes | not judged", out)
 
 
+class MemoryFloor(unittest.TestCase):
+    """The bench's memory-floor line, inserted into the saved two-shape run (which predates it)."""
+
+    def test_floor_column_and_bound(self):
+        with open(fixture("bench_bf16_two_shapes_h100.txt"), encoding="utf-8") as f:
+            lines = f.readlines()
+        floors = iter(["1.021", "1.160"])  # a line's own ratio is what the table shows
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            for line in lines:
+                f.write(line)
+                if "dgrad beside wgrad" in line:
+                    f.write("#   memory floor: copy of the output tensor (6.4 MB) 0.0050 | faster convolutions alone + "
+                            f"2 copies 0.1600 | floor/conv {next(floors)}\n")
+        try:
+            rc, out, err = run("--bench", f.name)
+        finally:
+            os.unlink(f.name)
+        self.assertEqual(rc, 0, err)
+        rows = [l for l in out.splitlines() if l.startswith("| N128_c")]
+        self.assertTrue(rows[0].endswith("| 1.021 |"), rows[0])
+        self.assertTrue(rows[1].endswith("| 1.160 |"), rows[1])
+        self.assertIn("| bf16 | 1.021 to 1.160; over 1.15x: N128_c512-512_h7_k3 | a bound, not a goal |", out)
+
+    def test_without_the_floor_line(self):
+        rc, out, err = run("--bench", fixture("bench_fp16_h100.txt"))
+        self.assertEqual(rc, 0, err)
+        self.assertNotIn("memory floor of a block", out)
+        self.assertTrue(all(l.endswith("| not measured |") for l in out.splitlines() if l.startswith("| N128_c")))
+
+
 class BadInput(unittest.TestCase):
     def test_missing_file(self):
         rc, _, err = run("--bench", os.path.join(FIXTURES, "no_such_file.txt"))
