@@ -8,7 +8,7 @@
 // timed with CUDA events on the context's stream. Results are checked before timing: the fused
 // output z and dx against the unfused path's, and the inference output against eval-mode BN.
 // "chained" is one layer inside a chain of fused layers (ops::ChainedInput): see run(). The "memory
-// floor" line is the least time any block that hands on its output can take: see t_floor.
+// floor" line is the least time of a fused step that takes its statistics from y: see t_floor.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -58,7 +58,8 @@ const char* kUsage =
     "  Times the fused Conv+BN+ReLU (training forward+backward and inference forward) against the\n"
     "  convolution alone and the unfused ops, NHWC, on one GPU; the fused step, the chained step\n"
     "  and the convolutions alone also replayed from CUDA graphs (--batch steps per graph), and a\n"
-    "  memory floor per shape: the faster convolutions alone plus two copies of the output tensor.\n"
+    "  memory floor per shape for the fused step: the faster convolutions alone plus two copies of\n"
+    "  the output tensor (see the source).\n"
     "  --shape N,C,K,H,k[,stride]  a block: batch N, C -> K channels, H x H input, k x k filter\n"
     "                              (padding k/2); repeatable. Default: the six ResNet-50 shapes at\n"
     "                              N=128 (64-64 56 3x3, 128-128 28, 256-256 14, 512-512 7, 256-64 56\n"
@@ -286,11 +287,14 @@ int run(const Options& o) {
         return dstrain::bench::median(t);
       };
       const double h_fused = host_ms(fused), h_conv = host_ms(conv_only);
-      // The memory floor of any block that hands on its output z: z can be written only once the
-      // batch statistics of the whole convolution output y are known (y read, z written, after the
-      // forward convolution), and no gradient GEMM can start before dgamma and dbeta's sums have read
-      // dz and y. Each of those two serial passes moves at least twice the output tensor's bytes,
-      // as one device-to-device copy of it does (cudaMemcpyAsync, the memory's speed).
+      // The memory floor of the fused step (it takes dz and hands on z = relu(bn(y))) when the batch
+      // statistics come from y itself: z can be written only once the statistics of the whole of y
+      // are known (y read, z written, after the forward convolution), and no gradient GEMM can start
+      // before dgamma and dbeta's sums have read dz and y. Each of those two serial passes moves at
+      // least twice the output tensor's bytes, as one device-to-device copy of it does
+      // (cudaMemcpyAsync, the memory's speed). The chained layer hands on y and takes dL/dy, so
+      // this does not bound it; nor a 1x1 layer that took its statistics from its input's Gram
+      // matrix (RESULTS.md, "the 1x1 identities").
       Tensor copy_of_y = Tensor::empty(ys, dt, dev);
       const double t_copy = time_ms([&] { ops::copy(ctx, conv_out, copy_of_y); });
       const double t_floor = std::min(t_conv, t_conv_beside) + 2.0 * t_copy;

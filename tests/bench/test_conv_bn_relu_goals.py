@@ -85,32 +85,22 @@ class PartialRun(unittest.TestCase):
 
 
 class MemoryFloor(unittest.TestCase):
-    """The bench's memory-floor line, inserted into the saved two-shape run (which predates it)."""
+    """A later H100 call (2026-12-06, bench_fp16_floor_h100.txt) whose bench printed the memory floor."""
 
     def test_floor_column_and_bound(self):
-        with open(fixture("bench_bf16_two_shapes_h100.txt"), encoding="utf-8") as f:
-            lines = f.readlines()
-        floors = iter(["1.021", "1.160"])  # a line's own ratio is what the table shows
-        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
-            for line in lines:
-                f.write(line)
-                if "dgrad beside wgrad" in line:
-                    f.write("#   memory floor: copy of the output tensor (6.4 MB) 0.0050 | faster convolutions alone + "
-                            f"2 copies 0.1600 | floor/conv {next(floors)}\n")
-        try:
-            rc, out, err = run("--bench", f.name)
-        finally:
-            os.unlink(f.name)
+        rc, out, err = run("--bench", fixture("bench_fp16_floor_h100.txt"))
         self.assertEqual(rc, 0, err)
         rows = [l for l in out.splitlines() if l.startswith("| N128_c")]
-        self.assertTrue(rows[0].endswith("| 1.021 |"), rows[0])
-        self.assertTrue(rows[1].endswith("| 1.160 |"), rows[1])
-        self.assertIn("| bf16 | 1.021 to 1.160; over 1.15x: N128_c512-512_h7_k3 | a bound, not a goal |", out)
+        # the bench's own ratio: 64-64 (0.2360 beside + 2 x 0.0376) / 0.2409 conv alone = 1.292
+        self.assertTrue(rows[0].endswith("| 1.292 |"), rows[0])
+        self.assertTrue(rows[3].endswith("| 1.042 |"), rows[3])
+        self.assertIn("| fp16 | 1.042 to 1.958; over 1.15x: N128_c64-64_h56_k3, N128_c128-128_h28_k3, "
+                      "N128_c256-64_h56_k1, N128_c64-256_h56_k1 | a bound, not a goal |", out)
 
     def test_without_the_floor_line(self):
         rc, out, err = run("--bench", fixture("bench_fp16_h100.txt"))
         self.assertEqual(rc, 0, err)
-        self.assertNotIn("memory floor of a block", out)
+        self.assertNotIn("memory floor of the fused step", out)
         self.assertTrue(all(l.endswith("| not measured |") for l in out.splitlines() if l.startswith("| N128_c")))
 
 
