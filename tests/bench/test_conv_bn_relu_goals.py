@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""benchmarks/conv_bn_relu_goals.py on saved output of one H100 device call (2026-12-06).
+"""benchmarks/conv_bn_relu_goals.py on saved output of H100 device calls (2026-12-06).
 
 The expected figures were worked out by hand from the saved files: a ratio is two numbers of one
 line, and the geometric means are over PyTorch's graph (eager) time divided by the fused time of
@@ -101,7 +101,9 @@ class MemoryFloor(unittest.TestCase):
         rc, out, err = run("--bench", fixture("bench_fp16_h100.txt"))
         self.assertEqual(rc, 0, err)
         self.assertNotIn("memory floor of the fused step", out)
-        self.assertTrue(all(l.endswith("| not measured |") for l in out.splitlines() if l.startswith("| N128_c")))
+        rows = [l for l in out.splitlines() if l.startswith("| N128_c")]
+        self.assertEqual(len(rows), 6, out)
+        self.assertTrue(all(l.endswith("| not measured |") for l in rows), out)
 
 
 class BadInput(unittest.TestCase):
