@@ -125,6 +125,7 @@ def row_figures(r, torch):
         "vs_eager": eager / r["fused"] if eager else None,
         "infer": r["infer"] / r["conv_fwd"],
         "infer_vs_folded": folded / r["infer"] if folded else None,
+        "floor": r["floor"],
         "over_floor": (r["fused"] - r["floor_ms"]) * 1000.0 if r["floor_ms"] is not None else None,
     }
 
@@ -142,7 +143,8 @@ def evaluate(rows, torch):
         table.append(f"| {r['shape']} | {r['dtype']} | {r['fused']:.4f} | {fmt(r['chained'])} | {r['conv']:.4f} | "
                      f"{f['best']:.3f} | {fmt(f['g_best'], '.3f')} | {fmt(f['graph'], '.3f')} | "
                      f"{fmt(f['eager'], '.3f')} | {fmt(f['vs_graph'], '.2f', 'x')} | {fmt(f['vs_eager'], '.2f', 'x')} | "
-                     f"{f['infer']:.3f} | {fmt(f['folded'], '.3f')} | {fmt(r['floor'], '.3f')} | {fmt(f['over_floor'], '.1f')} |"
+                     f"{f['infer']:.3f} | {fmt(f['folded'], '.3f')} | {fmt(f['floor'], '.3f')} | "
+                     f"{fmt(f['over_floor'], '.1f')} |"
                      + (" WRONG |" if r["wrong"] else ""))
 
     goals = ["| goal | dtype | measured | |", "|---|---|---|---|"]
@@ -172,9 +174,9 @@ def evaluate(rows, torch):
             g_missed = sum(1 for v in g if v > TRAIN_WITHIN)
             goals.append(f"| the same from CUDA graphs | {dt} | {min(g):.3f} to {max(g):.3f} ({g_missed} of {len(g)} "
                          f"over) | {verdict(g_missed == 0, six and len(g) == n, True)} |")
-        floors = [r["floor"] for r, _ in entries if r["floor"] is not None]
+        floors = measured("floor")
         if floors:
-            over = [r["shape"] for r, _ in entries if r["floor"] is not None and r["floor"] > TRAIN_WITHIN]
+            over = [r["shape"] for r, f in entries if f["floor"] is not None and f["floor"] > TRAIN_WITHIN]
             goals.append(f"| memory floor of the fused step (statistics from y), over the convolutions alone | {dt} | "
                          f"{min(floors):.3f} to {max(floors):.3f}; over {TRAIN_WITHIN:.2f}x: "
                          f"{', '.join(over) if over else 'none'} | a bound, not a goal |")
