@@ -107,6 +107,29 @@ class MemoryFloor(unittest.TestCase):
         self.assertTrue(all(l.endswith("| not measured | not measured |") for l in rows), out)
 
 
+class FloorAboveTheFusedStep(unittest.TestCase):
+    """An H100 call (2026-12-07, bench_fp16_choices_h100.txt, with DSTRAIN_LOG_CHOICES' lines) in which
+    the copy of 512-512's output was timed at 0.0269 ms (0.0063 to 0.0076 in the calls before),
+    putting the floor (0.2063) above the fused step (0.1829)."""
+
+    def setUp(self):
+        self.rc, self.out, self.err = run("--bench", fixture("bench_fp16_choices_h100.txt"))
+        self.assertEqual(self.rc, 0, self.err)
+
+    def test_not_reported_as_a_bound(self):
+        rows = [l for l in self.out.splitlines() if l.startswith("| N128_c")]
+        self.assertEqual(len(rows), 6, self.out)
+        self.assertTrue(rows[3].endswith("| above the fused step | above the fused step |"), rows[3])
+        # 256-256 keeps its floor: the bench's ratio 1.071, and the fused step (0.1958 - 0.1627) ms = 33.1 us above it
+        self.assertTrue(rows[2].endswith("| 1.071 | 33.1 |"), rows[2])
+
+    def test_left_out_of_the_bound_row(self):
+        # 1.071 (256-256) to 1.942 (64-256) from the five other shapes; 512-512's 1.343 is not among them
+        self.assertIn("| fp16 | 1.071 to 1.942; over 1.15x: N128_c64-64_h56_k3, N128_c128-128_h28_k3, "
+                      "N128_c256-64_h56_k1, N128_c64-256_h56_k1; left out, floor above the fused step: "
+                      "N128_c512-512_h7_k3 | a bound, not a goal |", self.out)
+
+
 class BadInput(unittest.TestCase):
     def test_missing_file(self):
         rc, _, err = run("--bench", os.path.join(FIXTURES, "no_such_file.txt"))
