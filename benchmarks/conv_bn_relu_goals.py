@@ -17,7 +17,7 @@ come from the convolution's output: the faster convolutions plus two serial pass
 many bytes as a copy of the output tensor. A shape whose floor is over 1.15x cannot meet the
 training goal with such a fused step; the chained step, which hands on the convolution's output
 and takes its gradient, is not bound by it. That row is a bound, not a goal. Where a run's floor
-is above its own fused step, the floor does not bound that run (its copy was timed slow): it is
+is above its own fused step, the floor does not bound that run (a disturbed timing): it is
 written as "above the fused step" and left out of the bound's row, which names the shape.
 
 A figure that is missing from the input (a shape PyTorch did not time, graphs not measured) is
@@ -119,6 +119,8 @@ def row_figures(r, torch):
     """The ratios of one bench row, and PyTorch's figures for its shape and dtype (None where missing)."""
     peer = torch.get(f"{r['shape']}_{TORCH_DTYPE[r['dtype']]}", {})
     graph, eager, folded = (peer.get(k) for k in ("cbr_fwdbwd_graph_ms", "cbr_fwdbwd_ms", "cbr_eval_folded_fwd_ms"))
+    # A floor above the step it bounds is no bound in this run: left out of every floor figure.
+    floor_holds = r["floor_ms"] is not None and r["floor_ms"] <= r["fused"]
     return {
         "best": min(t for t in (r["fused"], r["chained"]) if t is not None) / r["conv"],
         "g_best": min(r["g_fused"], r["g_chained"]) / r["g_conv"] if r["g_fused"] is not None and r["g_conv"] else None,
@@ -127,11 +129,9 @@ def row_figures(r, torch):
         "vs_eager": eager / r["fused"] if eager else None,
         "infer": r["infer"] / r["conv_fwd"],
         "infer_vs_folded": folded / r["infer"] if folded else None,
-        # A floor above the step it bounds is no bound in this run: left out of every floor figure.
-        "floor_contradicted": r["floor_ms"] is not None and r["floor_ms"] > r["fused"],
-        "floor": r["floor"] if r["floor_ms"] is not None and r["floor_ms"] <= r["fused"] else None,
-        "over_floor": (r["fused"] - r["floor_ms"]) * 1000.0
-        if r["floor_ms"] is not None and r["floor_ms"] <= r["fused"] else None,
+        "floor_contradicted": r["floor_ms"] is not None and not floor_holds,
+        "floor": r["floor"] if floor_holds else None,
+        "over_floor": (r["fused"] - r["floor_ms"]) * 1000.0 if floor_holds else None,
     }
 
 
