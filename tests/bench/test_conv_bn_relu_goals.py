@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""benchmarks/conv_bn_relu_goals.py on saved output of H100 device calls (2026-12-06).
+"""benchmarks/conv_bn_relu_goals.py on saved output of H100 device calls (2026-12-06 and 2026-12-07).
 
 The expected figures were worked out by hand from the saved files: a ratio is two numbers of one
 line, and the geometric means are over PyTorch's graph (eager) time divided by the fused time of
