@@ -184,11 +184,12 @@ def evaluate(rows, torch):
         contradicted = [r["shape"] for r, f in entries if f["floor_contradicted"]]
         if floors or contradicted:
             over = [r["shape"] for r, f in entries if f["floor"] is not None and f["floor"] > TRAIN_WITHIN]
+            parts = [f"{min(floors):.3f} to {max(floors):.3f}; over {TRAIN_WITHIN:.2f}x: {', '.join(over) or 'none'}"
+                     if floors else "no floor below its fused step"]
+            if contradicted:
+                parts.append(f"left out, floor above the fused step: {', '.join(contradicted)}")
             goals.append(f"| memory floor of the fused step (statistics from y), over the convolutions alone | {dt} | "
-                         + (f"{min(floors):.3f} to {max(floors):.3f}; over {TRAIN_WITHIN:.2f}x: "
-                            f"{', '.join(over) if over else 'none'}" if floors else "no floor below its fused step")
-                         + (f"; left out, floor above the fused step: {', '.join(contradicted)}" if contradicted else "")
-                         + " | a bound, not a goal |")
+                         f"{'; '.join(parts)} | a bound, not a goal |")
         for key, bound, what in (("vs_graph", VS_GRAPH, "PyTorch in a CUDA graph"),
                                  ("vs_eager", VS_EAGER, "PyTorch eager")):
             vals = measured(key)
