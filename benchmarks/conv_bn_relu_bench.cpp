@@ -5,7 +5,8 @@
 // PyTorch's x.requires_grad_() step in torch_baseline.py `block`). Inference = conv + bias + ReLU
 // from BN-folded weights (folded once, outside the timing), against the convolution forward alone.
 // Each figure is the median of --iters repeats of --batch back-to-back calls after --warmup calls,
-// timed with CUDA events on the context's stream. Results are checked before timing: the fused
+// timed with CUDA events on the context's stream; each repeat runs every path of a shape in turn
+// (interleaved), so that a slow spell of the device moves no single column. Results are checked before timing: the fused
 // output z and dx against the unfused path's, and the inference output against eval-mode BN.
 // "chained" is one layer inside a chain of fused layers (ops::ChainedInput): see run(). The "memory
 // floor" line is the least time of a fused step that takes its statistics from y: see t_floor.
@@ -257,49 +258,6 @@ int run(const Options& o) {
       const bool ok = err_z.rms_rel <= tol && err_dx.rms_rel <= tol && err_inf.rms_rel <= tol;
       all_ok = all_ok && ok;
 
-      const double t_fused = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, fused) / 1000.0;
-      const double t_conv = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_only) / 1000.0;
-      const double t_conv_beside = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_beside) / 1000.0;
-      const double t_unfused = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, unfused) / 1000.0;
-      const double t_infer = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, infer) / 1000.0;
-      const double t_conv_fwd = dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, conv_fwd) / 1000.0;
-      // Where the time goes: the fused forward and backward, and the three convolutions alone.
-      auto time_ms = [&](const std::function<void()>& fn) {
-        return dstrain::bench::time_us(ctx, o.warmup, o.iters, o.batch, fn) / 1000.0;
-      };
-      const double t_ffwd = time_ms(
-          [&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p); });
-      const double t_fbwd = time_ms([&] {
-        ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p);
-      });
-      // The host's time to enqueue one step, no synchronisation inside (median of --iters repeats of
-      // --batch steps): while it stays below the GPU's time, the GPU never waits for a launch.
-      auto host_ms = [&](const std::function<void()>& fn) {
-        std::vector<double> t;
-        for (int i = 0; i < o.iters; ++i) {
-          ctx.synchronize();
-          const auto t0 = std::chrono::steady_clock::now();
-          for (int j = 0; j < o.batch; ++j) fn();
-          const auto t1 = std::chrono::steady_clock::now();
-          t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / o.batch);
-        }
-        ctx.synchronize();
-        return dstrain::bench::median(t);
-      };
-      const double h_fused = host_ms(fused), h_conv = host_ms(conv_only);
-      // The memory floor of the fused step (it takes dz and hands on z = relu(bn(y))) when the batch
-      // statistics come from y itself: z can be written only once the statistics of the whole of y
-      // are known (y read, z written, after the forward convolution), and no gradient GEMM can start
-      // before dgamma and dbeta's sums have read dz and y. Each of those two serial passes moves at
-      // least twice the output tensor's bytes, as one device-to-device copy of it does
-      // (cudaMemcpyAsync, the memory's speed). The chained layer hands on y and takes dL/dy, so
-      // this does not bound it; nor a 1x1 layer that took its statistics from its input's Gram
-      // matrix (RESULTS.md, "the 1x1 identities").
-      Tensor copy_of_y = Tensor::empty(ys, dt, dev);
-      const double t_copy = time_ms([&] { ops::copy(ctx, conv_out, copy_of_y); });
-      const double t_floor = std::min(t_conv, t_conv_beside) + 2.0 * t_copy;
-      const double t_dgrad = time_ms([&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); });
-      const double t_wgrad = time_ms([&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); });
       // A layer inside a chain of fused layers (ops::ChainedInput): x is the previous layer's raw
       // convolution output, whose BN + ReLU this layer applies in its convolution's prologue;
       // this layer hands its own raw output on, and its backward starts from dL/dconv_out and
@@ -346,20 +304,65 @@ int run(const Options& o) {
       const bool chain_ok = err_cy.rms_rel <= tol && err_cdx.rms_rel <= tol && err_cdw.rms_rel <= tol &&
                             err_cdg.rms_rel <= tol;
       all_ok = all_ok && chain_ok;
-      const double t_cfwd = time_ms(chain_fwd), t_cbwd = time_ms(chain_bwd);
-      const double t_chain = time_ms([&] {
+      auto chain_step = [&] {
         chain_fwd();
         chain_bwd();
-      });
-      // The same steps replayed from CUDA graphs (dstrain::CudaGraph, captured now, so with the choices
-      // made above): the host launches one graph of --batch steps, the like-for-like peer of
-      // PyTorch's graph figure. The fused graph's results are checked first.
-      auto graph_ms = [&](const std::function<void()>& fn) {
-        const dstrain::CudaGraph graph = dstrain::CudaGraph::capture(ctx.stream(), [&] {
+      };
+      // The memory floor of the fused step (it takes dz and hands on z = relu(bn(y))) when the batch
+      // statistics come from y itself: z can be written only once the statistics of the whole of y
+      // are known (y read, z written, after the forward convolution), and no gradient GEMM can start
+      // before dgamma and dbeta's sums have read dz and y. Each of those two serial passes moves at
+      // least twice the output tensor's bytes, as one device-to-device copy of it does
+      // (cudaMemcpyAsync, the memory's speed). The chained layer hands on y and takes dL/dy, so
+      // this does not bound it; nor a 1x1 layer that took its statistics from its input's Gram
+      // matrix (RESULTS.md, "the 1x1 identities").
+      Tensor copy_of_y = Tensor::empty(ys, dt, dev);
+      // Every eager figure from one set of interleaved repeats (harness.h: time_interleaved_us):
+      // the paths to compare, then where the time goes (the fused forward and backward, the copy
+      // of the floor, the convolutions alone, the chained step's halves).
+      std::vector<double> t = dstrain::bench::time_interleaved_us(
+          ctx, o.warmup, o.iters, o.batch,
+          {fused, conv_only, conv_beside, unfused, infer, conv_fwd,
+           [&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p); },
+           [&] { ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p); },
+           [&] { ops::copy(ctx, conv_out, copy_of_y); },
+           [&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); },
+           [&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); }, chain_fwd, chain_bwd, chain_step});
+      for (double& v : t) v /= 1000.0;
+      const double t_fused = t[0], t_conv = t[1], t_conv_beside = t[2], t_unfused = t[3], t_infer = t[4];
+      const double t_conv_fwd = t[5], t_ffwd = t[6], t_fbwd = t[7], t_copy = t[8], t_dgrad = t[9], t_wgrad = t[10];
+      const double t_cfwd = t[11], t_cbwd = t[12], t_chain = t[13];
+      const double t_floor = std::min(t_conv, t_conv_beside) + 2.0 * t_copy;
+      // The host's time to enqueue one step, no synchronisation inside (median of --iters repeats of
+      // --batch steps): while it stays below the GPU's time, the GPU never waits for a launch.
+      auto host_ms = [&](const std::function<void()>& fn) {
+        std::vector<double> t;
+        for (int i = 0; i < o.iters; ++i) {
+          ctx.synchronize();
+          const auto t0 = std::chrono::steady_clock::now();
           for (int j = 0; j < o.batch; ++j) fn();
-        });
-        return dstrain::bench::time_us(ctx, o.warmup, o.iters, 1, [&] { graph.replay(ctx.stream()); }) / 1000.0 /
-               o.batch;
+          const auto t1 = std::chrono::steady_clock::now();
+          t.push_back(std::chrono::duration<double, std::milli>(t1 - t0).count() / o.batch);
+        }
+        ctx.synchronize();
+        return dstrain::bench::median(t);
+      };
+      const double h_fused = host_ms(fused), h_conv = host_ms(conv_only);
+      // The same steps replayed from CUDA graphs (dstrain::CudaGraph, captured now, so with the choices
+      // made above): the host launches one graph of --batch steps per path, the like-for-like peer
+      // of PyTorch's graph figure, the paths' replays interleaved. The fused graph's results are
+      // checked first.
+      auto graph_ms = [&](const std::vector<std::function<void()>>& steps) {
+        std::vector<dstrain::CudaGraph> graphs;
+        std::vector<std::function<void()>> replays;
+        for (const auto& step : steps)
+          graphs.push_back(dstrain::CudaGraph::capture(ctx.stream(), [&] {
+            for (int j = 0; j < o.batch; ++j) step();
+          }));
+        for (const auto& graph : graphs) replays.push_back([&] { graph.replay(ctx.stream()); });
+        std::vector<double> ms = dstrain::bench::time_interleaved_us(ctx, o.warmup, o.iters, 1, replays);
+        for (double& v : ms) v /= 1000.0 * o.batch;
+        return ms;
       };
       // A step that cannot be captured is reported, not fatal: the eager figures above still stand.
       Diff err_gz{}, err_gdx{};
@@ -375,12 +378,10 @@ int run(const Options& o) {
           err_gz = compare(z, u_z);
           err_gdx = compare(dx, u_dx);
         }
-        g_fused = graph_ms(fused);
-        g_conv = graph_ms(conv_only);
-        g_chain = graph_ms([&] {
-          chain_fwd();
-          chain_bwd();
-        });
+        const std::vector<double> g = graph_ms({fused, conv_only, chain_step});
+        g_fused = g[0];
+        g_conv = g[1];
+        g_chain = g[2];
       } catch (const dstrain::Error& e) {
         graph_error = e.what();
       }

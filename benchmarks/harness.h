@@ -42,21 +42,39 @@ inline double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-// Median time in microseconds of one `fn` on the context's stream, timed with CUDA events. Each
-// repeat times `batch` back-to-back calls and divides, so that a short kernel is not charged the
-// host's launch latency between the start event and its own start.
-inline double time_us(Context& ctx, int warmup, int iters, int batch, const std::function<void()>& fn) {
-  for (int i = 0; i < warmup; ++i) fn();
-  Event start = Event::create(ctx.device().index), stop = Event::create(ctx.device().index);
-  std::vector<double> t;
-  for (int i = 0; i < iters; ++i) {
-    start.record(ctx.stream());
-    for (int j = 0; j < batch; ++j) fn();
-    stop.record(ctx.stream());
-    stop.synchronize();
-    t.push_back(1000.0 * stop.elapsed_ms(start) / batch);
+// Median times in microseconds of several paths on the context's stream, timed with CUDA events.
+// Each repeat times `batch` back-to-back calls of every path in turn and divides, so that a short
+// kernel is not charged the host's launch latency between the start event and its own start, and
+// a slow spell of the device falls on one repeat of every path, which the medians drop, rather
+// than on one path's whole block of repeats (about a millisecond for a small layer).
+inline std::vector<double> time_interleaved_us(Context& ctx, int warmup, int iters, int batch,
+                                               const std::vector<std::function<void()>>& paths) {
+  if (paths.empty()) return {};
+  for (const auto& fn : paths)
+    for (int i = 0; i < warmup; ++i) fn();
+  std::vector<Event> starts, stops;
+  for (std::size_t p = 0; p < paths.size(); ++p) {
+    starts.push_back(Event::create(ctx.device().index));
+    stops.push_back(Event::create(ctx.device().index));
   }
-  return median(t);
+  std::vector<std::vector<double>> t(paths.size());
+  for (int i = 0; i < iters; ++i) {
+    for (std::size_t p = 0; p < paths.size(); ++p) {
+      starts[p].record(ctx.stream());
+      for (int j = 0; j < batch; ++j) paths[p]();
+      stops[p].record(ctx.stream());
+    }
+    stops.back().synchronize();
+    for (std::size_t p = 0; p < paths.size(); ++p) t[p].push_back(1000.0 * stops[p].elapsed_ms(starts[p]) / batch);
+  }
+  std::vector<double> medians;
+  for (const auto& v : t) medians.push_back(median(v));
+  return medians;
+}
+
+// Median time in microseconds of one `fn` (time_interleaved_us with one path).
+inline double time_us(Context& ctx, int warmup, int iters, int batch, const std::function<void()>& fn) {
+  return time_interleaved_us(ctx, warmup, iters, batch, {fn}).front();
 }
 
 // y = intercept + slope * x by least squares of the relative error (weights 1/y^2), so that small
