@@ -85,6 +85,18 @@ __global__ void reference_conv(const T* x, const T* w, float* y, int N, int H, i
   y[idx] = acc;
 }
 
+// The prologue's constants in T, as the kernel derives them from the BatchNorm's fp32 parameters.
+template <typename T>
+__global__ void prologue_constants(int C, const float* gamma, const float* beta, const float* mean,
+                                   const float* invstd, T* scale, T* shift) {
+  const int c = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (c >= C) return;
+  const dstrain::kernels::cuda::bn::ScaleShift k =
+      dstrain::kernels::cuda::bn::prologue_scale_shift(gamma[c], beta[c], mean[c], invstd[c]);
+  scale[c] = static_cast<T>(k.scale);
+  shift[c] = static_cast<T>(k.shift);
+}
+
 template <typename T>
 __global__ void fill_uniform(T* p, long long n, unsigned seed, float lo, float hi) {
   const long long i = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
@@ -140,13 +152,19 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   Buffer<T> x(xn), w(wn), y(yn);
   Buffer<float> ref(yn), ref_pro(yn), sum(K), sq(K);
   Buffer<T> scale(C), shift(C);
+  Buffer<float> in_gamma(C), in_beta(C), in_mean(C), in_invstd(C);
   Buffer<float> bias(K);
   fill_uniform<<<static_cast<unsigned>((xn + 255) / 256), 256>>>(x.p, xn, 1234u + C, -1.0f, 1.0f);
   const float wb = 1.0f / std::sqrt(static_cast<float>(C * R * S));
   fill_uniform<<<static_cast<unsigned>((wn + 255) / 256), 256>>>(w.p, wn, 777u + K, -wb, wb);
-  // The prologue's BatchNorm: scale in [0.5, 1.5), shift in [-0.5, 0.5) (half the inputs survive ReLU).
-  fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(scale.p, C, 99u, 0.5f, 1.5f);
-  fill_uniform<<<static_cast<unsigned>((C + 255) / 256), 256>>>(shift.p, C, 98u, -0.5f, 0.5f);
+  // The prologue's BatchNorm: scale about [0.4, 1.9), shift about [-0.9, 0.9) (about half the
+  // inputs survive ReLU).
+  const unsigned cb = static_cast<unsigned>((C + 255) / 256);
+  fill_uniform<<<cb, 256>>>(in_gamma.p, C, 99u, 0.5f, 1.5f);
+  fill_uniform<<<cb, 256>>>(in_beta.p, C, 98u, -0.5f, 0.5f);
+  fill_uniform<<<cb, 256>>>(in_mean.p, C, 96u, -0.3f, 0.3f);
+  fill_uniform<<<cb, 256>>>(in_invstd.p, C, 95u, 0.8f, 1.25f);
+  prologue_constants<<<cb, 256>>>(C, in_gamma.p, in_beta.p, in_mean.p, in_invstd.p, scale.p, shift.p);
   fill_uniform<<<static_cast<unsigned>((K + 255) / 256), 256>>>(bias.p, K, 97u, -0.5f, 0.5f);
   reference_conv<<<static_cast<unsigned>((yn + 255) / 256), 256>>>(x.p, w.p, ref.p, N, H, W, C, K, R, S, pad,
                                                                     static_cast<const T*>(nullptr),
@@ -164,8 +182,19 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
   const double flops = 2.0 * yn * C * R * S;
   char name[64];
   std::snprintf(name, sizeof(name), "N%d_c%d-%d_h%d_k%d", N, C, K, H, R);
-  ConvForwardArgs a{x.p, w.p, y.p, nullptr, nullptr, nullptr, nullptr, nullptr, N, H, W, C, K, R, S, H, W, pad, pad,
-                    N * H * W};
+  ConvForwardArgs a{};
+  a.x = x.p;
+  a.w = w.p;
+  a.y = y.p;
+  a.N = N;
+  a.H = a.P = H;
+  a.W = a.Q = W;
+  a.C = C;
+  a.K = K;
+  a.R = R;
+  a.S = S;
+  a.pad_h = a.pad_w = pad;
+  a.M = N * H * W;
   bool all_ok = true;
   float best_plain = 1e30f, best_stats = 1e30f, best_chained = 1e30f, best_bias = 1e30f;
   for (int vi = 0; vi < kForwardVariants; ++vi) {
@@ -181,8 +210,7 @@ bool run_shape(const Options& o, cudnnHandle_t dnn, const std::vector<int>& sh, 
         continue;
       a.sum = with_stats ? sum.p : nullptr;
       a.sqsum = with_stats ? sq.p : nullptr;
-      a.in_scale = with_prologue ? scale.p : nullptr;
-      a.in_shift = with_prologue ? shift.p : nullptr;
+      a.in = with_prologue ? InputBatchNorm{in_gamma.p, in_beta.p, in_mean.p, in_invstd.p} : InputBatchNorm{};
       a.bias = with_bias ? bias.p : nullptr;
       const std::vector<float>& want = with_prologue ? href_pro : with_bias ? href_bias : href;
       double ref_max = 0.0;

@@ -5,7 +5,9 @@
 // or as the convolution and one statistics pass, whichever was faster when the shape was first
 // seen (fp32, deterministic mode and unaligned tensors always take the second). Then one pass
 // that derives the batch mean, invstd and running statistics and applies BN + ReLU (a finalize
-// kernel first where the statistics come as per-chunk partials).
+// kernel first where the statistics come as per-chunk partials). A layer whose output is chained
+// applies nothing: the finalize kernel alone, or none where the implicit GEMM finishes the
+// statistics in its last CTA.
 // Backward: one pass reduces dbeta and dgamma over (dz, conv_out) with the ReLU mask recomputed
 // from conv_out, one pass writes dconv, then dgrad and wgrad, on one stream or with wgrad on the
 // side stream beside dgrad (timed per shape, conv_graphs.h: run_gradients).
@@ -39,6 +41,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bn_stats.cuh"
 #include "cuda_check.h"
 #include "cuda_state.h"
 #include "conv_graphs.h"
@@ -257,31 +260,10 @@ __device__ __forceinline__ void sum_chunks(const float* __restrict__ p1, const f
   }
 }
 
-// Batch mean and variance from sum (y - shift) and sum (y - shift)^2 over M rows.
-struct BatchStats {
-  double mean, var;
-};
-__device__ __forceinline__ BatchStats batch_stats(double s1, double s2, double shift, std::int64_t M) {
-  const double m = static_cast<double>(M);
-  const double d = s1 / m;
-  return {shift + d, fmax(s2 / m - d * d, 0.0)};
-}
-
-__device__ __forceinline__ double invstd_of(const BatchStats& b, float eps) {
-  return 1.0 / sqrt(b.var + static_cast<double>(eps));
-}
-
-// save_mean, save_invstd and the running statistics (unbiased variance) of one channel.
-__device__ __forceinline__ void write_batch_stats(const BatchStats& b, std::int64_t c, std::int64_t M, float eps,
-                                                  float momentum, float* save_mean, float* save_invstd,
-                                                  float* running_mean, float* running_var) {
-  const double m = static_cast<double>(M);
-  save_mean[c] = static_cast<float>(b.mean);
-  save_invstd[c] = static_cast<float>(invstd_of(b, eps));
-  const double unbiased = M > 1 ? b.var * m / (m - 1.0) : b.var;
-  running_mean[c] = static_cast<float>((1.0 - momentum) * running_mean[c] + momentum * b.mean);
-  running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * unbiased);
-}
+using bn::batch_stats;
+using bn::BatchStats;
+using bn::invstd_of;
+using bn::write_batch_stats;
 
 dim3 finalize_grid(std::int64_t K) {
   return dim3(static_cast<unsigned>((K + kChannelsPerBlock - 1) / kChannelsPerBlock));
@@ -507,12 +489,11 @@ __global__ void prologue_consts_kernel(std::int64_t C, const float* __restrict__
   wait_then_release_next_kernel();
   const std::int64_t c = static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  const float s = gamma[c] * invstd[c];
-  const float b = fmaf(-mean[c], s, beta[c]);
-  scale_f[c] = s;
-  shift_f[c] = b;
-  scale_t[c] = store_f<T>(s);
-  shift_t[c] = store_f<T>(b);
+  const bn::ScaleShift k = bn::prologue_scale_shift(gamma[c], beta[c], mean[c], invstd[c]);
+  scale_f[c] = k.scale;
+  shift_f[c] = k.shift;
+  scale_t[c] = store_f<T>(k.scale);
+  shift_t[c] = store_f<T>(k.shift);
 }
 
 // s_k = gamma_k / sqrt(var_k + eps); w_folded = w * s_k; bias_k = beta_k - mean_k * s_k.
@@ -560,13 +541,23 @@ std::size_t round_up(std::size_t v) { return (v + 255) & ~std::size_t(255); }
 
 namespace {
 
-// Partial sums for finalize_forward_kernel.
+// Partial sums for finalize_forward_kernel, or none where the convolution wrote the batch
+// statistics itself (finished).
 template <class T>
 struct Partials {
   float* p1 = nullptr;
   float* p2 = nullptr;
   int chunks = 1;
   const T* shift = nullptr;
+  bool finished = false;
+};
+
+// Where a training forward's batch statistics go: the caller's, or a timed way's scratch.
+struct StatsOut {
+  float* save_mean;
+  float* save_invstd;
+  float* running_mean;
+  float* running_var;
 };
 
 // A chained input's BatchNorm + ReLU: the producing layer's statistics and parameters, and the
@@ -650,26 +641,28 @@ Partials<T> stats_with_genstats(CudaState& st, cudnn_graph::TunedPlan& plan, con
 }
 
 // The implicit GEMM with the column sums and sums of squares in its epilogue (as GenStats), and
-// a chained input's BatchNorm + ReLU in its operand path when `pro` is set.
+// `prologue`'s BatchNorm + ReLU in its operand path when given (the constants derived in the
+// kernel). With a chained output there is nothing to apply after it: the kernel finishes the
+// statistics into `out` itself.
 template <class T>
 Partials<T> stats_with_implicit_gemm(CudaState& st, const Tensor& x, const Tensor& w, Tensor& conv_out,
-                                     const ops::Conv2dParams& p, const Prologue* pro) {
-  const std::int64_t K = conv_out.dim(3);
-  const std::size_t sums = round_up(2 * sizeof(float) * static_cast<std::size_t>(K));
-  const std::size_t consts = round_up(sizeof(float) * static_cast<std::size_t>(x.dim(3)));
-  char* base = static_cast<char*>(st.ensure_workspace(sums + (pro != nullptr ? 4 * consts : 0)));
+                                     const ops::ConvBnReluParams& p, const ops::ChainedInput* prologue,
+                                     const StatsOut& out) {
   Partials<T> r;
-  r.p1 = reinterpret_cast<float*>(base);
-  r.p2 = r.p1 + K;  // the kernel's layout: sums, then sums of squares
   ImplicitGemmExtras extras;
-  extras.sums = r.p1;
-  if (pro != nullptr) {
-    char* at = base + sums;
-    prologue_consts<T>(st, *pro, x.dim(3), at, consts);
-    extras.in_scale = at + 2 * consts;  // the pair in the activations' dtype, after the fp32 one
-    extras.in_shift = at + 3 * consts;
+  extras.chained_input = prologue;
+  ImplicitGemmBatchStats stats;
+  if (p.chained_output) {
+    stats = {p.bn.eps, p.bn.momentum, out.save_mean, out.save_invstd, out.running_mean, out.running_var};
+    extras.batch_stats = &stats;
+    r.finished = true;
+  } else {
+    const std::int64_t K = conv_out.dim(3);
+    r.p1 = static_cast<float*>(st.ensure_workspace(2 * sizeof(float) * static_cast<std::size_t>(K)));
+    r.p2 = r.p1 + K;  // the kernel's layout: sums, then sums of squares
+    extras.sums = r.p1;
   }
-  implicit_gemm_forward(st, x, w, conv_out, p, extras);
+  implicit_gemm_forward(st, x, w, conv_out, p.conv, extras);
   return r;
 }
 
@@ -727,7 +720,12 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   // After the statistics: the batch statistics (save_mean, save_invstd, running) and, unless the
   // next layer applies them in its prologue, z = relu(bn(y)); one pass when the statistics come
   // as one sum per channel, else the finalize kernel and the apply pass.
-  auto finish = [&](const Partials<T>& part, float* s_mean, float* s_invstd, float* r_mean, float* r_var) {
+  auto finish = [&](const Partials<T>& part, const StatsOut& out) {
+    if (part.finished) return;
+    float* s_mean = out.save_mean;
+    float* s_invstd = out.save_invstd;
+    float* r_mean = out.running_mean;
+    float* r_var = out.running_var;
     const int V = vector_width<T>(K, {conv_out.data(), z.data()});  // z.data() null with a chained output
     const Layout l = make_layout(M, K, V, st.device);
     if (!p.chained_output && part.chunks == 1 && part.shift == nullptr) {
@@ -750,33 +748,42 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   // The ways are timed whole, statistics and what follows them, into scratch statistics (the
   // running statistics must be updated once, by the real call).
   Tensor scratch;
-  auto finish_scratch = [&](const Partials<T>& part) {
+  auto scratch_out = [&] {
     if (scratch.numel() == 0) scratch = Tensor::zeros({4, K}, DType::F32, x.device());
     float* f = scratch.data_as<float>();
-    finish(part, f, f + K, f + 2 * K, f + 3 * K);
+    return StatsOut{f, f + K, f + 2 * K, f + 3 * K};
   };
-  std::vector<std::function<Partials<T>()>> runs;
+  std::vector<std::function<Partials<T>(const StatsOut&)>> runs;
   std::vector<Way> ways;
+  auto timed = [&](std::size_t run) {
+    const StatsOut out = scratch_out();
+    finish(runs[run](out), out);
+  };
   if (plan != nullptr) {
-    runs.push_back([&] { return stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
-    ways.push_back({chained ? "prologue graph" : "GenStats graph", [&] { finish_scratch(runs.front()()); }});
+    runs.push_back([&](const StatsOut&) { return stats_with_genstats<T>(st, *plan, x, w, conv_out, prologue); });
+    ways.push_back({chained ? "prologue graph" : "GenStats graph", [&, i = runs.size() - 1] { timed(i); }});
   }
   const std::size_t by_pass = runs.size();
-  runs.push_back([&] { return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in); });
+  runs.push_back([&](const StatsOut&) {
+    return stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, p.conv_out_given, pro.in);
+  });
   ways.push_back({chained ? "separate kernels" : "conv + pass", [&] {
-                    finish_scratch(stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in));
+                    const StatsOut out = scratch_out();
+                    finish(stats_with_pass<T>(ctx, st, x, w, conv_out, p.conv, false, pro.in), out);
                   }});
   if (!p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true, chained)) {
-    runs.push_back([&] { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p.conv, prologue); });
-    ways.push_back({"implicit GEMM", [&] { finish_scratch(runs.back()()); }});
+    runs.push_back(
+        [&](const StatsOut& out) { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p, pro.in, out); });
+    ways.push_back({"implicit GEMM", [&, i = runs.size() - 1] { timed(i); }});
   }
   std::size_t way = by_pass;
   if (plan != nullptr && conv_graphs_forced())
     way = 0;
   else if (ways.size() > 1)
     way = fastest_way(st, chained ? Site::ChainedForwardStats : Site::ForwardStats, x, w, p.conv, ways);
-  finish(runs[way](), save_mean.data_as<float>(), save_invstd.data_as<float>(), running_mean.data_as<float>(),
-         running_var.data_as<float>());
+  const StatsOut out{save_mean.data_as<float>(), save_invstd.data_as<float>(), running_mean.data_as<float>(),
+                     running_var.data_as<float>()};
+  finish(runs[way](out), out);
 }
 
 // Backward through relu(bn(y)): dgamma, dbeta and out = dL/dy from dz = dL/drelu (out may be dz).

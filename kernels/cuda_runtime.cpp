@@ -539,6 +539,8 @@ void destroy_cuda_state(CudaState* s) noexcept {
   if (s->activations != nullptr) warn_cuda(cudaFree(s->activations), "cudaFree (activations)");
   s->activations = nullptr;
   s->activations_bytes = 0;
+  if (s->zeroed_accumulators != nullptr) warn_cuda(cudaFree(s->zeroed_accumulators), "cudaFree (accumulators)");
+  s->zeroed_accumulators = nullptr;
   for (void* p : s->retired) warn_cuda(cudaFree(p), "cudaFree (retired scratch)");
   s->retired.clear();
   delete s;  // destroys the stream
@@ -597,6 +599,22 @@ void* CudaState::ensure_workspace(std::size_t bytes) {
 
 void* CudaState::ensure_activations(std::size_t bytes) {
   return grow_scratch(*this, activations, activations_bytes, bytes, "activation scratch");
+}
+
+void* CudaState::ensure_zeroed_accumulators() {
+  if (zeroed_accumulators != nullptr) return zeroed_accumulators;
+  if (capturing(cuda_stream()))
+    DSTRAIN_THROW(ErrorCode::Unsupported,
+                  "the statistics accumulators cannot be made while the stream is being captured into a CUDA graph: "
+                  "run the same work once before capturing it");
+  DeviceGuard guard(device);
+  void* p = device_malloc(kZeroedAccumulatorBytes, device);
+  if (const cudaError_t e = cudaMemsetAsync(p, 0, kZeroedAccumulatorBytes, cuda_stream()); e != cudaSuccess) {
+    warn_cuda(cudaFree(p), "cudaFree (accumulators)");
+    DSTRAIN_CUDA_CHECK(e);
+  }
+  zeroed_accumulators = p;
+  return p;
 }
 
 }  // namespace kernels

@@ -28,6 +28,11 @@ struct CudaState {
   // freed with the state) instead of freeing it under the graph.
   bool scratch_in_graph = false;
   std::vector<void*> retired;
+  // kZeroedAccumulatorBytes of device memory, zeroed when made, that every kernel using it leaves
+  // zeroed again: accumulators that need no memset before each use (the implicit GEMM's
+  // statistics finished in its last CTA). Null until first use.
+  static constexpr std::size_t kZeroedAccumulatorBytes = 16384;
+  void* zeroed_accumulators = nullptr;
   // A second stream on the same device for work independent of the main stream's (a layer's wgrad
   // beside its dgrad): its own scratch, the main state's handles (cuDNN's stream is switched to it
   // while it works). Made on first use by run_beside; null until then.
@@ -43,6 +48,8 @@ struct CudaState {
   void* ensure_workspace(std::size_t bytes);
   // The same for the activation scratch.
   void* ensure_activations(std::size_t bytes);
+  // zeroed_accumulators, made on first use (Unsupported while the stream is being captured).
+  void* ensure_zeroed_accumulators();
 };
 
 // The side state of `st` (made on first use), or null when DSTRAIN_SIDE_STREAM=0: then run_beside

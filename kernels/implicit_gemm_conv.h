@@ -16,15 +16,30 @@ namespace dstrain::kernels::cuda {
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
                                    const ops::Conv2dParams& p, bool with_stats, bool with_prologue = false);
 
-// What the kernel does besides y = conv(x, w), in one of four combinations: nothing; the sums;
-// the sums and the prologue (a chained layer's training forward); bias + ReLU alone (inference).
+// BatchNorm's batch statistics of y over its rows, written by the kernel itself (dstrain/ops.h's
+// formulas): save_mean, save_invstd, and the running statistics updated with `momentum`, [K] fp32
+// each.
+struct ImplicitGemmBatchStats {
+  float eps = 0.0f, momentum = 0.0f;
+  float* save_mean = nullptr;
+  float* save_invstd = nullptr;
+  float* running_mean = nullptr;
+  float* running_var = nullptr;
+};
+
+// What the kernel does besides y = conv(x, w), in one of four combinations: nothing; the sums (or
+// the batch statistics); the same with the prologue (a chained layer's training forward); bias +
+// ReLU alone (inference).
 struct ImplicitGemmExtras {
   // fp32 [2K], any contents: receives the column sums of y as stored, then their sums of squares.
   float* sums = nullptr;
-  // [C] in x's dtype, 16-byte aligned: the convolution reads relu(x * in_scale + in_shift) (one
-  // fused multiply-add in x's dtype; padding stays zero): a chained layer's prologue.
-  const void* in_scale = nullptr;
-  const void* in_shift = nullptr;
+  // Instead of `sums`: the kernel finishes the sums into the batch statistics in its last CTA (no
+  // finalize kernel after it), from accumulators of the state that it leaves zeroed.
+  const ImplicitGemmBatchStats* batch_stats = nullptr;
+  // The convolution reads relu(x * scale + shift) of this input's BatchNorm (its gamma, beta, batch
+  // mean and invstd): scale = gamma * invstd and shift = beta - mean * scale rounded to x's dtype,
+  // one fused multiply-add in x's dtype; padding stays zero (a chained layer's prologue).
+  const ops::ChainedInput* chained_input = nullptr;
   // fp32 [K], 8-byte aligned: y = relu(conv + bias) (the inference epilogue).
   const float* bias_relu = nullptr;
 };

@@ -69,7 +69,7 @@ ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
 
 void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DType dt) {
   cudaStream_t stream = st.cuda_stream();
-  if (a.sum != nullptr)  // the sums of squares follow the sums (args_of)
+  if (a.sum != nullptr && a.finish.count == nullptr)  // the sums of squares follow the sums (args_of)
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * sizeof(float) * static_cast<std::size_t>(a.K), stream));
   igemm::ConvTensorMaps maps{};
   const bool half = dt == DType::F16;
@@ -82,29 +82,36 @@ void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DT
                           : igemm::conv_forward<__nv_bfloat16>(v, a, maps, stream));
 }
 
-// The fastest variant for (device, shape, dtype, statistics), timed on first use.
+// The fastest variant for (device, shape, dtype, extras), timed on first use. The timed launches
+// leave the batch statistics unwritten (the sums alone, zeroed before each): the real launch
+// writes them once.
 ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DType dt, const Tensor& x,
                               const Tensor& w) {
   static std::mutex mutex;
   static auto* chosen = new std::map<std::array<int, 14>, ForwardVariant>();  // never destroyed
   const std::array<int, 14> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w,
-                                static_cast<int>(dt), a.sum != nullptr, a.in_scale != nullptr, a.bias != nullptr};
+                                static_cast<int>(dt), a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr};
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen->find(key);
     if (it != chosen->end()) return it->second;
   }
   if (capturing(st.cuda_stream())) return default_variant(a);
-  const std::vector<ForwardVariant> vs = variants_for(a.K, a.in_scale != nullptr);
+  const std::vector<ForwardVariant> vs = variants_for(a.K, a.in.gamma != nullptr);
+  igemm::ConvForwardArgs timed = a;
+  timed.finish = {};
   std::vector<float> ms;
-  for (ForwardVariant v : vs) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch(st, v, a, dt); }));
+  for (ForwardVariant v : vs)
+    ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch(st, v, timed, dt); }));
+  if (a.finish.count != nullptr)  // the finishing launch needs its accumulators zeroed again
+    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * sizeof(float) * static_cast<std::size_t>(a.K), st.cuda_stream()));
   const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
   if (choices_logged()) {
     std::string times;
     for (std::size_t i = 0; i < vs.size(); ++i)
       times += (i > 0 ? " / " : "") + igemm::variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
     detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
-                        dtype_name(dt) + (a.in_scale != nullptr ? " with prologue" : "") +
+                        dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "") +
                         (a.bias != nullptr ? " with bias + ReLU" : "") +
                         (a.sum != nullptr ? " with statistics" : "") + ": " + times + " ms");
   }
@@ -162,19 +169,33 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
                            const ImplicitGemmExtras& extras) {
-  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, extras.sums != nullptr, extras.in_scale != nullptr))
+  const bool with_stats = extras.sums != nullptr || extras.batch_stats != nullptr;
+  if (extras.sums != nullptr && extras.batch_stats != nullptr)
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: the sums or the batch statistics, not both");
+  if (!implicit_gemm_forward_applies(st.device, x, w, y, p, with_stats, extras.chained_input != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
-  if (!aligned16(extras.in_scale) || !aligned16(extras.in_shift) ||
-      (reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
-    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: prologue constants or bias unaligned");
-  igemm::ConvForwardArgs a = args_of(x, w, y, p, extras.sums);
-  a.in_scale = extras.in_scale;
-  a.in_shift = extras.in_shift;
+  if ((reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: bias unaligned");
+  float* sums = extras.sums;
+  unsigned* count = nullptr;
+  if (const ImplicitGemmBatchStats* b = extras.batch_stats; b != nullptr) {
+    // The state's accumulators: the sums, their squares, then the count of CTAs done.
+    static_assert(2 * igemm::kMaxStatsChannels * sizeof(float) + sizeof(unsigned) <=
+                  CudaState::kZeroedAccumulatorBytes);
+    sums = static_cast<float*>(st.ensure_zeroed_accumulators());
+    count = reinterpret_cast<unsigned*>(sums + 2 * igemm::kMaxStatsChannels);
+  }
+  igemm::ConvForwardArgs a = args_of(x, w, y, p, sums);
+  if (const ImplicitGemmBatchStats* b = extras.batch_stats; b != nullptr)
+    a.finish = {count, b->eps, b->momentum, b->save_mean, b->save_invstd, b->running_mean, b->running_var};
+  if (const ops::ChainedInput* in = extras.chained_input; in != nullptr)
+    a.in = {in->gamma->data_as<float>(), in->beta->data_as<float>(), in->save_mean->data_as<float>(),
+            in->save_invstd->data_as<float>()};
   a.bias = extras.bias_relu;
   if (!igemm::extras_supported(a))
     DSTRAIN_THROW(ErrorCode::Internal,
-                  "implicit-GEMM convolution: sums or prologue given in part, or extras in a combination it is not "
-                  "built with (the prologue only with the sums, bias + ReLU only alone)");
+                  "implicit-GEMM convolution: sums, prologue or batch statistics given in part, or extras in a "
+                  "combination it is not built with (the prologue only with the sums, bias + ReLU only alone)");
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
 }
 

@@ -11,13 +11,14 @@
 // - ping-pong: each group takes every other tile of the CTA and the two take turns at the tensor
 //   cores, so that one group's epilogue runs while the other multiplies.
 // The producer runs ahead across tiles, so the next tile's loads overlap this tile's epilogue.
-// Prologue (optional, in_scale): the A operand goes through registers (ldmatrix, then
-// relu(x * scale + shift) in the input type, zero on padding rows) into wgmma; a step's loads
-// overlap the multiplies of the one or two steps before (Config::kPrologueSets).
+// Prologue (optional, a chained input's BatchNorm): the A operand goes through registers
+// (ldmatrix, then relu(x * scale + shift) in the input type, zero on padding rows) into wgmma; a
+// step's loads overlap the multiplies of the one or two steps before (Config::kPrologueSets).
 // Epilogue: optionally relu(y + bias) (the inference conv + bias + ReLU); round to the output type
 // into shared memory and bulk-store it with TMA (rows past M are not written); optionally add each
 // column's sum and sum of squares (of the rounded values: the BatchNorm statistics of what is
-// stored) into fp32 arrays.
+// stored) into fp32 arrays, and optionally finish them into the batch statistics in the last CTA
+// (StatsFinish), which saves a finalize kernel after the convolution.
 //
 // Requirements (checked by the host side, implicit_gemm_conv.cu): C % 64 == 0, K % BN == 0,
 // 16-byte aligned x, w and y, stride 1, dilation 1, padding < filter size. Compiled for sm_90a
@@ -34,10 +35,35 @@
 #include <cstring>
 #include <string>
 
+#include "bn_stats.cuh"
 #include "overlapped_launch.cuh"
 #include "sm90_ptx.cuh"
 
 namespace dstrain::kernels::cuda::igemm {
+
+// The BatchNorm of a chained input, [C] fp32 each: x is the raw output of the layer before, whose
+// BatchNorm and ReLU are applied to each input value as it enters the product: relu(x * scale[c] +
+// shift[c]), scale and shift from bn::prologue_scale_shift rounded to x's type (one rounding, fused
+// multiply-add in x's type), padding staying zero (a chained layer's prologue). gamma null: none.
+struct InputBatchNorm {
+  const float* gamma;
+  const float* beta;
+  const float* mean;
+  const float* invstd;
+};
+
+// BatchNorm's batch statistics finished in the kernel (count null: not; the caller reads the sums).
+// The CTA that adds its sums last derives save_mean, save_invstd and the running statistics ([K]
+// fp32 each) from them over M rows, as the finalize kernels of conv_bn_relu.cu do (bn_stats.cuh),
+// and zeroes the sums and the count: both must be zero before the launch, and are after it.
+struct StatsFinish {
+  unsigned* count;
+  float eps, momentum;
+  float* save_mean;
+  float* save_invstd;
+  float* running_mean;
+  float* running_var;
+};
 
 struct ConvForwardArgs {
   const void* x;  // [N, H, W, C]
@@ -45,12 +71,8 @@ struct ConvForwardArgs {
   void* y;        // [N, P, Q, K]
   float* sum;     // [K] or null: column sums of y are added here
   float* sqsum;   // [K] or null (given with sum): column sums of squares
-  // [C] in x's type, or null: x is the raw output of the layer before, whose BatchNorm and ReLU are
-  // applied to each input value as it enters the product: relu(x * in_scale[c] + in_shift[c])
-  // (one rounding, fused multiply-add in x's type), padding staying zero (a chained layer's
-  // prologue).
-  const void* in_scale;
-  const void* in_shift;
+  StatsFinish finish;  // with sum only
+  InputBatchNorm in;
   const float* bias;  // [K] or null: y = relu(conv + bias) (the inference epilogue)
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;  // N * P * Q
@@ -165,6 +187,25 @@ __device__ __forceinline__ std::uint32_t bn_relu_pair(std::uint32_t v, std::uint
   return out;
 }
 
+// StatsFinish, run by the 256 consumer threads of every CTA once its sums are added: the last CTA
+// to count itself in (the fence orders every thread's additions before its CTA's count) reads the
+// complete sums from L2 and writes the statistics.
+__device__ __forceinline__ void finish_statistics(const ConvForwardArgs& a, int tid) {
+  __threadfence();
+  sm90::named_barrier_sync(1, 256);
+  const bool counted_last = tid == 0 && atomicAdd(a.finish.count, 1u) == gridDim.x - 1;
+  if (!sm90::named_barrier_sync_or(1, 256, counted_last)) return;
+  __threadfence();
+  for (int c = tid; c < a.K; c += 256) {
+    const bn::BatchStats b = bn::batch_stats(__ldcg(a.sum + c), __ldcg(a.sqsum + c), 0.0, a.M);
+    bn::write_batch_stats(b, c, a.M, a.finish.eps, a.finish.momentum, a.finish.save_mean, a.finish.save_invstd,
+                          a.finish.running_mean, a.finish.running_var);
+    a.sum[c] = 0.0f;
+    a.sqsum[c] = 0.0f;
+  }
+  if (tid == 0) *a.finish.count = 0u;
+}
+
 template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     conv_forward_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
@@ -200,14 +241,18 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   if constexpr (kStats)
     for (int i = tid; i < a.K; i += kThreads) s_sum[i] = s_sq[i] = 0.0f;
   // The prologue's table: for channel step cs, lane % 4 = l and k16 slice kk, the four 32-bit words
-  // that thread needs (scale pairs 32 cs + 8 kk + l and + 4, then the same shift pairs), so that one
-  // 16-byte shared load per slice fetches them.
+  // that thread needs (scale pairs 32 cs + 8 kk + l and + 4, then the same shift pairs; a pair is
+  // two channels' values in x's type), so that one 16-byte shared load per slice fetches them.
   std::uint32_t* table = reinterpret_cast<std::uint32_t*>(smem + Cfg::kTableOffset);
   if constexpr (kPrologue)
     for (int i = tid; i < c_steps * 64; i += kThreads) {
       const int j = i % 4, kk = i / 4 % 4, l = i / 16 % 4, cs = i / 64;
-      const std::uint32_t* src = static_cast<const std::uint32_t*>(j < 2 ? a.in_scale : a.in_shift);
-      table[i] = src[cs * 32 + 8 * kk + (j & 1) * 4 + l];
+      const int c = 2 * (cs * 32 + 8 * kk + (j & 1) * 4 + l);
+      const bn::ScaleShift k0 = bn::prologue_scale_shift(a.in.gamma[c], a.in.beta[c], a.in.mean[c], a.in.invstd[c]);
+      const bn::ScaleShift k1 =
+          bn::prologue_scale_shift(a.in.gamma[c + 1], a.in.beta[c + 1], a.in.mean[c + 1], a.in.invstd[c + 1]);
+      const typename Traits::pair pair = j < 2 ? Traits::make(k0.scale, k1.scale) : Traits::make(k0.shift, k1.shift);
+      memcpy(&table[i], &pair, 4);
     }
   __syncthreads();
 
@@ -453,6 +498,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
       atomicAdd(&a.sum[i], s_sum[i]);
       atomicAdd(&a.sqsum[i], s_sq[i]);
     }
+    if (a.finish.count != nullptr) finish_statistics(a, tid);
   }
 #endif
 }
@@ -563,22 +609,26 @@ cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, con
 
 // True for the combinations of extras the kernel is built with: none; statistics; statistics with
 // the prologue (a chained layer's training forward, C <= kMaxPrologueChannels); bias + ReLU alone
-// (inference).
+// (inference). The statistics may be finished in the kernel; the structs' pointers are all given.
 inline bool extras_supported(const ConvForwardArgs& a) {
-  const bool stats = a.sum != nullptr, prologue = a.in_scale != nullptr, bias = a.bias != nullptr;
-  return (stats == (a.sqsum != nullptr)) && (prologue == (a.in_shift != nullptr)) && !(bias && (stats || prologue)) &&
-         !(prologue && !stats) && !(prologue && a.C > kMaxPrologueChannels);
+  const bool stats = a.sum != nullptr, prologue = a.in.gamma != nullptr, bias = a.bias != nullptr;
+  const bool prologue_whole = a.in.beta != nullptr && a.in.mean != nullptr && a.in.invstd != nullptr;
+  const bool finish = a.finish.count != nullptr;
+  const bool finish_whole = a.finish.save_mean != nullptr && a.finish.save_invstd != nullptr &&
+                            a.finish.running_mean != nullptr && a.finish.running_var != nullptr;
+  return (stats == (a.sqsum != nullptr)) && (!prologue || prologue_whole) && (!finish || (stats && finish_whole)) &&
+         !(bias && (stats || prologue)) && !(prologue && !stats) && !(prologue && a.C > kMaxPrologueChannels);
 }
 
 // Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
 // caller checks the requirements above, K % variant_bn(v) == 0 and, with statistics,
-// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given; in_scale and in_shift
-// (x's type) 16-byte aligned and bias 8-byte aligned when given. cudaErrorInvalidValue for a
-// combination of extras that extras_supported refuses, or a prologue on a variant without one.
+// K <= kMaxStatsChannels; sum/sqsum must be zeroed by the caller when given (and finish.count
+// with them); bias 8-byte aligned when given. cudaErrorInvalidValue for a combination of extras
+// that extras_supported refuses, or a prologue on a variant without one.
 template <typename T>
 cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
   if (!extras_supported(a)) return cudaErrorInvalidValue;
-  if (a.in_scale != nullptr) {
+  if (a.in.gamma != nullptr) {
     if (!variant_has_prologue(v)) return cudaErrorInvalidValue;
     return conv_forward_variant<T, Epilogue::Stats, true>(v, a, maps, stream);
   }

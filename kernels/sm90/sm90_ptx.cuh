@@ -104,6 +104,17 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
+// named_barrier_sync that also returns whether `pred` held in any of the `threads` threads.
+__device__ __forceinline__ bool named_barrier_sync_or(int id, int threads, bool pred) {
+  std::uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, %2, %3, p;\n selp.u32 %0, 1, 0, q;\n}\n"
+      : "=r"(any)
+      : "r"(static_cast<std::uint32_t>(pred)), "r"(id), "r"(threads)
+      : "memory");
+  return any != 0;
+}
+
 // Counts this warp's threads at named barrier `id` without waiting (the waiting side calls
 // named_barrier_sync with the same total).
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {

@@ -296,6 +296,7 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
         Tensor gamma = random_tensor({K}, DType::F32, rng, 0.5f, 1.5f), beta = random_tensor({K}, DType::F32, rng);
         Tensor rm_c = Tensor::zeros({K}, DType::F32, cpu()), rv_c = random_tensor({K}, DType::F32, rng, 0.5f, 2.0f);
         Tensor rm_g = rm_c.to(gpu()), rv_g = rv_c.to(gpu());
+        const Tensor rv0 = rv_c.to(cpu());
         const Tensor x_g = x.to(gpu()), w_g = w.to(gpu()), gamma_g = gamma.to(gpu()), beta_g = beta.to(gpu());
 
         // Forward: the convolution of relu(bn(x)) and its statistics.
@@ -307,13 +308,16 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
         require_close(g, y_g, y_c, units(dt, 8, 64), "chained conv_out");
         // The statistics against the CPU's from the GPU's own conv_out (as in the test above).
         const Tensor y_h = y_g.to(cpu());
-        Tensor rm_r = Tensor::zeros({K}, DType::F32, cpu()), rv_r = Tensor::zeros({K}, DType::F32, cpu());
+        // The running statistics start where the GPU's did, and are updated once.
+        Tensor rm_r = Tensor::zeros({K}, DType::F32, cpu()), rv_r = rv0.to(cpu());
         Tensor bn_r = poisoned(ys, cpu(), dt);
         Tensor sm_r = poisoned({K}, cpu(), DType::F32), si_r = poisoned({K}, cpu(), DType::F32);
         ops::batchnorm_forward_train(c, y_h, gamma, beta, rm_r, rv_r, bn_r, sm_r, si_r, p.bn);
         const double y_scale = max_abs(y_h);
         require_close(g, sm_g, sm_r, units(dt, 2, 16), "chained save_mean", y_scale, eps_of(dt));
         require_close(g, si_g, si_r, units(dt, 4, 16), "chained save_invstd", -1.0, eps_of(dt));
+        require_close(g, rm_g, rm_r, units(dt, 2, 16), "chained running_mean", y_scale, eps_of(dt));
+        require_close(g, rv_g, rv_r, units(dt, 4, 16), "chained running_var", -1.0, eps_of(dt));
 
         // Backward from dL/dconv_out: dw from relu(bn(x)), dx through the producer's ReLU and BN.
         Tensor dconv = random_tensor(ys, dt, rng);
