@@ -715,7 +715,9 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   // The ways to the statistics: cuDNN's GenStats graph (with a chained input's prologue), the
   // separate kernels (the convolution and a statistics pass; a chained input materialised first),
   // and where it applies our implicit GEMM (the prologue in its operand path, the statistics in
-  // its epilogue). With one way there is nothing to time.
+  // its epilogue), and for a chained input the implicit GEMM on the materialised activation (one
+  // pass over x can cost less than the prologue inside the GEMM). With one way there is nothing
+  // to time.
   const bool chained = prologue != nullptr;
   // After the statistics: the batch statistics (save_mean, save_invstd, running) and, unless the
   // next layer applies them in its prologue, z = relu(bn(y)); one pass when the statistics come
@@ -775,6 +777,13 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
     runs.push_back(
         [&](const StatsOut& out) { return stats_with_implicit_gemm<T>(st, x, w, conv_out, p, pro.in, out); });
     ways.push_back({"implicit GEMM", [&, i = runs.size() - 1] { timed(i); }});
+  }
+  if (chained && !p.conv_out_given && implicit_gemm_forward_applies(st.device, x, w, conv_out, p.conv, true, false)) {
+    runs.push_back([&](const StatsOut& out) {
+      const Tensor a = materialise_activation<T>(st, x, *pro.in);
+      return stats_with_implicit_gemm<T>(st, a, w, conv_out, p, nullptr, out);
+    });
+    ways.push_back({"activation + implicit GEMM", [&, i = runs.size() - 1] { timed(i); }});
   }
   std::size_t way = by_pass;
   if (plan != nullptr && conv_graphs_forced())
