@@ -724,26 +724,24 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   // as one sum per channel, else the finalize kernel and the apply pass.
   auto finish = [&](const Partials<T>& part, const StatsOut& out) {
     if (part.finished) return;
-    float* s_mean = out.save_mean;
-    float* s_invstd = out.save_invstd;
-    float* r_mean = out.running_mean;
-    float* r_var = out.running_var;
     const int V = vector_width<T>(K, {conv_out.data(), z.data()});  // z.data() null with a chained output
     const Layout l = make_layout(M, K, V, st.device);
     if (!p.chained_output && part.chunks == 1 && part.shift == nullptr) {
       with_width<T>(V, [&](auto v) {
         launch_pass(st, finalize_apply_forward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), part.p1, part.p2,
                     static_cast<const T*>(conv_out.data()), M, K, p.bn.eps, p.bn.momentum, gamma.data_as<float>(),
-                    beta.data_as<float>(), s_mean, s_invstd, r_mean, r_var, static_cast<T*>(z.data()));
+                    beta.data_as<float>(), out.save_mean, out.save_invstd, out.running_mean, out.running_var,
+                    static_cast<T*>(z.data()));
       });
       return;
     }
     launch_pass(st, finalize_forward_kernel<T>, finalize_grid(K), finalize_block(), part.p1, part.p2, part.chunks,
-                part.shift, M, K, p.bn.eps, p.bn.momentum, s_mean, s_invstd, r_mean, r_var);
+                part.shift, M, K, p.bn.eps, p.bn.momentum, out.save_mean, out.save_invstd, out.running_mean,
+                out.running_var);
     if (p.chained_output) return;  // the next layer applies BN + ReLU in its own prologue
     with_width<T>(V, [&](auto v) {
       launch_pass(st, apply_forward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l),
-                  static_cast<const T*>(conv_out.data()), M, K, s_mean, s_invstd, gamma.data_as<float>(),
+                  static_cast<const T*>(conv_out.data()), M, K, out.save_mean, out.save_invstd, gamma.data_as<float>(),
                   beta.data_as<float>(), static_cast<T*>(z.data()));
     });
   };
