@@ -20,6 +20,7 @@
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #ifdef DSTRAIN_BENCH_PROFILER_RANGE
@@ -320,18 +321,29 @@ int run(const Options& o) {
       // Every eager figure from one set of interleaved repeats (harness.h: time_interleaved_us):
       // the paths to compare, then where the time goes (the fused forward and backward, the copy
       // of the floor, the convolutions alone, the chained step's halves).
-      std::vector<double> t = dstrain::bench::time_interleaved_us(
-          ctx, o.warmup, o.iters, o.batch,
-          {fused, conv_only, conv_beside, unfused, infer, conv_fwd,
-           [&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p); },
-           [&] { ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p); },
-           [&] { ops::copy(ctx, conv_out, copy_of_y); },
-           [&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); },
-           [&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); }, chain_fwd, chain_bwd, chain_step});
-      for (double& v : t) v /= 1000.0;
-      const double t_fused = t[0], t_conv = t[1], t_conv_beside = t[2], t_unfused = t[3], t_infer = t[4];
-      const double t_conv_fwd = t[5], t_ffwd = t[6], t_fbwd = t[7], t_copy = t[8], t_dgrad = t[9], t_wgrad = t[10];
-      const double t_cfwd = t[11], t_cbwd = t[12], t_chain = t[13];
+      double t_fused, t_conv, t_conv_beside, t_unfused, t_infer, t_conv_fwd, t_ffwd, t_fbwd, t_copy, t_dgrad, t_wgrad;
+      double t_cfwd, t_cbwd, t_chain;
+      const std::vector<std::pair<double*, std::function<void()>>> eager{
+          {&t_fused, fused},
+          {&t_conv, conv_only},
+          {&t_conv_beside, conv_beside},
+          {&t_unfused, unfused},
+          {&t_infer, infer},
+          {&t_conv_fwd, conv_fwd},
+          {&t_ffwd, [&] { ops::conv_bn_relu_forward_train(ctx, x, w, gamma, beta, rm, rv, conv_out, z, sm, si, p); }},
+          {&t_fbwd,
+           [&] { ops::conv_bn_relu_backward(ctx, dz, x, w, gamma, beta, conv_out, sm, si, dconv, &dx, dw, dg, db, p); }},
+          {&t_copy, [&] { ops::copy(ctx, conv_out, copy_of_y); }},
+          {&t_dgrad, [&] { ops::conv2d_backward_data(ctx, dz, w, dx, p.conv); }},
+          {&t_wgrad, [&] { ops::conv2d_backward_filter(ctx, x, dz, dw, p.conv); }},
+          {&t_cfwd, chain_fwd},
+          {&t_cbwd, chain_bwd},
+          {&t_chain, chain_step}};
+      std::vector<std::function<void()>> eager_paths;
+      for (const auto& e : eager) eager_paths.push_back(e.second);
+      const std::vector<double> eager_us =
+          dstrain::bench::time_interleaved_us(ctx, o.warmup, o.iters, o.batch, eager_paths);
+      for (std::size_t i = 0; i < eager.size(); ++i) *eager[i].first = eager_us[i] / 1000.0;
       const double t_floor = std::min(t_conv, t_conv_beside) + 2.0 * t_copy;
       // The host's time to enqueue one step, no synchronisation inside (median of --iters repeats of
       // --batch steps): while it stays below the GPU's time, the GPU never waits for a launch.
