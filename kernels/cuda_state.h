@@ -30,8 +30,9 @@ struct CudaState {
   std::vector<void*> retired;
   // kZeroedAccumulatorBytes of device memory, zeroed when made, that every kernel using it leaves
   // zeroed again: accumulators that need no memset before each use (the implicit GEMM's
-  // statistics finished in its last CTA). Null until first use.
-  static constexpr std::size_t kZeroedAccumulatorBytes = 16384;
+  // statistics finished in its last CTA, the BatchNorm backward's sums). Kernels on this stream
+  // only, one user at a time. Null until first use.
+  static constexpr std::size_t kZeroedAccumulatorBytes = 65536;
   void* zeroed_accumulators = nullptr;
   // A second stream on the same device for work independent of the main stream's (a layer's wgrad
   // beside its dgrad): its own scratch, the main state's handles (cuDNN's stream is switched to it
