@@ -407,12 +407,19 @@ __global__ void finalize_backward_kernel(const float* __restrict__ p1, const flo
 }
 
 // dconv = scale * (g - dbeta / M - xhat * dgamma / M) over this thread's rows of channels
-// c0 .. c0 + V; db = dbeta / M, dgx = dgamma / M * invstd.
+// c0 .. c0 + V, from their dbeta and dgamma.
 // dz may be dconv itself (each element is read before it is written, by the same thread).
 template <class T, int V>
 __device__ __forceinline__ void apply_backward_rows(const T* dz, const T* __restrict__ y, std::int64_t M,
                                                     std::int64_t K, std::int64_t c0, const ChannelConsts<V>& k,
-                                                    const float (&db)[V], const float (&dgx)[V], T* dconv) {
+                                                    const float (&dbeta)[V], const float (&dgamma)[V], T* dconv) {
+  const float inv_m = 1.0f / static_cast<float>(M);
+  float db[V], dgx[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    db[j] = dbeta[j] * inv_m;
+    dgx[j] = dgamma[j] * inv_m * k.invstd[j];
+  }
   RawVec<T, V> yr[kBatch], gr[kBatch];
   for_rows(
       M,
@@ -444,14 +451,13 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_ker
   if (c0 >= K) return;
   ChannelConsts<V> k;
   load_consts<V>(k, c0, mean, invstd, gamma, beta);
-  const float inv_m = 1.0f / static_cast<float>(M);
-  float db[V], dgx[V];
+  float b[V], g[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    db[j] = dbeta[c0 + j] * inv_m;
-    dgx[j] = dgamma[c0 + j] * inv_m * k.invstd[j];
+    b[j] = dbeta[c0 + j];
+    g[j] = dgamma[c0 + j];
   }
-  apply_backward_rows<T, V>(dz, y, M, K, c0, k, db, dgx, dconv);
+  apply_backward_rows<T, V>(dz, y, M, K, c0, k, b, g, dconv);
 }
 
 // The backward's finalize and apply in one pass, for sums that arrive as one per channel
@@ -469,20 +475,17 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_bac
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const bool active = c0 < K;
   ChannelConsts<V> k;
-  const float inv_m = 1.0f / static_cast<float>(M);
-  float db[V], dgx[V];
+  float b[V], g[V];
   if (active) {
     load_consts<V>(k, c0, mean, invstd, gamma, beta);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float b = static_cast<float>(sums[c0 + j]);
-      const float g = static_cast<float>(sums[K + c0 + j] * static_cast<double>(k.invstd[j]));
+      b[j] = static_cast<float>(sums[c0 + j]);
+      g[j] = static_cast<float>(sums[K + c0 + j] * static_cast<double>(k.invstd[j]));
       if (blockIdx.y == 0 && threadIdx.y == 0) {
-        dbeta[c0 + j] = b;
-        dgamma[c0 + j] = g;
+        dbeta[c0 + j] = b[j];
+        dgamma[c0 + j] = g[j];
       }
-      db[j] = b * inv_m;
-      dgx[j] = g * inv_m * k.invstd[j];
     }
   }
   __threadfence();
@@ -495,7 +498,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_bac
     for (std::int64_t i = t; i < 2 * K; i += blockDim.x * blockDim.y) sums[i] = 0.0;
     if (t == 0) *count = 0u;
   }
-  if (active) apply_backward_rows<T, V>(dz, y, M, K, c0, k, db, dgx, dconv);
+  if (active) apply_backward_rows<T, V>(dz, y, M, K, c0, k, b, g, dconv);
 }
 
 // The forward's finalize and apply in one pass, for statistics that arrive as one sum and one sum
@@ -896,10 +899,10 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
   // Two passes where asked for, outside deterministic mode (atomics) and where the state's
   // accumulators hold the sums: the sums added up by atomics, finalized by every thread of the apply.
   if (bn_backward_two_pass_wanted() && !ops::deterministic() &&
-      static_cast<std::size_t>(2 * K) * sizeof(double) + sizeof(unsigned) <= CudaState::kZeroedAccumulatorBytes) {
-    char* acc = static_cast<char*>(st.ensure_zeroed_accumulators());
-    double* sums = reinterpret_cast<double*>(acc);
-    unsigned* count = reinterpret_cast<unsigned*>(acc + CudaState::kZeroedAccumulatorBytes - sizeof(unsigned));
+      static_cast<std::size_t>(2 * K) * sizeof(double) <= CudaState::kZeroedSumBytes) {
+    const CudaState::ZeroedAccumulators acc = st.ensure_zeroed_accumulators();
+    double* sums = static_cast<double*>(acc.sums);
+    unsigned* count = acc.count;
     with_width<T>(V, [&](auto v) {
       launch_pass(st, backward_partials_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dz, y, M, K, mean,
                   invstd, gamma, beta, static_cast<float*>(nullptr), static_cast<float*>(nullptr), sums);
