@@ -9,10 +9,8 @@
 // applies nothing: the finalize kernel alone, or none where the implicit GEMM finishes the
 // statistics in its last CTA.
 // Backward: one pass reduces dbeta and dgamma over (dz, conv_out) with the ReLU mask recomputed
-// from conv_out, a finalize kernel, one pass writes dconv (with DSTRAIN_BN_BACKWARD_TWO_PASS=1 the
-// reduction's atomics leave one sum per channel, which the dconv pass finalizes itself), then
-// dgrad and wgrad, on one stream or with wgrad on the side stream beside dgrad (timed per shape,
-// conv_graphs.h: run_gradients).
+// from conv_out, one pass writes dconv, then dgrad and wgrad, on one stream or with wgrad on the
+// side stream beside dgrad (timed per shape, conv_graphs.h: run_gradients).
 // Inference: a cuDNN graph conv -> +bias -> ReLU (one kernel) for fp16/bf16, cuBLASLt's RELU_BIAS
 // epilogue for 1x1, or our implicit GEMM, whichever was fastest; otherwise the convolution and one
 // bias+ReLU pass. The bias may be fp32 or in the activations' dtype (what the fold writes).
@@ -27,15 +25,14 @@
 // per-channel constants stay in registers; it loads four rows before using any (memory-level
 // parallelism), and the grid is one wave of resident blocks. On sm_90 they are launched overlapped
 // with the kernel before them (overlapped_launch.cuh). Reductions write one partial per
-// (row chunk, channel), added in a fixed order by the finalize kernels (results deterministic on
-// a given device), except in the two-pass backward (fp64 atomics, never in deterministic mode).
+// (row chunk, channel), added in a fixed order by the finalize kernels: results are deterministic
+// on a given device.
 #include <cuda_runtime.h>
 #include <cudnn.h>
 
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#include <cstdlib>
 #include <functional>
 #include <map>
 #include <memory>
@@ -340,14 +337,12 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm)
   apply_bn_relu_rows<T, V>(y, M, K, c0, k, z);
 }
 
-// Backward partials: sum g and sum g * (y - mean), g = dz where bn(y) > 0; per row chunk into p1
-// and p2, or, where `sums` is given ([2K], zero), added into it by every block (fp64 atomics, so
-// the order of the additions hardly shows: outside deterministic mode only).
+// Backward partials: sum g and sum g * (y - mean), g = dz where bn(y) > 0.
 template <class T, int V>
 __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) backward_partials_kernel(
     const T* __restrict__ dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
     const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
-    float* __restrict__ p1, float* __restrict__ p2, double* __restrict__ sums) {
+    float* __restrict__ p1, float* __restrict__ p2) {
   wait_then_release_next_kernel();
   __shared__ float smem[V * kThreads];
   const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
@@ -377,19 +372,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) backward_partials_
           }
         });
   }
-  if (sums == nullptr) {
-    store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
-    return;
-  }
-  reduce_rows<V>(a1, smem);
-  reduce_rows<V>(a2, smem);
-  if (active && threadIdx.y == 0) {
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      atomicAdd(&sums[c0 + j], static_cast<double>(a1[j]));
-      atomicAdd(&sums[K + c0 + j], static_cast<double>(a2[j]));
-    }
-  }
+  store_partials<V>(a1, a2, smem, active, c0, K, p1, p2);
 }
 
 // dbeta = sum g; dgamma = invstd * sum g (y - mean).
@@ -406,19 +389,24 @@ __global__ void finalize_backward_kernel(const float* __restrict__ p1, const flo
   dgamma[c] = static_cast<float>(s2 * static_cast<double>(invstd[c]));
 }
 
-// dconv = scale * (g - dbeta / M - xhat * dgamma / M) over this thread's rows of channels
-// c0 .. c0 + V, from their dbeta and dgamma.
+// dconv = scale * (g - dbeta / M - xhat * dgamma / M).
 // dz may be dconv itself (each element is read before it is written, by the same thread).
 template <class T, int V>
-__device__ __forceinline__ void apply_backward_rows(const T* dz, const T* __restrict__ y, std::int64_t M,
-                                                    std::int64_t K, std::int64_t c0, const ChannelConsts<V>& k,
-                                                    const float (&dbeta)[V], const float (&dgamma)[V], T* dconv) {
+__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_kernel(
+    const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
+    const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
+    const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* dconv) {
+  wait_then_release_next_kernel();
+  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (c0 >= K) return;
+  ChannelConsts<V> k;
+  load_consts<V>(k, c0, mean, invstd, gamma, beta);
   const float inv_m = 1.0f / static_cast<float>(M);
   float db[V], dgx[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    db[j] = dbeta[j] * inv_m;
-    dgx[j] = dgamma[j] * inv_m * k.invstd[j];
+    db[j] = dbeta[c0 + j] * inv_m;
+    dgx[j] = dgamma[c0 + j] * inv_m * k.invstd[j];
   }
   RawVec<T, V> yr[kBatch], gr[kBatch];
   for_rows(
@@ -439,66 +427,6 @@ __device__ __forceinline__ void apply_backward_rows(const T* dz, const T* __rest
         }
         store_vec<T, V>(dconv + r * K + c0, g);
       });
-}
-
-template <class T, int V>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_kernel(
-    const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
-    const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
-    const float* __restrict__ dgamma, const float* __restrict__ dbeta, T* dconv) {
-  wait_then_release_next_kernel();
-  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
-  if (c0 >= K) return;
-  ChannelConsts<V> k;
-  load_consts<V>(k, c0, mean, invstd, gamma, beta);
-  float b[V], g[V];
-#pragma unroll
-  for (int j = 0; j < V; ++j) {
-    b[j] = dbeta[c0 + j];
-    g[j] = dgamma[c0 + j];
-  }
-  apply_backward_rows<T, V>(dz, y, M, K, c0, k, b, g, dconv);
-}
-
-// The backward's finalize and apply in one pass, for sums that arrive as one per channel
-// (backward_partials_kernel's atomics, in `sums`): every thread derives dbeta and dgamma of its
-// own channels (finalize_backward_kernel's arithmetic), the threads of block (x, 0) row 0 write
-// them, and all apply. The block that counts itself in last (in *count) zeroes `sums` and the
-// count for the next use; every block has read them before it counts (the fence).
-template <class T, int V>
-__global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) finalize_apply_backward_kernel(
-    const T* dz, const T* __restrict__ y, std::int64_t M, std::int64_t K, const float* __restrict__ mean,
-    const float* __restrict__ invstd, const float* __restrict__ gamma, const float* __restrict__ beta,
-    double* __restrict__ sums, unsigned* __restrict__ count, float* __restrict__ dgamma, float* __restrict__ dbeta,
-    T* dconv) {
-  wait_then_release_next_kernel();
-  const std::int64_t c0 = (static_cast<std::int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
-  const bool active = c0 < K;
-  ChannelConsts<V> k;
-  float b[V], g[V];
-  if (active) {
-    load_consts<V>(k, c0, mean, invstd, gamma, beta);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      b[j] = static_cast<float>(sums[c0 + j]);
-      g[j] = static_cast<float>(sums[K + c0 + j] * static_cast<double>(k.invstd[j]));
-      if (blockIdx.y == 0 && threadIdx.y == 0) {
-        dbeta[c0 + j] = b[j];
-        dgamma[c0 + j] = g[j];
-      }
-    }
-  }
-  __threadfence();
-  __syncthreads();
-  __shared__ bool last;
-  if (threadIdx.x == 0 && threadIdx.y == 0) last = atomicAdd(count, 1u) == gridDim.x * gridDim.y - 1;
-  __syncthreads();
-  if (last) {
-    const int t = threadIdx.y * blockDim.x + threadIdx.x;
-    for (std::int64_t i = t; i < 2 * K; i += blockDim.x * blockDim.y) sums[i] = 0.0;
-    if (t == 0) *count = 0u;
-  }
-  if (active) apply_backward_rows<T, V>(dz, y, M, K, c0, k, b, g, dconv);
 }
 
 // The forward's finalize and apply in one pass, for statistics that arrive as one sum and one sum
@@ -865,25 +793,10 @@ void forward_train_impl(Context& ctx, CudaState& st, const Tensor& x, const Tens
   finish(runs[way](out), out);
 }
 
-// DSTRAIN_BN_BACKWARD_TWO_PASS=1: the BatchNorm backward in two kernels (below). Opt-in until it
-// has been measured on a GPU against the three kernels (RESULTS.md); a switch, not a second build,
-// so that one binary can time both.
-bool bn_backward_two_pass_wanted() {
-  static const bool wanted = [] {
-    const char* env = std::getenv("DSTRAIN_BN_BACKWARD_TWO_PASS");
-    const std::string v = env == nullptr ? "" : env;
-    if (v.empty() || v == "0") return false;
-    if (v == "1") return true;
-    DSTRAIN_THROW(ErrorCode::InvalidArgument, "DSTRAIN_BN_BACKWARD_TWO_PASS must be 0 or 1, not '" + v + "'");
-  }();
-  return wanted;
-}
-
 // Backward through relu(bn(y)): dgamma, dbeta and out = dL/dy from dz = dL/drelu (out may be dz).
-// Three kernels: partials, finalize, apply; or, with DSTRAIN_BN_BACKWARD_TWO_PASS=1 outside
-// deterministic mode, two (partials added up by atomics, then finalize + apply). (One cooperative
-// kernel with grid-wide barriers in place of the launches, holding the rows in registers where they
-// fit, was measured no faster and up to 9% slower: RESULTS.md.)
+// Three kernels: partials, finalize, apply. (One cooperative kernel with grid-wide barriers in
+// place of the launches, holding the rows in registers where they fit, was measured no faster and
+// up to 9% slower: RESULTS.md.)
 template <class T>
 void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_t M, std::int64_t K,
                              const float* mean, const float* invstd, const float* gamma, const float* beta,
@@ -896,28 +809,13 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
   }
   const int V = vector_width<T>(K, {dz, y, out});
   const Layout l = make_layout(M, K, V, st.device);
-  // Two passes where asked for, outside deterministic mode (atomics) and where the state's
-  // accumulators hold the sums: the sums added up by atomics, finalized by every thread of the apply.
-  if (bn_backward_two_pass_wanted() && !ops::deterministic() &&
-      static_cast<std::size_t>(2 * K) * sizeof(double) <= CudaState::kZeroedSumBytes) {
-    const CudaState::ZeroedAccumulators acc = st.ensure_zeroed_accumulators();
-    double* sums = static_cast<double*>(acc.sums);
-    unsigned* count = acc.count;
-    with_width<T>(V, [&](auto v) {
-      launch_pass(st, backward_partials_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dz, y, M, K, mean,
-                  invstd, gamma, beta, static_cast<float*>(nullptr), static_cast<float*>(nullptr), sums);
-      launch_pass(st, finalize_apply_backward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dz, y, M, K,
-                  mean, invstd, gamma, beta, sums, count, dgamma, dbeta, out);
-    });
-    return;
-  }
   const std::size_t part = round_up(sizeof(float) * static_cast<std::size_t>(l.gy) * K);
   char* base = static_cast<char*>(st.ensure_workspace(2 * part));
   float* p1 = reinterpret_cast<float*>(base);
   float* p2 = reinterpret_cast<float*>(base + part);
   with_width<T>(V, [&](auto v) {
     launch_pass(st, backward_partials_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dz, y, M, K, mean, invstd,
-                gamma, beta, p1, p2, static_cast<double*>(nullptr));
+                gamma, beta, p1, p2);
   });
   launch_pass(st, finalize_backward_kernel, finalize_grid(K), finalize_block(), p1, p2, l.gy, K, invstd, dgamma, dbeta);
   with_width<T>(V, [&](auto v) {

@@ -601,11 +601,8 @@ void* CudaState::ensure_activations(std::size_t bytes) {
   return grow_scratch(*this, activations, activations_bytes, bytes, "activation scratch");
 }
 
-CudaState::ZeroedAccumulators CudaState::ensure_zeroed_accumulators() {
-  auto layout = [](void* p) {
-    return ZeroedAccumulators{p, reinterpret_cast<unsigned*>(static_cast<char*>(p) + kZeroedSumBytes)};
-  };
-  if (zeroed_accumulators != nullptr) return layout(zeroed_accumulators);
+void* CudaState::ensure_zeroed_accumulators() {
+  if (zeroed_accumulators != nullptr) return zeroed_accumulators;
   if (capturing(cuda_stream()))
     DSTRAIN_THROW(ErrorCode::Unsupported,
                   "the statistics accumulators cannot be made while the stream is being captured into a CUDA graph: "
@@ -617,7 +614,7 @@ CudaState::ZeroedAccumulators CudaState::ensure_zeroed_accumulators() {
     DSTRAIN_CUDA_CHECK(e);
   }
   zeroed_accumulators = p;
-  return layout(p);
+  return p;
 }
 
 }  // namespace kernels

@@ -30,11 +30,8 @@ struct CudaState {
   std::vector<void*> retired;
   // kZeroedAccumulatorBytes of device memory, zeroed when made, that every kernel using it leaves
   // zeroed again: accumulators that need no memset before each use (the implicit GEMM's
-  // statistics finished in its last CTA, the BatchNorm backward's sums): kZeroedSumBytes of sums,
-  // then the count of blocks done with them (the last one zeroes both). Kernels on this stream
-  // only, one user at a time. Null until first use.
-  static constexpr std::size_t kZeroedAccumulatorBytes = 65536;
-  static constexpr std::size_t kZeroedSumBytes = kZeroedAccumulatorBytes - 256;
+  // statistics finished in its last CTA). Null until first use.
+  static constexpr std::size_t kZeroedAccumulatorBytes = 16384;
   void* zeroed_accumulators = nullptr;
   // A second stream on the same device for work independent of the main stream's (a layer's wgrad
   // beside its dgrad): its own scratch, the main state's handles (cuDNN's stream is switched to it
@@ -52,11 +49,7 @@ struct CudaState {
   // The same for the activation scratch.
   void* ensure_activations(std::size_t bytes);
   // zeroed_accumulators, made on first use (Unsupported while the stream is being captured).
-  struct ZeroedAccumulators {
-    void* sums;       // kZeroedSumBytes
-    unsigned* count;  // after them
-  };
-  ZeroedAccumulators ensure_zeroed_accumulators();
+  void* ensure_zeroed_accumulators();
 };
 
 // The side state of `st` (made on first use), or null when DSTRAIN_SIDE_STREAM=0: then run_beside

@@ -179,11 +179,11 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
   float* sums = extras.sums;
   unsigned* count = nullptr;
   if (const ImplicitGemmBatchStats* b = extras.batch_stats; b != nullptr) {
-    // The state's accumulators: the sums, then their squares (args_of's layout), and the count of CTAs done.
-    static_assert(2 * igemm::kMaxStatsChannels * sizeof(float) <= CudaState::kZeroedSumBytes);
-    const CudaState::ZeroedAccumulators acc = st.ensure_zeroed_accumulators();
-    sums = static_cast<float*>(acc.sums);
-    count = acc.count;
+    // The state's accumulators: the sums, their squares, then the count of CTAs done.
+    static_assert(2 * igemm::kMaxStatsChannels * sizeof(float) + sizeof(unsigned) <=
+                  CudaState::kZeroedAccumulatorBytes);
+    sums = static_cast<float*>(st.ensure_zeroed_accumulators());
+    count = reinterpret_cast<unsigned*>(sums + 2 * igemm::kMaxStatsChannels);
   }
   igemm::ConvForwardArgs a = args_of(x, w, y, p, sums);
   if (const ImplicitGemmBatchStats* b = extras.batch_stats; b != nullptr)
