@@ -32,6 +32,12 @@ __device__ __forceinline__ void write_batch_stats(const BatchStats& b, std::int6
   running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * unbiased);
 }
 
+// v = (y - mean) * (gamma * invstd) + beta as one fma, the formula the CPU reference uses too,
+// so that every path's ReLU mask (v > 0) agrees bit for bit; scale = gamma * invstd.
+__device__ __forceinline__ float bn_value(float y, float mean, float scale, float beta) {
+  return fmaf(y - mean, scale, beta);
+}
+
 // A chained input's BatchNorm + ReLU as relu(x * scale + shift): scale = gamma * invstd,
 // shift = beta - mean * scale (one fused multiply-add), in fp32.
 struct ScaleShift {

@@ -17,7 +17,8 @@
 // Chained layers (ops::ConvBnReluParams): the consumer's forward applies the producer's BN + ReLU
 // in the convolution's prologue (cuDNN graph with GenStats, timed on first use against
 // materialising the activation); its wgrad reads the same prologue; its dgrad carries dReLU and
-// BatchNorm's backward weight terms in the epilogue, and one pass then writes dL/dx. The
+// BatchNorm's backward weight terms in the epilogue (cuDNN's graph, or our implicit GEMM, which
+// also finishes dgamma and dbeta), and one pass then writes dL/dx. The
 // producer skips its apply pass and its backward reduction.
 //
 // The passes share one 2-D launch layout: a thread owns V consecutive channels (one 16-byte
@@ -134,11 +135,7 @@ void launch_pass(const CudaState& st, void (*kernel)(Params...), dim3 grid, dim3
   DSTRAIN_CUDA_CHECK(launch_overlapped(overlap_launches(st.device), st.cuda_stream(), kernel, grid, block, 0, args...));
 }
 
-// v = (y - mean) * (gamma * invstd) + beta as one fma, the formula the CPU reference uses too,
-// so the ReLU mask agrees bit for bit.
-__device__ __forceinline__ float bn_value(float y, float mean, float scale, float beta) {
-  return fmaf(y - mean, scale, beta);
-}
+using bn::bn_value;
 
 struct Layout {
   std::int64_t M = 0, K = 0;
@@ -876,6 +873,26 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     cuda::conv2d_backward_data(ctx, dconv, w, dx, p);
     bn_relu_backward_passes<T>(st, dxp, xp, M_in, C, mean, invstd, gamma, beta, dgamma, dbeta, dxp);
   };
+  // dx holds g = dL/da (masked by the ReLU or not: the pass masks it again) and dgamma, dbeta are
+  // written: dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
+  auto apply_dx = [&] {
+    const int V = vector_width<T>(C, {xp, dxp});
+    const Layout l = make_layout(M_in, C, V, st.device);
+    with_width<T>(V, [&](auto v) {
+      launch_pass(st, apply_backward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dxp, xp, M_in, C, mean,
+                  invstd, gamma, beta, dgamma, dbeta, dxp);
+    });
+  };
+  // Our implicit GEMM with dgamma and dbeta from its epilogue, then the pass. Its accumulators
+  // cannot be made during a capture: there it needs a run before.
+  const DgradThroughBatchNorm through{&x, &in};
+  const bool through_applies =
+      M_in > 0 && implicit_gemm_dgrad_applies(st.device, dconv, w, dx, p, &through) &&
+      (st.zeroed_accumulators != nullptr || !capturing(stream));
+  auto dgrad_through = [&] {
+    implicit_gemm_dgrad(st, dconv, w, dx, p, &through);
+    apply_dx();
+  };
   auto dgrad_fused = [&] {
     const std::size_t ws = round_up(static_cast<std::size_t>(dgrad_plan->workspace_bytes()));
     const std::size_t eq = round_up(sizeof(float) * static_cast<std::size_t>(C));
@@ -892,19 +909,15 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dgamma, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dbeta, 0, sizeof(float) * static_cast<std::size_t>(C), stream));
     dgrad_plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
-    // dx holds g = dL/da masked by the ReLU; dL/dx = gamma * invstd * (g - dbeta / M - xhat * dgamma / M).
-    const int V = vector_width<T>(C, {xp, dxp});
-    const Layout l = make_layout(M_in, C, V, st.device);
-    with_width<T>(V, [&](auto v) {
-      launch_pass(st, apply_backward_kernel<T, decltype(v)::value>, grid_of(l), block_of(l), dxp, xp, M_in, C, mean,
-                  invstd, gamma, beta, dgamma, dbeta, dxp);
-    });
+    apply_dx();
   };
   run_gradients(st, Site::ChainedGradients, x, w, p, wgrad, [&] {
-    if (dgrad_plan != nullptr && graph_is_faster(st, Site::ChainedDgrad, x, w, p, dgrad_fused, dgrad_separate))
-      dgrad_fused();
-    else
-      dgrad_separate();
+    std::vector<Way> ways;
+    if (dgrad_plan != nullptr) ways.push_back({"epilogue graph", dgrad_fused});
+    ways.push_back({"separate kernels", dgrad_separate});
+    if (through_applies) ways.push_back({"implicit GEMM with the BatchNorm backward", dgrad_through});
+    const bool graph_forced = dgrad_plan != nullptr && conv_graphs_forced();
+    ways[ways.size() == 1 || graph_forced ? 0 : fastest_way(st, Site::ChainedDgrad, x, w, p, ways)].run();
   });
 }
 

@@ -104,7 +104,7 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
 // pass, or the implicit GEMM with statistics in its epilogue; for a chained input, the prologue
 // graph, or materialising the activation first); a chained input's wgrad and dgrad (fused graph,
-// or separate kernels); a 1x1 convolution forward and the inference conv + bias + ReLU (cuBLASLt,
+// or separate kernels, or for dgrad the implicit GEMM with BatchNorm's backward in its epilogue); a 1x1 convolution forward and the inference conv + bias + ReLU (cuBLASLt,
 // cuDNN, implicit GEMM); any other convolution forward, plain or with bias + ReLU, and the
 // backward data (cuDNN, implicit GEMM); dw and dx on one stream or on two (cuda_state.h: side
 // stream), which helps where the two kernels leave each other room and hurts where they contend

@@ -27,9 +27,19 @@ struct ImplicitGemmBatchStats {
   float* running_var = nullptr;
 };
 
-// What the kernel does besides y = conv(x, w), in one of four combinations: nothing; the sums (or
+// The dgrad of a layer whose input is chained: x is the producing layer's raw output (the layer's
+// input, dx's shape and dtype) and `in` its BatchNorm. Besides dx = dL/da (a = relu(v), the
+// activation the layer read), the kernel writes the producer's in->dbeta = sum g and in->dgamma =
+// invstd * sum g (x - mean), g = dx where v > 0 (ops.h's formula for v), finished in its last CTA
+// from the state's zeroed accumulators.
+struct DgradThroughBatchNorm {
+  const Tensor* x = nullptr;
+  const ops::ChainedInput* in = nullptr;
+};
+
+// What the kernel does besides y = conv(x, w), in one of five combinations: nothing; the sums (or
 // the batch statistics); the same with the prologue (a chained layer's training forward); bias +
-// ReLU alone (inference).
+// ReLU alone (inference); the BatchNorm backward's weight terms alone (a chained layer's dgrad).
 struct ImplicitGemmExtras {
   // fp32 [2K], any contents: receives the column sums of y as stored, then their sums of squares.
   float* sums = nullptr;
@@ -42,6 +52,9 @@ struct ImplicitGemmExtras {
   const ops::ChainedInput* chained_input = nullptr;
   // fp32 [K], 8-byte aligned: y = relu(conv + bias) (the inference epilogue).
   const float* bias_relu = nullptr;
+  // y is dL/da of a chained input: the producer's dbeta and dgamma, finished in the kernel
+  // (implicit_gemm_dgrad; x here is through->x).
+  const DgradThroughBatchNorm* through = nullptr;
 };
 
 // y = conv(x, w) (NHWC, KRSC) with `extras`. The tile configuration is the fastest for the shape
@@ -52,9 +65,11 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
 // dx = dgrad(dy, w) for a stride-1 convolution, as the forward kernel on the filters rotated by 180
 // degrees with K and C swapped ([C, R, S, K], written into the workspace first) and padding
 // R - 1 - pad. Applies where implicit_gemm_forward_applies holds for that forward convolution
-// (K and C multiples of 64, and so on).
+// (K and C multiples of 64, and so on); with `through`, where also C <= 1024 and x is 16-byte
+// aligned with dx's shape and dtype.
 bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, const Tensor& dx,
-                                 const ops::Conv2dParams& p);
-void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p);
+                                 const ops::Conv2dParams& p, const DgradThroughBatchNorm* through = nullptr);
+void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p,
+                         const DgradThroughBatchNorm* through = nullptr);
 
 }  // namespace dstrain::kernels::cuda

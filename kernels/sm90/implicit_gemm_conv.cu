@@ -88,9 +88,9 @@ void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DT
 ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DType dt, const Tensor& x,
                               const Tensor& w) {
   static std::mutex mutex;
-  static auto* chosen = new std::map<std::array<int, 14>, ForwardVariant>();  // never destroyed
-  const std::array<int, 14> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w,
-                                static_cast<int>(dt), a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr};
+  static auto* chosen = new std::map<std::array<int, 15>, ForwardVariant>();  // never destroyed
+  const std::array<int, 15> key{st.device, a.N,  a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w, static_cast<int>(dt),
+                                a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr, a.bwd.x != nullptr};
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen->find(key);
@@ -113,7 +113,9 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
     detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
                         dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "") +
                         (a.bias != nullptr ? " with bias + ReLU" : "") +
-                        (a.sum != nullptr ? " with statistics" : "") + ": " + times + " ms");
+                        (a.bwd.x != nullptr ? " with the BatchNorm backward"
+                                            : a.sum != nullptr ? " with statistics" : "") +
+                        ": " + times + " ms");
   }
   std::lock_guard<std::mutex> lock(mutex);
   return chosen->emplace(key, vs[best]).first->second;
@@ -169,16 +171,17 @@ bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w,
 
 void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
                            const ImplicitGemmExtras& extras) {
-  const bool with_stats = extras.sums != nullptr || extras.batch_stats != nullptr;
-  if (extras.sums != nullptr && extras.batch_stats != nullptr)
-    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: the sums or the batch statistics, not both");
+  const bool with_stats = extras.sums != nullptr || extras.batch_stats != nullptr || extras.through != nullptr;
+  if ((extras.sums != nullptr) + (extras.batch_stats != nullptr) + (extras.through != nullptr) > 1)
+    DSTRAIN_THROW(ErrorCode::Internal,
+                  "implicit-GEMM convolution: the sums, the batch statistics or the BatchNorm backward, one of them");
   if (!implicit_gemm_forward_applies(st.device, x, w, y, p, with_stats, extras.chained_input != nullptr))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution called for a shape it does not handle");
   if ((reinterpret_cast<std::uintptr_t>(extras.bias_relu) & 7u) != 0)
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM convolution: bias unaligned");
   float* sums = extras.sums;
   unsigned* count = nullptr;
-  if (const ImplicitGemmBatchStats* b = extras.batch_stats; b != nullptr) {
+  if (extras.batch_stats != nullptr || extras.through != nullptr) {
     // The state's accumulators: the sums, their squares, then the count of CTAs done.
     static_assert(2 * igemm::kMaxStatsChannels * sizeof(float) + sizeof(unsigned) <=
                   CudaState::kZeroedAccumulatorBytes);
@@ -188,6 +191,17 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
   igemm::ConvForwardArgs a = args_of(x, w, y, p, sums);
   if (const ImplicitGemmBatchStats* b = extras.batch_stats; b != nullptr)
     a.finish = {count, b->eps, b->momentum, b->save_mean, b->save_invstd, b->running_mean, b->running_var};
+  if (const DgradThroughBatchNorm* th = extras.through; th != nullptr) {
+    const ops::ChainedInput& in = *th->in;
+    a.finish.count = count;
+    a.bwd = {th->x->data(),
+             in.gamma->data_as<float>(),
+             in.beta->data_as<float>(),
+             in.save_mean->data_as<float>(),
+             in.save_invstd->data_as<float>(),
+             in.dgamma->data_as<float>(),
+             in.dbeta->data_as<float>()};
+  }
   if (const ops::ChainedInput* in = extras.chained_input; in != nullptr)
     a.in = {in->gamma->data_as<float>(), in->beta->data_as<float>(), in->save_mean->data_as<float>(),
             in->save_invstd->data_as<float>()};
@@ -195,23 +209,34 @@ void implicit_gemm_forward(CudaState& st, const Tensor& x, const Tensor& w, Tens
   if (!igemm::extras_supported(a))
     DSTRAIN_THROW(ErrorCode::Internal,
                   "implicit-GEMM convolution: sums, prologue or batch statistics given in part, or extras in a "
-                  "combination it is not built with (the prologue only with the sums, bias + ReLU only alone)");
+                  "combination it is not built with (the prologue only with the sums, bias + ReLU and the BatchNorm "
+                  "backward only alone)");
   launch(st, choose_variant(st, a, x.dtype(), x, w), a, x.dtype());
 }
 
 bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, const Tensor& dx,
-                                 const ops::Conv2dParams& p) {
+                                 const ops::Conv2dParams& p, const DgradThroughBatchNorm* through) {
   if (ops::deterministic() || compute_capability(device) != 90 || w.ndim() != 4 || dy.ndim() != 4 ||
       dx.ndim() != 4 || p.pad_h < 0 || p.pad_w < 0 || p.pad_h >= w.dim(1) || p.pad_w >= w.dim(2))
     return false;
   // The rotated filters [C, R, S, K] have w's element count and dtype; only their shape matters here.
   const Tensor rotated = Tensor::wrap(const_cast<void*>(w.data()), {w.dim(3), w.dim(1), w.dim(2), w.dim(0)},
                                       w.dtype(), w.device());
-  return implicit_gemm_forward_applies(device, dy, rotated, dx, dgrad_params(w, p), false);
+  if (through != nullptr) {
+    const Tensor& x = *through->x;
+    const ops::ChainedInput& in = *through->in;
+    const std::int64_t C = dx.dim(3);
+    for (const Tensor* t : {in.gamma, static_cast<const Tensor*>(in.beta), in.save_mean, in.save_invstd,
+                            static_cast<const Tensor*>(in.dgamma), static_cast<const Tensor*>(in.dbeta)})
+      if (t == nullptr || t->dtype() != DType::F32 || t->numel() != C) return false;
+    if (x.shape() != dx.shape() || x.dtype() != dx.dtype() || !aligned16(x.data())) return false;
+  }
+  return implicit_gemm_forward_applies(device, dy, rotated, dx, dgrad_params(w, p), through != nullptr);
 }
 
-void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p) {
-  if (!implicit_gemm_dgrad_applies(st.device, dy, w, dx, p))
+void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p,
+                         const DgradThroughBatchNorm* through) {
+  if (!implicit_gemm_dgrad_applies(st.device, dy, w, dx, p, through))
     DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM dgrad called for a shape it does not handle");
   const int K = static_cast<int>(w.dim(0)), R = static_cast<int>(w.dim(1)), S = static_cast<int>(w.dim(2)),
             C = static_cast<int>(w.dim(3));
@@ -226,7 +251,9 @@ void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tenso
         static_cast<const __nv_bfloat16*>(w.data()), static_cast<__nv_bfloat16*>(rot), K, R * S, C);
   DSTRAIN_CUDA_CHECK_LAUNCH();
   const Tensor rotated = Tensor::wrap(rot, {C, R, S, K}, w.dtype(), w.device());
-  implicit_gemm_forward(st, dy, rotated, dx, dgrad_params(w, p));
+  ImplicitGemmExtras extras;
+  extras.through = through;
+  implicit_gemm_forward(st, dy, rotated, dx, dgrad_params(w, p), extras);
 }
 
 }  // namespace dstrain::kernels::cuda

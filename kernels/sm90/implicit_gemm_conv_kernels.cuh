@@ -65,6 +65,22 @@ struct StatsFinish {
   float* running_var;
 };
 
+// The dgrad of a layer whose input is chained (Epilogue::BnBackward): y is dL/da for the producer's
+// activation a = relu(v), v = fma(x - mean, gamma * invstd, beta) of its raw output x ([M, K], y's
+// type and shape). Instead of the statistics, the epilogue adds each column's sum g and sum
+// g (x - mean), g = y as stored where v > 0, into sum and sqsum; with finish.count, the CTA that
+// counts itself in last writes the producer's dbeta = sum g and dgamma = invstd * sum g (x - mean)
+// ([K] fp32), as the finalize kernel of conv_bn_relu.cu does, and zeroes the sums and the count.
+struct OutputBatchNormBackward {
+  const void* x;  // null: not
+  const float* gamma;
+  const float* beta;
+  const float* mean;
+  const float* invstd;
+  float* dgamma;
+  float* dbeta;
+};
+
 struct ConvForwardArgs {
   const void* x;  // [N, H, W, C]
   const void* w;  // [K, R, S, C]
@@ -72,6 +88,7 @@ struct ConvForwardArgs {
   float* sum;     // [K] or null: column sums of y are added here
   float* sqsum;   // [K] or null (given with sum): column sums of squares
   StatsFinish finish;  // with sum only
+  OutputBatchNormBackward bwd;  // with sum only; finish.count then finishes dgamma and dbeta
   InputBatchNorm in;
   const float* bias;  // [K] or null: y = relu(conv + bias) (the inference epilogue)
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
@@ -136,7 +153,7 @@ struct Config {
 
 // What the epilogue does with the accumulators besides storing them (a compile-time choice: the
 // unused paths would cost registers).
-enum class Epilogue : int { Store, Stats, BiasRelu };
+enum class Epilogue : int { Store, Stats, BiasRelu, BnBackward };
 
 template <typename T>
 struct MmaType;
@@ -190,6 +207,8 @@ __device__ __forceinline__ std::uint32_t bn_relu_pair(std::uint32_t v, std::uint
 // StatsFinish, run by the 256 consumer threads of every CTA once its sums are added: the last CTA
 // to count itself in (the fence orders every thread's additions before its CTA's count) reads the
 // complete sums from L2 and writes the statistics.
+// With Epilogue::BnBackward the sums become the producer's dbeta and dgamma instead.
+template <bool kBnBackward>
 __device__ __forceinline__ void finish_statistics(const ConvForwardArgs& a, int tid) {
   __threadfence();
   sm90::named_barrier_sync(1, 256);
@@ -197,9 +216,14 @@ __device__ __forceinline__ void finish_statistics(const ConvForwardArgs& a, int 
   if (!sm90::named_barrier_sync_or(1, 256, counted_last)) return;
   __threadfence();
   for (int c = tid; c < a.K; c += 256) {
-    const bn::BatchStats b = bn::batch_stats(__ldcg(a.sum + c), __ldcg(a.sqsum + c), 0.0, a.M);
-    bn::write_batch_stats(b, c, a.M, a.finish.eps, a.finish.momentum, a.finish.save_mean, a.finish.save_invstd,
-                          a.finish.running_mean, a.finish.running_var);
+    if constexpr (kBnBackward) {
+      a.bwd.dbeta[c] = __ldcg(a.sum + c);
+      a.bwd.dgamma[c] = static_cast<float>(static_cast<double>(__ldcg(a.sqsum + c)) * a.bwd.invstd[c]);
+    } else {
+      const bn::BatchStats b = bn::batch_stats(__ldcg(a.sum + c), __ldcg(a.sqsum + c), 0.0, a.M);
+      bn::write_batch_stats(b, c, a.M, a.finish.eps, a.finish.momentum, a.finish.save_mean, a.finish.save_invstd,
+                            a.finish.running_mean, a.finish.running_var);
+    }
     a.sum[c] = 0.0f;
     a.sqsum[c] = 0.0f;
   }
@@ -213,7 +237,9 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   wait_then_release_next_kernel();  // launched overlapped with the previous kernel's tail
   constexpr int BN = Cfg::BN, BM = Cfg::BM, kStages = Cfg::kStages, kMAtoms = Cfg::kMAtoms;
   constexpr int kGroupRows = Cfg::kGroupRows;
-  constexpr bool kStats = kEpi == Epilogue::Stats;
+  // Per-column sums in the epilogue: of y and y^2 (Stats), or of g and g (x - mean) (BnBackward).
+  constexpr bool kBnBackward = kEpi == Epilogue::BnBackward;
+  constexpr bool kStats = kEpi == Epilogue::Stats || kBnBackward;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -363,6 +389,12 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
     if constexpr (Cfg::kPingPong)
       if (tile != blockIdx.x) sm90::named_barrier_sync(4 + cw, 256);  // the other group's turn ends
+    if constexpr (kBnBackward) {  // the epilogue's rows of x, into L1 while this tile multiplies
+      const int first_row = m0 + row_off + stat_rows;
+      const int rows = min(kRowsPerGroup, a.M - first_row);
+      const T* xs = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(first_row) * a.K + n0 + 2 * stat_pair;
+      for (int i = 0; i < rows; ++i) sm90::prefetch_l1(xs + static_cast<std::size_t>(i) * a.K);
+    }
     if constexpr (kPrologue) {
       const int pq = a.P * a.Q;
 #pragma unroll
@@ -473,13 +505,47 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     if constexpr (kStats) {
       const int col = 2 * stat_pair;
       const int rows = min(kRowsPerGroup, a.M - grow - stat_rows);
-      for (int i = 0; i < rows; ++i) {
-        const float2 v = Traits::back(
-            *reinterpret_cast<const typename Traits::pair*>(smem + out_base + out_offset<Cfg>(stat_rows + i, col)));
-        st_s0 += v.x;
-        st_s1 += v.y;
-        st_q0 += v.x * v.x;
-        st_q1 += v.y * v.y;
+      if constexpr (kBnBackward) {
+        // g = y where v > 0 (the rounded values the store writes), from x's rows in L1 (prefetched
+        // when the tile began), in batches whose loads are all issued before the first use.
+        const int c = n0 + col;
+        const float mean0 = __ldg(a.bwd.mean + c), mean1 = __ldg(a.bwd.mean + c + 1);
+        const float scale0 = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
+        const float scale1 = __ldg(a.bwd.gamma + c + 1) * __ldg(a.bwd.invstd + c + 1);
+        const float beta0 = __ldg(a.bwd.beta + c), beta1 = __ldg(a.bwd.beta + c + 1);
+        const unsigned* xs = reinterpret_cast<const unsigned*>(static_cast<const T*>(a.bwd.x) +
+                                                               static_cast<std::size_t>(grow + stat_rows) * a.K + c);
+        constexpr int kLoadBatch = BN * kMAtoms >= 256 ? 4 : 8;  // fewer where the accumulators leave fewer registers
+        for (int i0 = 0; i0 < rows; i0 += kLoadBatch) {
+          unsigned xr[kLoadBatch];
+#pragma unroll
+          for (int u = 0; u < kLoadBatch; ++u)
+            if (i0 + u < rows) xr[u] = __ldg(xs + static_cast<std::size_t>(i0 + u) * (a.K / 2));
+#pragma unroll
+          for (int u = 0; u < kLoadBatch; ++u)
+            if (i0 + u < rows) {
+              typename Traits::pair xp;
+              memcpy(&xp, &xr[u], 4);
+              const float2 xv = Traits::back(xp);
+              const float2 gv = Traits::back(*reinterpret_cast<const typename Traits::pair*>(
+                  smem + out_base + out_offset<Cfg>(stat_rows + i0 + u, col)));
+              const float g0 = bn::bn_value(xv.x, mean0, scale0, beta0) > 0.0f ? gv.x : 0.0f;
+              const float g1 = bn::bn_value(xv.y, mean1, scale1, beta1) > 0.0f ? gv.y : 0.0f;
+              st_s0 += g0;
+              st_s1 += g1;
+              st_q0 = fmaf(g0, xv.x - mean0, st_q0);
+              st_q1 = fmaf(g1, xv.y - mean1, st_q1);
+            }
+        }
+      } else {
+        for (int i = 0; i < rows; ++i) {
+          const float2 v = Traits::back(
+              *reinterpret_cast<const typename Traits::pair*>(smem + out_base + out_offset<Cfg>(stat_rows + i, col)));
+          st_s0 += v.x;
+          st_s1 += v.y;
+          st_q0 += v.x * v.x;
+          st_q1 += v.y * v.y;
+        }
       }
       const bool last = tile + tile_step >= tiles;
       if (n_tiles > 1 || last) {
@@ -498,7 +564,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
       atomicAdd(&a.sum[i], s_sum[i]);
       atomicAdd(&a.sqsum[i], s_sq[i]);
     }
-    if (a.finish.count != nullptr) finish_statistics(a, tid);
+    if (a.finish.count != nullptr) finish_statistics<kBnBackward>(a, tid);
   }
 #endif
 }
@@ -609,15 +675,21 @@ cudaError_t conv_forward_variant(ForwardVariant v, const ConvForwardArgs& a, con
 
 // True for the combinations of extras the kernel is built with: none; statistics; statistics with
 // the prologue (a chained layer's training forward, C <= kMaxPrologueChannels); bias + ReLU alone
-// (inference). The statistics may be finished in the kernel; the structs' pointers are all given.
+// (inference); the BatchNorm backward's sums (a chained layer's dgrad).
+// The sums may be finished in the kernel; the structs' pointers are all given.
 inline bool extras_supported(const ConvForwardArgs& a) {
   const bool stats = a.sum != nullptr, prologue = a.in.gamma != nullptr, bias = a.bias != nullptr;
+  const bool bwd = a.bwd.x != nullptr;
   const bool prologue_whole = a.in.beta != nullptr && a.in.mean != nullptr && a.in.invstd != nullptr;
   const bool finish = a.finish.count != nullptr;
-  const bool finish_whole = a.finish.save_mean != nullptr && a.finish.save_invstd != nullptr &&
-                            a.finish.running_mean != nullptr && a.finish.running_var != nullptr;
+  const bool finish_whole = bwd ? a.bwd.dgamma != nullptr && a.bwd.dbeta != nullptr
+                                : a.finish.save_mean != nullptr && a.finish.save_invstd != nullptr &&
+                                      a.finish.running_mean != nullptr && a.finish.running_var != nullptr;
+  const bool bwd_whole = a.bwd.gamma != nullptr && a.bwd.beta != nullptr && a.bwd.mean != nullptr &&
+                         a.bwd.invstd != nullptr;
   return (stats == (a.sqsum != nullptr)) && (!prologue || prologue_whole) && (!finish || (stats && finish_whole)) &&
-         !(bias && (stats || prologue)) && !(prologue && !stats) && !(prologue && a.C > kMaxPrologueChannels);
+         !(bias && (stats || prologue)) && !(prologue && !stats) && !(prologue && a.C > kMaxPrologueChannels) &&
+         (!bwd || (bwd_whole && stats && !prologue));
 }
 
 // Launches variant v on T = __half or __nv_bfloat16 with maps from make_tensor_maps<T>(a, v). The
@@ -632,6 +704,7 @@ cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvT
     if (!variant_has_prologue(v)) return cudaErrorInvalidValue;
     return conv_forward_variant<T, Epilogue::Stats, true>(v, a, maps, stream);
   }
+  if (a.bwd.x != nullptr) return conv_forward_variant<T, Epilogue::BnBackward, false>(v, a, maps, stream);
   if (a.sum != nullptr) return conv_forward_variant<T, Epilogue::Stats, false>(v, a, maps, stream);
   if (a.bias != nullptr) return conv_forward_variant<T, Epilogue::BiasRelu, false>(v, a, maps, stream);
   return conv_forward_variant<T, Epilogue::Store, false>(v, a, maps, stream);
