@@ -112,6 +112,10 @@ constexpr int kRowBytes = kBK * 2;
 constexpr int kMaxStatsChannels = 1024;
 // The prologue keeps its per-channel scale and shift in shared memory, arranged per thread.
 constexpr int kMaxPrologueChannels = 1024;
+// Registers a consumer thread keeps, per m64 block of its tile, for everything but the accumulators
+// and the BatchNorm backward's preloaded rows of x (Epilogue::BnBackward): what decides how many
+// rows it preloads (fewer spill nothing, measured by ptxas -v).
+constexpr int kRegsBesidePreload = 64;
 
 // A kernel configuration: BN columns per tile, kMAtoms m64 blocks per consumer warpgroup and tile,
 // kStages pipeline stages, kMinBlocks CTAs per multiprocessor, the ping-pong schedule or the
@@ -327,6 +331,14 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   const int stat_pair = t % kPairs, stat_rows = t / kPairs * kRowsPerGroup;
   float st_s0 = 0.0f, st_s1 = 0.0f, st_q0 = 0.0f, st_q1 = 0.0f;
   float acc[kMAtoms][BN / 2];
+  // BnBackward: the first kPreRows of this thread's rows of x (the epilogue's), loaded into
+  // registers when a tile begins so that their latency hides behind the tile's multiplies; as many
+  // as the registers beside the accumulators allow. The epilogue loads the rest.
+  constexpr int kPreRowsFit = (Cfg::kConsumerRegs - kRegsBesidePreload * kMAtoms - kMAtoms * BN / 2) / 8 * 8;
+  constexpr int kPreRows = !kBnBackward || kPreRowsFit < 0     ? 0
+                           : kPreRowsFit < kRowsPerGroup ? kPreRowsFit
+                                                         : kRowsPerGroup;
+  [[maybe_unused]] std::uint32_t x_pre[kPreRows > 0 ? kPreRows : 1];
   // Prologue (a chained input's BatchNorm + ReLU): the A operand goes through registers. Each
   // thread loads its fragments of the staged input rows with ldmatrix, applies relu(x * scale +
   // shift) to them (zero where the row is padding: the copy's zeros must stay zero) and hands them
@@ -389,11 +401,14 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     const int m0 = tile / n_tiles * BM, n0 = tile % n_tiles * BN;
     if constexpr (Cfg::kPingPong)
       if (tile != blockIdx.x) sm90::named_barrier_sync(4 + cw, 256);  // the other group's turn ends
-    if constexpr (kBnBackward) {  // the epilogue's rows of x, into L1 while this tile multiplies
+    if constexpr (kPreRows > 0) {
       const int first_row = m0 + row_off + stat_rows;
       const int rows = min(kRowsPerGroup, a.M - first_row);
-      const T* xs = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(first_row) * a.K + n0 + 2 * stat_pair;
-      for (int i = 0; i < rows; ++i) sm90::prefetch_l1(xs + static_cast<std::size_t>(i) * a.K);
+      const std::uint32_t* xs = reinterpret_cast<const std::uint32_t*>(
+          static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(first_row) * a.K + n0 + 2 * stat_pair);
+#pragma unroll
+      for (int i = 0; i < kPreRows; ++i)
+        if (i < rows) x_pre[i] = __ldg(xs + static_cast<std::size_t>(i) * (a.K / 2));
     }
     if constexpr (kPrologue) {
       const int pq = a.P * a.Q;
@@ -506,36 +521,40 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
       const int col = 2 * stat_pair;
       const int rows = min(kRowsPerGroup, a.M - grow - stat_rows);
       if constexpr (kBnBackward) {
-        // g = y where v > 0 (the rounded values the store writes), from x's rows in L1 (prefetched
-        // when the tile began), in batches whose loads are all issued before the first use.
+        // g = y where v > 0 (the rounded values the store writes).
         const int c = n0 + col;
         const float mean0 = __ldg(a.bwd.mean + c), mean1 = __ldg(a.bwd.mean + c + 1);
         const float scale0 = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
         const float scale1 = __ldg(a.bwd.gamma + c + 1) * __ldg(a.bwd.invstd + c + 1);
         const float beta0 = __ldg(a.bwd.beta + c), beta1 = __ldg(a.bwd.beta + c + 1);
-        const unsigned* xs = reinterpret_cast<const unsigned*>(static_cast<const T*>(a.bwd.x) +
-                                                               static_cast<std::size_t>(grow + stat_rows) * a.K + c);
+        auto add_row = [&](int i, std::uint32_t x_bits) {
+          typename Traits::pair xp;
+          memcpy(&xp, &x_bits, 4);
+          const float2 xv = Traits::back(xp);
+          const float2 gv = Traits::back(
+              *reinterpret_cast<const typename Traits::pair*>(smem + out_base + out_offset<Cfg>(stat_rows + i, col)));
+          const float g0 = bn::bn_value(xv.x, mean0, scale0, beta0) > 0.0f ? gv.x : 0.0f;
+          const float g1 = bn::bn_value(xv.y, mean1, scale1, beta1) > 0.0f ? gv.y : 0.0f;
+          st_s0 += g0;
+          st_s1 += g1;
+          st_q0 = fmaf(g0, xv.x - mean0, st_q0);
+          st_q1 = fmaf(g1, xv.y - mean1, st_q1);
+        };
+#pragma unroll
+        for (int i = 0; i < kPreRows; ++i)
+          if (i < rows) add_row(i, x_pre[i]);
+        // The rest in batches whose loads are all issued before the first use.
+        const std::uint32_t* xs = reinterpret_cast<const std::uint32_t*>(
+            static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(grow + stat_rows) * a.K + c);
         constexpr int kLoadBatch = BN * kMAtoms >= 256 ? 4 : 8;  // fewer where the accumulators leave fewer registers
-        for (int i0 = 0; i0 < rows; i0 += kLoadBatch) {
-          unsigned xr[kLoadBatch];
+        for (int i0 = kPreRows; i0 < rows; i0 += kLoadBatch) {
+          std::uint32_t xr[kLoadBatch];
 #pragma unroll
           for (int u = 0; u < kLoadBatch; ++u)
             if (i0 + u < rows) xr[u] = __ldg(xs + static_cast<std::size_t>(i0 + u) * (a.K / 2));
 #pragma unroll
           for (int u = 0; u < kLoadBatch; ++u)
-            if (i0 + u < rows) {
-              typename Traits::pair xp;
-              memcpy(&xp, &xr[u], 4);
-              const float2 xv = Traits::back(xp);
-              const float2 gv = Traits::back(*reinterpret_cast<const typename Traits::pair*>(
-                  smem + out_base + out_offset<Cfg>(stat_rows + i0 + u, col)));
-              const float g0 = bn::bn_value(xv.x, mean0, scale0, beta0) > 0.0f ? gv.x : 0.0f;
-              const float g1 = bn::bn_value(xv.y, mean1, scale1, beta1) > 0.0f ? gv.y : 0.0f;
-              st_s0 += g0;
-              st_s1 += g1;
-              st_q0 = fmaf(g0, xv.x - mean0, st_q0);
-              st_q1 = fmaf(g1, xv.y - mean1, st_q1);
-            }
+            if (i0 + u < rows) add_row(i0 + u, xr[u]);
         }
       } else {
         for (int i = 0; i < rows; ++i) {
