@@ -911,14 +911,14 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
     dgrad_plan->execute(st.cudnn, stream, uids, ptrs, ws_ptr);
     apply_dx();
   };
-  run_gradients(st, Site::ChainedGradients, x, w, p, wgrad, [&] {
-    std::vector<Way> ways;
-    if (dgrad_plan != nullptr) ways.push_back({"epilogue graph", dgrad_fused});
-    ways.push_back({"separate kernels", dgrad_separate});
-    if (through_applies) ways.push_back({"implicit GEMM with the BatchNorm backward", dgrad_through});
-    const bool graph_forced = dgrad_plan != nullptr && conv_graphs_forced();
-    ways[ways.size() == 1 || graph_forced ? 0 : fastest_way(st, Site::ChainedDgrad, x, w, p, ways)].run();
-  });
+  // The dgrad way is chosen together with the streams (run_gradients).
+  std::vector<Way> dgrad_ways;
+  if (dgrad_plan != nullptr) dgrad_ways.push_back({"epilogue graph", dgrad_fused});
+  if (dgrad_plan == nullptr || !conv_graphs_forced()) {
+    dgrad_ways.push_back({"separate kernels", dgrad_separate});
+    if (through_applies) dgrad_ways.push_back({"implicit GEMM with the BatchNorm backward", dgrad_through});
+  }
+  run_gradients(st, Site::ChainedGradients, x, w, p, wgrad, dgrad_ways);
 }
 
 }  // namespace

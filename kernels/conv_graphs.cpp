@@ -283,7 +283,7 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
   const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
   if (choices_logged()) {
     static const char* const sites[] = {"training statistics",  "chained forward", "chained wgrad",
-                                        "chained dgrad",        "1x1 forward",     "1x1 conv + bias + ReLU",
+                                        "1x1 forward",          "1x1 conv + bias + ReLU",
                                         "convolution forward",  "conv + bias + ReLU",
                                         "backward data",        "conv gradients",  "layer gradients",
                                         "chained gradients"};
@@ -300,8 +300,8 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
 bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                      const std::function<void()>& first, const std::function<void()>& second) {
   static const char* const names[][2] = {{"GenStats graph", "conv + pass"},   {"prologue graph", "separate kernels"},
-                                         {"prologue graph", "separate kernels"}, {"epilogue graph", "separate kernels"},
-                                         {"cuBLASLt", "cuDNN"},                 {"cuBLASLt", "cuDNN"},
+                                         {"prologue graph", "separate kernels"}, {"cuBLASLt", "cuDNN"},
+                                         {"cuBLASLt", "cuDNN"},
                                          {"cuDNN", "implicit GEMM"},           {"cuDNN", "implicit GEMM"},
                                          {"cuDNN", "implicit GEMM"},           {"one stream", "two streams"},
                                          {"one stream", "two streams"},         {"one stream", "two streams"}};

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <initializer_list>
+#include <string>
 #include <vector>
 
 #include "cuda_state.h"
@@ -103,8 +104,9 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // cuDNN's kernels each win some shapes; the implicit GEMM of implicit_gemm_conv.h others).
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
 // pass, or the implicit GEMM with statistics in its epilogue; for a chained input, the prologue
-// graph, or materialising the activation first); a chained input's wgrad and dgrad (fused graph,
-// or separate kernels, or for dgrad the implicit GEMM with BatchNorm's backward in its epilogue); a 1x1 convolution forward and the inference conv + bias + ReLU (cuBLASLt,
+// graph, or materialising the activation first); a chained input's wgrad (fused graph, or
+// separate kernels) and, with the streams below, its dgrad (fused graph, separate kernels, or the
+// implicit GEMM with BatchNorm's backward in its epilogue); a 1x1 convolution forward and the inference conv + bias + ReLU (cuBLASLt,
 // cuDNN, implicit GEMM); any other convolution forward, plain or with bias + ReLU, and the
 // backward data (cuDNN, implicit GEMM); dw and dx on one stream or on two (cuda_state.h: side
 // stream), which helps where the two kernels leave each other room and hurts where they contend
@@ -113,15 +115,14 @@ enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,
   ChainedWgrad = 2,
-  ChainedDgrad = 3,
-  PointwiseForward = 4,
-  PointwiseBiasRelu = 5,
-  Forward = 6,
-  ForwardBiasRelu = 7,
-  BackwardData = 8,
-  Gradients = 9,         // a convolution's dw and dx: one stream, or dw on the side stream beside dx
-  LayerGradients = 10,   // the same for a fused layer's backward
-  ChainedGradients = 11,  // and for a chained layer's
+  PointwiseForward = 3,
+  PointwiseBiasRelu = 4,
+  Forward = 5,
+  ForwardBiasRelu = 6,
+  BackwardData = 7,
+  Gradients = 8,         // a convolution's dw and dx: one stream, or dw on the side stream beside dx
+  LayerGradients = 9,    // the same for a fused layer's backward
+  ChainedGradients = 10,  // and for a chained layer's, with the way of its dgrad
 };
 
 // One way of computing a site's outputs; the name is what DSTRAIN_LOG_CHOICES prints.
@@ -148,25 +149,39 @@ inline bool graph_is_faster(CudaState& st, Site site, const Tensor& x, const Ten
   return conv_graphs_forced() || first_is_faster(st, site, x, w, p, graph, separate);
 }
 
-// dw_work(CudaState&) and dx_work(): on st in turn, or dw on the side stream beside dx
-// (run_beside), whichever was faster at `site` when the shape was first seen.
+// dw_work(CudaState&) and one of dx_ways: on st in turn, or dw on the side stream beside dx
+// (run_beside). The pair that was the fastest at `site` when the shape was first seen runs: the
+// way and the streams are chosen together, since a dx way that fills the device (a persistent
+// kernel) can be the faster alone and the slower beside dw.
+template <class DwWork>
+void run_gradients(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                   DwWork dw_work, const std::vector<Way>& dx_ways) {
+  // No side stream is made inside a CUDA graph capture (and nothing is timed there: in turn).
+  const bool beside_possible = !(st.side == nullptr && capturing(st.cuda_stream())) && side_state(st) != nullptr;
+  std::vector<std::string> names;  // the pairs' names, for DSTRAIN_LOG_CHOICES
+  names.reserve(2 * dx_ways.size());
+  std::vector<Way> pairs;
+  for (int beside = 0; beside < (beside_possible ? 2 : 1); ++beside)
+    for (const Way& dx : dx_ways) {
+      const char* streams = beside != 0 ? "two streams" : "one stream";
+      names.push_back(dx_ways.size() == 1 ? streams : std::string(dx.name) + ", " + streams);
+      const std::function<void()>& dx_run = dx.run;
+      if (beside != 0)
+        pairs.push_back({names.back().c_str(), [&st, &dw_work, &dx_run] { run_beside(st, dw_work, dx_run); }});
+      else
+        pairs.push_back({names.back().c_str(), [&st, &dw_work, &dx_run] {
+                           dw_work(st);
+                           dx_run();
+                         }});
+    }
+  pairs[pairs.size() == 1 ? 0 : fastest_way(st, site, x, w, p, pairs)].run();
+}
+
+// The same with one dx way.
 template <class DwWork, class DxWork>
 void run_gradients(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                    DwWork dw_work, DxWork dx_work) {
-  auto in_turn = [&] {
-    dw_work(st);
-    dx_work();
-  };
-  // No side stream is made inside a CUDA graph capture (and nothing is timed there: in turn).
-  if ((st.side == nullptr && capturing(st.cuda_stream())) || side_state(st) == nullptr) {
-    in_turn();
-    return;
-  }
-  auto beside = [&] { run_beside(st, dw_work, dx_work); };
-  if (first_is_faster(st, site, x, w, p, in_turn, beside))
-    in_turn();
-  else
-    beside();
+  run_gradients(st, site, x, w, p, dw_work, std::vector<Way>{{"dx", dx_work}});
 }
 
 }  // namespace dstrain::kernels::cuda
