@@ -89,8 +89,11 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
                               const Tensor& w) {
   static std::mutex mutex;
   static auto* chosen = new std::map<std::array<int, 15>, ForwardVariant>();  // never destroyed
-  const std::array<int, 15> key{st.device, a.N,  a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w, static_cast<int>(dt),
-                                a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr, a.bwd.x != nullptr};
+  const std::array<int, 15> key{st.device,        a.N,        a.H,        a.W,
+                                a.C,              a.K,        a.R,        a.S,
+                                a.pad_h,          a.pad_w,    static_cast<int>(dt),
+                                a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr,
+                                a.bwd.x != nullptr};
   {
     std::lock_guard<std::mutex> lock(mutex);
     auto it = chosen->find(key);
