@@ -886,9 +886,8 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
   // Our implicit GEMM with dgamma and dbeta from its epilogue, then the pass. Its accumulators
   // cannot be made during a capture: there it needs a run before.
   const DgradThroughBatchNorm through{&x, &in};
-  const bool through_applies =
-      M_in > 0 && implicit_gemm_dgrad_applies(st.device, dconv, w, dx, p, &through) &&
-      (st.zeroed_accumulators != nullptr || !capturing(stream));
+  const bool through_applies = M_in > 0 && implicit_gemm_dgrad_applies(st.device, dconv, w, dx, p, &through) &&
+                               st.zeroed_accumulators_available();
   auto dgrad_through = [&] {
     implicit_gemm_dgrad(st, dconv, w, dx, p, &through);
     apply_dx();

@@ -601,6 +601,10 @@ void* CudaState::ensure_activations(std::size_t bytes) {
   return grow_scratch(*this, activations, activations_bytes, bytes, "activation scratch");
 }
 
+bool CudaState::zeroed_accumulators_available() const {
+  return zeroed_accumulators != nullptr || !capturing(cuda_stream());
+}
+
 void* CudaState::ensure_zeroed_accumulators() {
   if (zeroed_accumulators != nullptr) return zeroed_accumulators;
   if (capturing(cuda_stream()))

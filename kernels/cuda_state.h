@@ -50,6 +50,8 @@ struct CudaState {
   void* ensure_activations(std::size_t bytes);
   // zeroed_accumulators, made on first use (Unsupported while the stream is being captured).
   void* ensure_zeroed_accumulators();
+  // False only where ensure_zeroed_accumulators would refuse: not yet made, during a capture.
+  bool zeroed_accumulators_available() const;
 };
 
 // The side state of `st` (made on first use), or null when DSTRAIN_SIDE_STREAM=0: then run_beside

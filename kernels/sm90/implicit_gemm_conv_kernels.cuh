@@ -339,6 +339,14 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
                            : kPreRowsFit < kRowsPerGroup ? kPreRowsFit
                                                          : kRowsPerGroup;
   [[maybe_unused]] std::uint32_t x_pre[kPreRows > 0 ? kPreRows : 1];
+  // BnBackward: this thread's column pair c, c + 1 of x from row `row` on, one 32-bit word a row.
+  [[maybe_unused]] auto x_pairs = [&](int row, int c) {
+    return reinterpret_cast<const std::uint32_t*>(static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(row) * a.K +
+                                                  c);
+  };
+  [[maybe_unused]] auto x_pair = [&](const std::uint32_t* pairs, int i) {
+    return __ldg(pairs + static_cast<std::size_t>(i) * (a.K / 2));
+  };
   // Prologue (a chained input's BatchNorm + ReLU): the A operand goes through registers. Each
   // thread loads its fragments of the staged input rows with ldmatrix, applies relu(x * scale +
   // shift) to them (zero where the row is padding: the copy's zeros must stay zero) and hands them
@@ -404,11 +412,10 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     if constexpr (kPreRows > 0) {
       const int first_row = m0 + row_off + stat_rows;
       const int rows = min(kRowsPerGroup, a.M - first_row);
-      const std::uint32_t* xs = reinterpret_cast<const std::uint32_t*>(
-          static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(first_row) * a.K + n0 + 2 * stat_pair);
+      const std::uint32_t* xs = x_pairs(first_row, n0 + 2 * stat_pair);
 #pragma unroll
       for (int i = 0; i < kPreRows; ++i)
-        if (i < rows) x_pre[i] = __ldg(xs + static_cast<std::size_t>(i) * (a.K / 2));
+        if (i < rows) x_pre[i] = x_pair(xs, i);
     }
     if constexpr (kPrologue) {
       const int pq = a.P * a.Q;
@@ -544,14 +551,14 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
         for (int i = 0; i < kPreRows; ++i)
           if (i < rows) add_row(i, x_pre[i]);
         // The rest in batches whose loads are all issued before the first use.
-        const std::uint32_t* xs = reinterpret_cast<const std::uint32_t*>(
-            static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(grow + stat_rows) * a.K + c);
-        constexpr int kLoadBatch = BN * kMAtoms >= 256 ? 4 : 8;  // fewer where the accumulators leave fewer registers
+        // Fewer at a time where the accumulators leave fewer registers.
+        const std::uint32_t* xs = x_pairs(grow + stat_rows, c);
+        constexpr int kLoadBatch = BN * kMAtoms >= 256 ? 4 : 8;
         for (int i0 = kPreRows; i0 < rows; i0 += kLoadBatch) {
           std::uint32_t xr[kLoadBatch];
 #pragma unroll
           for (int u = 0; u < kLoadBatch; ++u)
-            if (i0 + u < rows) xr[u] = __ldg(xs + static_cast<std::size_t>(i0 + u) * (a.K / 2));
+            if (i0 + u < rows) xr[u] = x_pair(xs, i0 + u);
 #pragma unroll
           for (int u = 0; u < kLoadBatch; ++u)
             if (i0 + u < rows) add_row(i0 + u, xr[u]);
