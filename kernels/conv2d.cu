@@ -390,17 +390,27 @@ void conv2d_backward_filter_on(CudaState& st, const Tensor& x, const Tensor& dy,
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(dw.data(), 0, dw.nbytes(), st.cuda_stream()));
     return;
   }
-  if (run_graph(st, ConvGraph::BackwardFilter, x, dw, dy, p)) return;
-  const ConvShape s = shape_of(x, dw, dy);
-  ConvPlan& plan =
-      get_plan(st, ConvOp::BackwardFilter, s, p, aligned16(x.data()) && aligned16(dy.data()) && aligned16(dw.data()),
-               x.dtype());
-  const float alpha = 1.0f, beta = 0.0f;
-  run_plan(st, plan, ConvOp::BackwardFilter, [&](int algo, void* ws, std::size_t bytes) {
-    return cudnnConvolutionBackwardFilter(st.cudnn, &alpha, plan.x, x.data(), plan.y, dy.data(), plan.conv,
-                                          static_cast<cudnnConvolutionBwdFilterAlgo_t>(algo), ws, bytes, &beta,
-                                          plan.w, dw.data());
-  });
+  auto with_cudnn = [&] {
+    if (run_graph(st, ConvGraph::BackwardFilter, x, dw, dy, p)) return;
+    const ConvShape s = shape_of(x, dw, dy);
+    ConvPlan& plan =
+        get_plan(st, ConvOp::BackwardFilter, s, p,
+                 aligned16(x.data()) && aligned16(dy.data()) && aligned16(dw.data()), x.dtype());
+    const float alpha = 1.0f, beta = 0.0f;
+    run_plan(st, plan, ConvOp::BackwardFilter, [&](int algo, void* ws, std::size_t bytes) {
+      return cudnnConvolutionBackwardFilter(st.cudnn, &alpha, plan.x, x.data(), plan.y, dy.data(), plan.conv,
+                                            static_cast<cudnnConvolutionBwdFilterAlgo_t>(algo), ws, bytes, &beta,
+                                            plan.w, dw.data());
+    });
+  };
+  // Stride 1 with C and K multiples of 64 on Hopper: our implicit GEMM competes.
+  auto with_own = [&] { implicit_gemm_wgrad(st, x, dy, dw, p); };
+  if (implicit_gemm_wgrad_applies(st.device, x, dy, dw, p)) {
+    const std::vector<Way> ways{{"cuDNN", with_cudnn}, {"implicit GEMM", with_own}};
+    ways[fastest_way(st, Site::BackwardFilter, x, dw, p, ways)].run();
+    return;
+  }
+  with_cudnn();
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -821,8 +821,8 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
   });
 }
 
-// dw and dx of a layer whose input is chained: wgrad reads a = relu(bn(x)) (fused prologue or the
-// materialised activation); dgrad goes on through the producing layer's ReLU and BatchNorm (fused
+// dw and dx of a layer whose input is chained: wgrad reads a = relu(bn(x)) (cuDNN's fused
+// prologue, our implicit GEMM's, or the materialised activation); dgrad goes on through the producing layer's ReLU and BatchNorm (fused
 // dReLU + BN backward weights in dgrad's epilogue, or the separate passes), then one pass writes
 // dx = dL/dx.
 template <class T>
@@ -851,10 +851,15 @@ void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, con
       const Tensor a = materialise_activation<T>(s, x, in);
       conv2d_backward_filter_on(s, a, dconv, dw, p);
     };
-    if (wgrad_plan != nullptr && graph_is_faster(s, Site::ChainedWgrad, x, dw, p, wgrad_fused, wgrad_separate))
-      wgrad_fused();
-    else
-      wgrad_separate();
+    // Our implicit GEMM reads relu(bn(x)) through its own prologue.
+    auto wgrad_own = [&] { implicit_gemm_wgrad(s, x, dconv, dw, p, &in); };
+    std::vector<Way> ways;
+    if (wgrad_plan != nullptr) ways.push_back({"prologue graph", wgrad_fused});
+    if (wgrad_plan == nullptr || !conv_graphs_forced()) {
+      ways.push_back({"separate kernels", wgrad_separate});
+      if (implicit_gemm_wgrad_applies(s.device, x, dconv, dw, p, &in)) ways.push_back({"implicit GEMM", wgrad_own});
+    }
+    ways[ways.size() == 1 ? 0 : fastest_way(s, Site::ChainedWgrad, x, dw, p, ways)].run();
   };
   const T* xp = static_cast<const T*>(x.data());
   T* dxp = static_cast<T*>(dx.data());

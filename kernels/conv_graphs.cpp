@@ -287,7 +287,7 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
                                         "1x1 forward",          "1x1 conv + bias + ReLU",
                                         "convolution forward",  "conv + bias + ReLU",
                                         "backward data",        "conv gradients",  "layer gradients",
-                                        "chained gradients"};
+                                        "chained gradients", "backward filter"};
     std::string times;
     for (std::size_t i = 0; i < ways.size(); ++i)
       times += (i > 0 ? " / " : "") + std::string(ways[i].name) + " " + std::to_string(ms[i]);

@@ -104,11 +104,12 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // cuDNN's kernels each win some shapes; the implicit GEMM of implicit_gemm_conv.h others).
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
 // pass, or the implicit GEMM with statistics in its epilogue; for a chained input, the prologue
-// graph, or materialising the activation first); a chained input's wgrad (fused graph, or
-// separate kernels) and, with the streams below, its dgrad (fused graph, separate kernels, or the
+// graph, or materialising the activation first); a chained input's wgrad (fused graph, separate
+// kernels, or the implicit GEMM with the prologue) and, with the streams below, its dgrad (fused graph, separate kernels, or the
 // implicit GEMM with BatchNorm's backward in its epilogue); a 1x1 convolution forward and the
 // inference conv + bias + ReLU (cuBLASLt, cuDNN, implicit GEMM); any other convolution forward,
-// plain or with bias + ReLU, and the backward data (cuDNN, implicit GEMM); dw and dx on one stream
+// plain or with bias + ReLU, the backward data and the backward filter (cuDNN, implicit GEMM; for
+// a chained input's wgrad also with the prologue in our operand path); dw and dx on one stream
 // or on two (cuda_state.h: side stream), which helps where the two kernels leave each other room
 // and hurts where they contend for memory (1x1 64->256 at 56x56, say).
 enum class Site : std::int64_t {
@@ -123,6 +124,7 @@ enum class Site : std::int64_t {
   Gradients = 8,         // a convolution's dw and dx: one stream, or dw on the side stream beside dx
   LayerGradients = 9,    // the same for a fused layer's backward
   ChainedGradients = 10,  // and for a chained layer's, with the way of its dgrad
+  BackwardFilter = 11,    // cuDNN or the implicit GEMM
 };
 
 // One way of computing a site's outputs; the name is what DSTRAIN_LOG_CHOICES prints.

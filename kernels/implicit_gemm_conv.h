@@ -1,6 +1,7 @@
 // The convolution forward of our own on Hopper tensor cores (kernels/sm90/): an implicit GEMM with
 // TMA operand loads and wgmma, optionally producing the per-channel sums and sums of squares of
-// its output (BatchNorm's batch statistics) in its epilogue. It competes with cuDNN and cuBLASLt
+// its output (BatchNorm's batch statistics) in its epilogue; and from the same parts the backward
+// data and the backward filter. It competes with cuDNN and cuBLASLt
 // at the timed choices of conv2d.cu and conv_bn_relu.cu. Included only by CUDA translation units.
 #pragma once
 #include "cuda_state.h"
@@ -71,5 +72,15 @@ bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, 
                                  const ops::Conv2dParams& p, const DgradThroughBatchNorm* through = nullptr);
 void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tensor& dx, const ops::Conv2dParams& p,
                          const DgradThroughBatchNorm* through = nullptr);
+
+// dw = wgrad(x, dy) for a stride-1 convolution (dw [K, R, S, C] in x's dtype), where
+// implicit_gemm_forward_applies holds for the forward convolution of x with dw into dy. With `in`
+// (its gamma, beta, save_mean and save_invstd, fp32 [C]), x is a chained input: the kernel reads
+// relu(x * scale + shift) of its BatchNorm as the forward's prologue does, zero on padding. Uses
+// the state's workspace (fp32 [K R S C]); the tile is timed on first use (untimed during capture).
+bool implicit_gemm_wgrad_applies(int device, const Tensor& x, const Tensor& dy, const Tensor& dw,
+                                 const ops::Conv2dParams& p, const ops::ChainedInput* in = nullptr);
+void implicit_gemm_wgrad(CudaState& st, const Tensor& x, const Tensor& dy, Tensor& dw, const ops::Conv2dParams& p,
+                         const ops::ChainedInput* in = nullptr);
 
 }  // namespace dstrain::kernels::cuda

@@ -1,4 +1,5 @@
-// Host side of the implicit-GEMM convolution forward (implicit_gemm_conv.h). This translation unit
+// Host side of the implicit-GEMM convolution forward, backward data and backward filter
+// (implicit_gemm_conv.h). This translation unit
 // is compiled for sm_90a only (CMakeLists.txt): the wgmma and TMA instructions exist there.
 #include "implicit_gemm_conv.h"
 
@@ -17,7 +18,7 @@
 #include "cuda_state.h"
 #include "cudnn_graph.h"
 #include "dstrain/error.h"
-#include "sm90/implicit_gemm_conv_kernels.cuh"
+#include "sm90/implicit_gemm_wgrad_kernels.cuh"
 
 namespace dstrain::kernels::cuda {
 
@@ -153,6 +154,60 @@ ops::Conv2dParams dgrad_params(const Tensor& w, const ops::Conv2dParams& p) {
   return q;
 }
 
+using igemm::WgradVariant;
+
+// Variant v on one CTA per multiprocessor (the configurations' shared memory allows no second),
+// fewer only where the tiles have fewer steps in all.
+void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, DType dt) {
+  cudaStream_t stream = st.cuda_stream();
+  int sms = 0;
+  DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, st.device));
+  a.ctas = static_cast<int>(std::min<long long>(sms, static_cast<long long>(igemm::wgrad_tiles(v, a)) * a.steps));
+  DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.work, 0, sizeof(float) * static_cast<std::size_t>(a.R) * a.S * a.C * a.K, stream));
+  igemm::WgradTensorMaps maps{};
+  const bool half = dt == DType::F16;
+  const cudaError_t mapped =
+      half ? igemm::make_wgrad_tensor_maps<__half>(a, maps) : igemm::make_wgrad_tensor_maps<__nv_bfloat16>(a, maps);
+  if (mapped != cudaSuccess)
+    DSTRAIN_THROW(ErrorCode::Cuda, "implicit-GEMM wgrad: the driver refused its tensor maps (" +
+                                       std::string(cudaGetErrorString(mapped)) + ")");
+  DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad<__half>(v, a, maps, dw, stream)
+                          : igemm::conv_wgrad<__nv_bfloat16>(v, a, maps, dw, stream));
+}
+
+// The fastest wgrad variant for (device, shape, dtype, prologue), timed on first use; during a
+// capture the widest tile that divides K, untimed.
+WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void* dw, DType dt, const Tensor& x,
+                                  const Tensor& dy) {
+  static std::mutex mutex;
+  static auto* chosen = new std::map<std::array<int, 12>, WgradVariant>();  // never destroyed
+  const std::array<int, 12> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w, static_cast<int>(dt),
+                                a.in.gamma != nullptr};
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen->find(key);
+    if (it != chosen->end()) return it->second;
+  }
+  std::vector<WgradVariant> vs;
+  for (int i = 0; i < igemm::kWgradVariants; ++i)
+    if (a.K % igemm::wgrad_tile_cols(static_cast<WgradVariant>(i)) == 0) vs.push_back(static_cast<WgradVariant>(i));
+  if (capturing(st.cuda_stream())) return vs.back();
+  std::vector<float> ms;
+  for (WgradVariant v : vs)
+    ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch_wgrad(st, v, a, dw, dt); }));
+  const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
+  if (choices_logged()) {
+    std::string times;
+    for (std::size_t i = 0; i < vs.size(); ++i)
+      times += (i > 0 ? " / " : "") + igemm::wgrad_variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
+    detail::log_warning("choice implicit-GEMM wgrad tile for x " + shape_str(x.shape()) + " dy " +
+                        shape_str(dy.shape()) + " " + dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "") +
+                        ": " + times + " ms");
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  return chosen->emplace(key, vs[best]).first->second;
+}
+
 }  // namespace
 
 bool implicit_gemm_forward_applies(int device, const Tensor& x, const Tensor& w, const Tensor& y,
@@ -255,6 +310,46 @@ void implicit_gemm_dgrad(CudaState& st, const Tensor& dy, const Tensor& w, Tenso
   ImplicitGemmExtras extras;
   extras.through = through;
   implicit_gemm_forward(st, dy, rotated, dx, dgrad_params(w, p), extras);
+}
+
+}  // namespace dstrain::kernels::cuda
+
+namespace dstrain::kernels::cuda {
+
+bool implicit_gemm_wgrad_applies(int device, const Tensor& x, const Tensor& dy, const Tensor& dw,
+                                 const ops::Conv2dParams& p, const ops::ChainedInput* in) {
+  if (dw.ndim() != 4 || !implicit_gemm_forward_applies(device, x, dw, dy, p, false, false)) return false;
+  if (in != nullptr)
+    for (const Tensor* t : {in->gamma, in->beta, in->save_mean, in->save_invstd})
+      if (t == nullptr || t->dtype() != DType::F32 || t->numel() != x.dim(3)) return false;
+  return true;
+}
+
+void implicit_gemm_wgrad(CudaState& st, const Tensor& x, const Tensor& dy, Tensor& dw, const ops::Conv2dParams& p,
+                         const ops::ChainedInput* in) {
+  if (!implicit_gemm_wgrad_applies(st.device, x, dy, dw, p, in))
+    DSTRAIN_THROW(ErrorCode::Internal, "implicit-GEMM wgrad called for a shape it does not handle");
+  igemm::WgradArgs a{};
+  a.x = x.data();
+  a.dy = dy.data();
+  a.N = static_cast<int>(x.dim(0));
+  a.H = static_cast<int>(x.dim(1));
+  a.W = static_cast<int>(x.dim(2));
+  a.C = static_cast<int>(x.dim(3));
+  a.K = static_cast<int>(dw.dim(0));
+  a.R = static_cast<int>(dw.dim(1));
+  a.S = static_cast<int>(dw.dim(2));
+  a.P = static_cast<int>(dy.dim(1));
+  a.Q = static_cast<int>(dy.dim(2));
+  a.pad_h = p.pad_h;
+  a.pad_w = p.pad_w;
+  a.M = a.N * a.P * a.Q;
+  a.steps = (a.M + igemm::kWgradStepPixels - 1) / igemm::kWgradStepPixels;
+  if (in != nullptr)
+    a.in = {in->gamma->data_as<float>(), in->beta->data_as<float>(), in->save_mean->data_as<float>(),
+            in->save_invstd->data_as<float>()};
+  a.work = static_cast<float*>(st.ensure_workspace(sizeof(float) * static_cast<std::size_t>(dw.numel())));
+  launch_wgrad(st, choose_wgrad_variant(st, a, dw.data(), x.dtype(), x, dy), a, dw.data(), x.dtype());
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -736,56 +736,84 @@ cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvT
   return conv_forward_variant<T, Epilogue::Store, false>(v, a, maps, stream);
 }
 
-// The tensor maps of variant v, through the driver's encoders found at run time (the library does
-// not link libcuda). cudaErrorNotSupported when the driver offers no encoder or refuses the shape.
-template <typename T>
-cudaError_t make_tensor_maps(const ConvForwardArgs& a, ForwardVariant v, ConvTensorMaps& maps) {
-  static PFN_cuTensorMapEncodeIm2col_v12000 encode_im2col = nullptr;
-  static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled = nullptr;
-  static const bool found = [] {
+// The driver's tensor-map encoders, found at run time (the library does not link libcuda); null
+// members when the driver offers none.
+struct MapEncoders {
+  PFN_cuTensorMapEncodeIm2col_v12000 im2col = nullptr;
+  PFN_cuTensorMapEncodeTiled_v12000 tiled = nullptr;
+};
+inline const MapEncoders& map_encoders() {
+  static const MapEncoders found = [] {
+    MapEncoders m;
     cudaDriverEntryPointQueryResult q1{}, q2{};
     void* f1 = nullptr;
     void* f2 = nullptr;
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeIm2col", &f1, 12000, cudaEnableDefault, &q1) != cudaSuccess ||
         cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f2, 12000, cudaEnableDefault, &q2) != cudaSuccess ||
         q1 != cudaDriverEntryPointSuccess || q2 != cudaDriverEntryPointSuccess)
-      return false;
-    encode_im2col = reinterpret_cast<PFN_cuTensorMapEncodeIm2col_v12000>(f1);
-    encode_tiled = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f2);
-    return true;
+      return m;
+    m.im2col = reinterpret_cast<PFN_cuTensorMapEncodeIm2col_v12000>(f1);
+    m.tiled = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f2);
+    return m;
   }();
-  if (!found) return cudaErrorNotSupported;
-  const CUtensorMapDataType dt = MmaType<T>::kMapType;
+  return found;
+}
+
+// im2col over x [N, H, W, C]: 64 channels x `pixels` filter windows per copy, 128-byte swizzle,
+// zeros outside the image. The box of window corners (the top-left input pixel of each output
+// pixel), W first.
+template <typename T>
+cudaError_t make_im2col_map(CUtensorMap& map, const void* x, int N, int H, int W, int C, int R, int S, int pad_h,
+                            int pad_w, int pixels) {
+  const MapEncoders& enc = map_encoders();
+  if (enc.im2col == nullptr) return cudaErrorNotSupported;
   const cuuint64_t e = sizeof(T);
   const cuuint32_t ones[4] = {1, 1, 1, 1};
-  const cuuint64_t xdim[4] = {static_cast<cuuint64_t>(a.C), static_cast<cuuint64_t>(a.W), static_cast<cuuint64_t>(a.H),
-                              static_cast<cuuint64_t>(a.N)};
-  const cuuint64_t xstride[3] = {a.C * e, static_cast<cuuint64_t>(a.W) * a.C * e,
-                                 static_cast<cuuint64_t>(a.H) * a.W * a.C * e};
-  // The box of filter-window corners (the top-left input pixel of each output), W first.
-  const int lower[2] = {-a.pad_w, -a.pad_h};
-  const int upper[2] = {a.pad_w - (a.S - 1), a.pad_h - (a.R - 1)};
-  if (encode_im2col(&maps.x, dt, 4, const_cast<void*>(a.x), xdim, xstride, lower, upper, kBK,
-                    static_cast<cuuint32_t>(variant_bm(v)), ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                    CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                    CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return cudaErrorNotSupported;
-  const cuuint64_t rsc = static_cast<cuuint64_t>(a.R) * a.S * a.C;
-  const cuuint64_t wdim[2] = {rsc, static_cast<cuuint64_t>(a.K)};
-  const cuuint64_t wstride[1] = {rsc * e};
-  const cuuint32_t wbox[2] = {kBK, static_cast<cuuint32_t>(variant_bn(v))};
-  if (encode_tiled(&maps.w, dt, 2, const_cast<void*>(a.w), wdim, wstride, wbox, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return cudaErrorNotSupported;
-  const cuuint64_t ydim[2] = {static_cast<cuuint64_t>(a.K), static_cast<cuuint64_t>(a.M)};
-  const cuuint64_t ystride[1] = {a.K * e};
-  const cuuint32_t ybox[2] = {64, 64};
-  if (encode_tiled(&maps.y, dt, 2, a.y, ydim, ystride, ybox, ones, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                   CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_NONE,
-                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+  const cuuint64_t xdim[4] = {static_cast<cuuint64_t>(C), static_cast<cuuint64_t>(W), static_cast<cuuint64_t>(H),
+                              static_cast<cuuint64_t>(N)};
+  const cuuint64_t xstride[3] = {C * e, static_cast<cuuint64_t>(W) * C * e, static_cast<cuuint64_t>(H) * W * C * e};
+  const int lower[2] = {-pad_w, -pad_h};
+  const int upper[2] = {pad_w - (S - 1), pad_h - (R - 1)};
+  if (enc.im2col(&map, MmaType<T>::kMapType, 4, const_cast<void*>(x), xdim, xstride, lower, upper, kBK,
+                 static_cast<cuuint32_t>(pixels), ones, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                 CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return cudaErrorNotSupported;
   return cudaSuccess;
+}
+
+// A row-major [rows, cols] matrix in boxes of box_cols (64: 128 swizzled bytes) x box_rows; rows
+// past the end read zeros and are not written.
+template <typename T>
+cudaError_t make_tiled_map(CUtensorMap& map, const void* data, std::uint64_t rows, std::uint64_t cols, int box_rows,
+                           int box_cols, CUtensorMapL2promotion promotion) {
+  const MapEncoders& enc = map_encoders();
+  if (enc.tiled == nullptr) return cudaErrorNotSupported;
+  const cuuint32_t ones[2] = {1, 1};
+  const cuuint64_t dim[2] = {cols, rows};
+  const cuuint64_t stride[1] = {cols * sizeof(T)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  if (enc.tiled(&map, MmaType<T>::kMapType, 2, const_cast<void*>(data), dim, stride, box, ones,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, promotion,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return cudaErrorNotSupported;
+  return cudaSuccess;
+}
+
+// The tensor maps of variant v. cudaErrorNotSupported when the driver offers no encoder or refuses
+// the shape.
+template <typename T>
+cudaError_t make_tensor_maps(const ConvForwardArgs& a, ForwardVariant v, ConvTensorMaps& maps) {
+  if (const cudaError_t e =
+          make_im2col_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, a.R, a.S, a.pad_h, a.pad_w, variant_bm(v));
+      e != cudaSuccess)
+    return e;
+  const std::uint64_t rsc = static_cast<std::uint64_t>(a.R) * a.S * a.C;
+  if (const cudaError_t e = make_tiled_map<T>(maps.w, a.w, static_cast<std::uint64_t>(a.K), rsc, variant_bn(v), kBK,
+                                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
+      e != cudaSuccess)
+    return e;
+  return make_tiled_map<T>(maps.y, a.y, static_cast<std::uint64_t>(a.M), static_cast<std::uint64_t>(a.K), 64, 64,
+                           CU_TENSOR_MAP_L2_PROMOTION_NONE);
 }
 
 }  // namespace dstrain::kernels::cuda::igemm

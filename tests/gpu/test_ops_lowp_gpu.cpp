@@ -122,11 +122,14 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
 }
 
 // Shapes our implicit GEMM takes on a Hopper device (C and K multiples of 64, stride 1), the
-// forward and the backward data (the forward on rotated filters): with DSTRAIN_FORCE_CHOICE=1 and 2
-// (ctest gpu_conv_choice_*) it computes them, otherwise the fastest of it and cuDNN / cuBLASLt.
-// Rows that fill no whole tile, images smaller than a tile, non-square images and filters, no
-// padding, and K that only the narrower tiles divide.
-TEST_CASE("CUDA conv2d forward and backward data with C and K multiples of 64 in fp16/bf16 match the CPU reference",
+// forward, the backward data (the forward on rotated filters) and the backward filter: with
+// DSTRAIN_FORCE_CHOICE=1 and 2 (ctest gpu_conv_choice_*) it computes them, otherwise the fastest
+// of it and cuDNN / cuBLASLt. Rows that fill no whole tile, images smaller than a tile, non-square
+// images and filters, no padding, K that only the narrower tiles divide; for the backward filter
+// also filter positions that fill no whole tile, and more pixel steps than CTAs (a CTA's share
+// ends inside one tile and goes on in the next).
+TEST_CASE("CUDA conv2d forward, backward data and backward filter with C and K multiples of 64 in fp16/bf16 match "
+          "the CPU reference",
           "[gpu][lowp][conv][implicit_gemm]") {
   Context g = Context::cuda(0), c = Context::cpu();
   struct Case {
@@ -137,7 +140,7 @@ TEST_CASE("CUDA conv2d forward and backward data with C and K multiples of 64 in
   const Case cases[] = {
       {{2, 9, 7, 64}, 64, 3, 3, 1, 1},   {{3, 5, 6, 128}, 192, 3, 3, 1, 1}, {{1, 8, 8, 64}, 128, 3, 3, 0, 0},
       {{2, 7, 7, 192}, 256, 3, 3, 1, 1}, {{1, 4, 33, 64}, 64, 5, 3, 2, 1},  {{2, 9, 13, 128}, 512, 1, 1, 0, 0},
-      {{1, 3, 3, 512}, 512, 3, 3, 1, 1},
+      {{1, 3, 3, 512}, 512, 3, 3, 1, 1}, {{4, 20, 19, 64}, 128, 3, 3, 1, 1}, {{3, 16, 16, 64}, 256, 1, 1, 0, 0},
   };
   for (DType dt : kLowTypes) {
     for (const Case& cs : cases) {
@@ -159,6 +162,11 @@ TEST_CASE("CUDA conv2d forward and backward data with C and K multiples of 64 in
         ops::conv2d_backward_data(c, dy, w, dx_ref, p);
         ops::conv2d_backward_data(g, dy.to(gpu()), w.to(gpu()), dx, p);
         require_close(g, dx, dx_ref, 8.0);
+
+        Tensor dw_ref = poisoned(w.shape(), Device::cpu(), dt), dw = poisoned(w.shape(), gpu(), dt);
+        ops::conv2d_backward_filter(c, x, dy, dw_ref, p);
+        ops::conv2d_backward_filter(g, x.to(gpu()), dy.to(gpu()), dw, p);
+        require_close(g, dw, dw_ref, 8.0);
       }
     }
   }
