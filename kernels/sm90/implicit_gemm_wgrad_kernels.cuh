@@ -241,10 +241,12 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
           shift[am][h] = packed_twice<T>(k.shift);
         }
     }
+    // Without the prologue wgmma reads A from shared memory (M-major): only the wait.
     auto load_fragments = [&](auto set, int i) {
       constexpr int S = decltype(set)::value;
       const int stage = (g + i) % kStages;
       sm90::mbar_wait(full_bar + 8 * stage, ((g + i) / kStages) & 1);
+      if constexpr (!kPrologue) return;
       const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + group_atom0 * kAtomBytes + ldm_off;
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) {
@@ -277,6 +279,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       const int stage = (g + i) % kStages;
       const std::uint32_t b_tile =
           smem_base + stage * Cfg::kStageBytes + Cfg::kABytes + group_col0 / 64 * kAtomBytes;
+      [[maybe_unused]] const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + group_atom0 * kAtomBytes;
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
       sm90::wgmma_fence();
@@ -284,10 +287,15 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       for (int kk = 0; kk < 4; ++kk)
 #pragma unroll
         for (int am = 0; am < kMAtoms; ++am)
-          if (am < my_atoms)
-            sm90::WgmmaRS<BN, typename Traits::type, 1>::mma(
-                acc[am], frag[S][am][kk], sm90::desc_mn_sw128(b_tile + kk * 16 * kRowBytes, kAtomBytes),
-                i > 0 || kk > 0);
+          if (am < my_atoms) {
+            const std::uint64_t desc_b = sm90::desc_mn_sw128(b_tile + kk * 16 * kRowBytes, kAtomBytes);
+            if constexpr (kPrologue)
+              sm90::WgmmaRS<BN, typename Traits::type, 1>::mma(acc[am], frag[S][am][kk], desc_b, i > 0 || kk > 0);
+            else
+              sm90::Wgmma<BN, typename Traits::type, 1>::mma(
+                  acc[am], sm90::desc_mn_sw128(a_tile + am * kAtomBytes + kk * 16 * kRowBytes, kAtomBytes), desc_b,
+                  i > 0 || kk > 0);
+          }
       sm90::wgmma_commit();
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
