@@ -156,13 +156,23 @@ ops::Conv2dParams dgrad_params(const Tensor& w, const ops::Conv2dParams& p) {
 
 using igemm::WgradVariant;
 
-// Variant v on one CTA per multiprocessor (the configurations' shared memory allows no second),
-// fewer only where the tiles have fewer steps in all.
+// Variant v on at most one CTA per multiprocessor (the configurations' shared memory allows no
+// second). Where whole chunks of steps for every tile fill at least 90% of the multiprocessors,
+// tiles x chunks CTAs each take one (their reads of x and dy then meet in L2: a 56 x 56 image's
+// tensors do not fit there); else one chunk, cut evenly over all of them.
 void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, DType dt) {
   cudaStream_t stream = st.cuda_stream();
   int sms = 0;
   DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, st.device));
-  a.ctas = static_cast<int>(std::min<long long>(sms, static_cast<long long>(igemm::wgrad_tiles(v, a)) * a.steps));
+  const int tiles = igemm::wgrad_tiles(v, a);
+  const int chunks = std::min(sms / tiles, a.steps);
+  if (chunks >= 1 && 10 * tiles * chunks >= 9 * sms) {
+    a.chunks = chunks;
+    a.ctas = tiles * chunks;
+  } else {
+    a.chunks = 1;
+    a.ctas = static_cast<int>(std::min<long long>(sms, static_cast<long long>(tiles) * a.steps));
+  }
   DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.work, 0, sizeof(float) * static_cast<std::size_t>(a.R) * a.S * a.C * a.K, stream));
   igemm::WgradTensorMaps maps{};
   const bool half = dt == DType::F16;

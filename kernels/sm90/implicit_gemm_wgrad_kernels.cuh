@@ -12,8 +12,8 @@
 // shared memory.
 //
 // The reduction over N * P * Q pixels is long and D is small: the tiles of D (kTileAtoms atoms x
-// kTileCols columns) times their 64-pixel steps make one sequence of work, which the grid (one CTA
-// per multiprocessor) cuts into equal contiguous shares. Each CTA adds its partial tiles into an
+// kTileCols columns) times their 64-pixel steps are shared out among the CTAs (WgradWalk), at
+// most one per multiprocessor. Each CTA adds its partial tiles into an
 // fp32 workspace [R S C, K] with atomics; a second kernel writes dw = D^T in dw's type. One
 // producer thread issues the copies; with the prologue, a second producer warp marks per step
 // which of its pixels each atom reads inside the image (the im2col copy reads zeros elsewhere, and
@@ -34,8 +34,9 @@ struct WgradArgs {
   InputBatchNorm in;  // gamma null: no prologue
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;       // N * P * Q
-  int steps;  // ceil(M / 64): pixel steps of the reduction
-  int ctas;   // the grid, at most tiles x steps: each CTA an equal share of the tiles' steps
+  int steps;   // ceil(M / 64): pixel steps of the reduction
+  int chunks;  // ranges of steps (1 <= chunks <= steps), see WgradWalk
+  int ctas;    // the grid, at most tiles x steps
 };
 
 struct WgradTensorMaps {
@@ -77,25 +78,35 @@ __device__ __forceinline__ std::uint32_t packed_twice(float v) {
   return out;
 }
 
-// A CTA's share of the work: the tiles' pixel steps in one sequence (tile-major), cut into equal
-// contiguous ranges, one per CTA (so every CTA has the same number of steps whatever the tile
-// count). A range covers the end of one tile, whole tiles, the start of another: its segments.
+// A CTA's share of the work. The pixel steps are cut into `chunks` ranges; the work is one
+// sequence of (chunk, tile, step), chunk-major, cut into equal contiguous shares, one per CTA.
+// With tiles x chunks CTAs each takes one tile over one chunk, and the CTAs of a chunk read the
+// same pixels at the same time (their x and dy are read from memory once, then hit in L2); with
+// one chunk every CTA has the same number of steps whatever the tile count. A share that crosses
+// from one (chunk, tile) to the next has two segments or more.
 struct WgradSegment {
   int tile, first_step, steps;
 };
 struct WgradWalk {
-  long long next, end;
-  int steps_per_tile;
-  __device__ WgradWalk(const WgradArgs& a, int tiles) : steps_per_tile(a.steps) {
-    const long long total = static_cast<long long>(tiles) * a.steps;
+  long long next, end, total;
+  int tiles, steps, chunks;
+  __device__ WgradWalk(const WgradArgs& a, int tiles_) : tiles(tiles_), steps(a.steps), chunks(a.chunks) {
+    total = static_cast<long long>(tiles) * steps;
     next = total * blockIdx.x / gridDim.x;
     end = total * (blockIdx.x + 1) / gridDim.x;
   }
+  __device__ int chunk_start(int i) const { return static_cast<int>(static_cast<long long>(i) * steps / chunks); }
   __device__ bool take(WgradSegment& seg) {
     if (next >= end) return false;
-    seg.tile = static_cast<int>(next / steps_per_tile);
-    seg.first_step = static_cast<int>(next - static_cast<long long>(seg.tile) * steps_per_tile);
-    seg.steps = static_cast<int>(min(static_cast<long long>(steps_per_tile - seg.first_step), end - next));
+    int i = static_cast<int>(next * chunks / total);  // chunk i starts at tiles * chunk_start(i)
+    while (i + 1 < chunks && static_cast<long long>(tiles) * chunk_start(i + 1) <= next) ++i;
+    while (i > 0 && static_cast<long long>(tiles) * chunk_start(i) > next) --i;
+    const int first = chunk_start(i), len = chunk_start(i + 1) - first;
+    const long long within = next - static_cast<long long>(tiles) * first;
+    seg.tile = static_cast<int>(within / len);
+    const int offset = static_cast<int>(within - static_cast<long long>(seg.tile) * len);
+    seg.first_step = first + offset;
+    seg.steps = static_cast<int>(min(static_cast<long long>(len - offset), end - next));
     next += seg.steps;
     return true;
   }
