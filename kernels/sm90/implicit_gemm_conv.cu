@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -164,6 +165,8 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
   cudaStream_t stream = st.cuda_stream();
   int sms = 0;
   DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, st.device));
+  const int step_pixels = igemm::wgrad_step_pixels(v);
+  a.steps = (a.M + step_pixels - 1) / step_pixels;
   const int tiles = igemm::wgrad_tiles(v, a);
   const int chunks = std::min(sms / tiles, a.steps);
   if (chunks >= 1 && 10 * tiles * chunks >= 9 * sms) {
@@ -177,12 +180,29 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
   igemm::WgradTensorMaps maps{};
   const bool half = dt == DType::F16;
   const cudaError_t mapped =
-      half ? igemm::make_wgrad_tensor_maps<__half>(a, maps) : igemm::make_wgrad_tensor_maps<__nv_bfloat16>(a, maps);
+      half ? igemm::make_wgrad_tensor_maps<__half>(a, v, maps) : igemm::make_wgrad_tensor_maps<__nv_bfloat16>(a, v, maps);
   if (mapped != cudaSuccess)
     DSTRAIN_THROW(ErrorCode::Cuda, "implicit-GEMM wgrad: the driver refused its tensor maps (" +
                                        std::string(cudaGetErrorString(mapped)) + ")");
   DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad<__half>(v, a, maps, dw, stream)
                           : igemm::conv_wgrad<__nv_bfloat16>(v, a, maps, dw, stream));
+}
+
+// DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant that divides K (the last where fewer),
+// untimed, for tests of every tile; -1 when unset.
+int forced_wgrad_variant() {
+  static const int forced = [] {
+    const char* env = std::getenv("DSTRAIN_WGRAD_VARIANT");
+    if (env == nullptr || *env == '\0') return -1;
+    char* end = nullptr;
+    const long v = std::strtol(env, &end, 10);
+    if (*end != '\0' || v < 0 || v >= igemm::kWgradVariants)
+      DSTRAIN_THROW(ErrorCode::InvalidArgument,
+                    std::string("DSTRAIN_WGRAD_VARIANT must be a variant index (0 to ") +
+                        std::to_string(igemm::kWgradVariants - 1) + "), not '" + env + "'");
+    return static_cast<int>(v);
+  }();
+  return forced;
 }
 
 // The fastest wgrad variant for (device, shape, dtype, prologue), timed on first use; during a
@@ -201,6 +221,8 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
   std::vector<WgradVariant> vs;
   for (int i = 0; i < igemm::kWgradVariants; ++i)
     if (a.K % igemm::wgrad_tile_cols(static_cast<WgradVariant>(i)) == 0) vs.push_back(static_cast<WgradVariant>(i));
+  if (const int forced = forced_wgrad_variant(); forced >= 0)
+    return vs[std::min<std::size_t>(static_cast<std::size_t>(forced), vs.size() - 1)];
   if (capturing(st.cuda_stream())) return vs.back();
   std::vector<float> ms;
   for (WgradVariant v : vs)
@@ -354,7 +376,6 @@ void implicit_gemm_wgrad(CudaState& st, const Tensor& x, const Tensor& dy, Tenso
   a.pad_h = p.pad_h;
   a.pad_w = p.pad_w;
   a.M = a.N * a.P * a.Q;
-  a.steps = (a.M + igemm::kWgradStepPixels - 1) / igemm::kWgradStepPixels;
   if (in != nullptr)
     a.in = {in->gamma->data_as<float>(), in->beta->data_as<float>(), in->save_mean->data_as<float>(),
             in->save_invstd->data_as<float>()};

@@ -34,35 +34,37 @@ struct WgradArgs {
   InputBatchNorm in;  // gamma null: no prologue
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;       // N * P * Q
-  int steps;   // ceil(M / 64): pixel steps of the reduction
+  int steps;   // ceil(M / kStepPixels): pixel steps of the reduction
   int chunks;  // ranges of steps (1 <= chunks <= steps), see WgradWalk
   int ctas;    // the grid, at most tiles x steps
 };
 
 struct WgradTensorMaps {
-  CUtensorMap x;   // im2col over [N, H, W, C]: 64 channels x 64 pixels per copy
-  CUtensorMap dy;  // tiled over [M, K]: 64 x 64 per copy
+  CUtensorMap x;   // im2col over [N, H, W, C]: 64 channels x a step's pixels per copy
+  CUtensorMap dy;  // tiled over [M, K]: 64 columns x a step's pixels per copy
 };
 
-constexpr int kWgradStepPixels = 64;
-constexpr int kAtomBytes = 64 * kRowBytes;  // 64 pixels x 64 channels, or 64 pixels x 64 columns of dy
 
 // BN columns and kMAtoms atoms per consumer group; kSplitN: the groups take the same atoms and
 // their own BN columns (a tile of kMAtoms atoms x 2 BN), else their own atoms and the same columns
-// (2 kMAtoms atoms x BN).
-template <int BN_, int kMAtoms_, bool kSplitN_, int kStages_>
+// (2 kMAtoms atoms x BN). A step reduces over kStepPixels pixels (64 or 128: one copy per atom).
+template <int BN_, int kMAtoms_, bool kSplitN_, int kStages_, int kStepPixels_>
 struct WgradConfig {
-  static constexpr int BN = BN_, kMAtoms = kMAtoms_, kStages = kStages_;
+  static constexpr int BN = BN_, kMAtoms = kMAtoms_, kStages = kStages_, kStepPixels = kStepPixels_;
   static constexpr bool kSplitN = kSplitN_;
+  static constexpr int kSlices = kStepPixels / 16;       // k16 slices of a step
+  static constexpr int kMaskWords = kStepPixels / 32;    // 32-bit words of an atom's pixel mask
+  static constexpr int kAtomBytes = kStepPixels * kRowBytes;  // pixels x 64 channels (or 64 columns of dy)
   static constexpr int kTileAtoms = kSplitN ? kMAtoms : 2 * kMAtoms;
   static constexpr int kTileCols = kSplitN ? 2 * BN : BN;
   static constexpr int kABytes = kTileAtoms * kAtomBytes;
   static constexpr int kBBytes = kTileCols / 64 * kAtomBytes;
   static constexpr int kStageBytes = kABytes + kBBytes;
-  static constexpr int kMaskOffset = kStages * kStageBytes;  // per stage, a 64-bit mask per atom
-  static constexpr int kBarrierOffset = kMaskOffset + kStages * kTileAtoms * 8;
+  static constexpr int kMaskOffset = kStages * kStageBytes;  // per stage, a pixel mask per atom
+  static constexpr int kBarrierOffset = kMaskOffset + kStages * kTileAtoms * kMaskWords * 4;
   static constexpr int kBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
   static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
+  static_assert(kStepPixels == 64 || kStepPixels == 128, "steps of 64 or 128 pixels");
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
   // One CTA per multiprocessor: 168 registers a thread at launch; the producers keep 56.
   static constexpr int kProducerRegs = 56;
@@ -116,6 +118,8 @@ template <typename T, typename Cfg, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, const __grid_constant__ WgradTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BN = Cfg::BN, kMAtoms = Cfg::kMAtoms, kStages = Cfg::kStages, kTileAtoms = Cfg::kTileAtoms;
+  constexpr int kAtomBytes = Cfg::kAtomBytes, kStepPixels = Cfg::kStepPixels, kSlices = Cfg::kSlices;
+  constexpr int kMaskWords = Cfg::kMaskWords;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem =
@@ -123,7 +127,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // kStages barriers, 8 bytes each
   const std::uint32_t empty_bar = full_bar + 8 * kStages;
-  const std::uint64_t* masks = reinterpret_cast<const std::uint64_t*>(smem + Cfg::kMaskOffset);
+  const std::uint32_t* masks = reinterpret_cast<const std::uint32_t*>(smem + Cfg::kMaskOffset);
 
   const int tid = threadIdx.x;
   const int c_blocks = a.C / 64;
@@ -151,15 +155,15 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
   if (tid >= 256) {
     sm90::release_registers<Cfg::kProducerRegs>();
     if (tid == 256) {
-      // Step s covers pixels m = 64 s on; the im2col copy of atom (tap r s, channel block cb) walks
-      // 64 filter windows from that pixel's, each read at offset (r, s).
+      // Step s covers pixels m = kStepPixels s on; the im2col copy of atom (tap r s, channel block
+      // cb) walks kStepPixels filter windows from that pixel's, each read at offset (r, s).
       int g = 0;  // pipeline step, continuous across segments
       while (walk.take(seg)) {
         const int atom0 = tile_atom0(seg.tile), col0 = tile_col0(seg.tile), tile_atoms = atoms_in(seg.tile);
         for (int i = 0; i < seg.steps; ++i, ++g) {
           const int stage = g % kStages;
           sm90::mbar_wait(empty_bar + 8 * stage, ((g / kStages) & 1) ^ 1);
-          const int m = (seg.first_step + i) * kWgradStepPixels;
+          const int m = (seg.first_step + i) * kStepPixels;
           const int n = m / pq, rem = m - n * pq;
           const int p = rem / a.Q, q = rem - p * a.Q;
           const std::uint32_t dst = smem_base + stage * Cfg::kStageBytes;
@@ -177,21 +181,21 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
         }
       }
     } else if (kPrologue && tid / 32 == 9) {
-      // The masks: bit i of atom at's word is set where pixel 64 s + i exists and its input pixel
-      // for the atom's tap lies inside the image.
+      // The masks: bit i % 32 of atom at's word i / 32 is set where pixel kStepPixels s + i exists
+      // and its input pixel for the atom's tap lies inside the image.
       const int lane = tid % 32;
-      std::uint64_t* out = reinterpret_cast<std::uint64_t*>(smem + Cfg::kMaskOffset);
+      std::uint32_t* out = reinterpret_cast<std::uint32_t*>(smem + Cfg::kMaskOffset);
       int g = 0;
       while (walk.take(seg)) {
         const int atom0 = tile_atom0(seg.tile), tile_atoms = atoms_in(seg.tile);
         for (int i = 0; i < seg.steps; ++i, ++g) {
           const int stage = g % kStages;
           sm90::mbar_wait(empty_bar + 8 * stage, ((g / kStages) & 1) ^ 1);
-          int ph[2], qw[2];
-          bool exists[2];
+          int ph[kMaskWords], qw[kMaskWords];
+          bool exists[kMaskWords];
 #pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int m = (seg.first_step + i) * kWgradStepPixels + lane + 32 * h;
+          for (int h = 0; h < kMaskWords; ++h) {
+            const int m = (seg.first_step + i) * kStepPixels + lane + 32 * h;
             const int rem = m % pq;
             ph[h] = rem / a.Q;
             qw[h] = rem - ph[h] * a.Q;
@@ -199,15 +203,14 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
           }
           for (int at = 0; at < tile_atoms; ++at) {
             const int tap = (atom0 + at) / c_blocks, r = tap / a.S, s = tap - r * a.S;
-            std::uint32_t word[2];
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
+            for (int h = 0; h < kMaskWords; ++h) {
               const int ih = ph[h] + r - a.pad_h, iw = qw[h] + s - a.pad_w;
-              word[h] = __ballot_sync(0xffffffffu, exists[h] &&
-                                                       static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
-                                                       static_cast<unsigned>(iw) < static_cast<unsigned>(a.W));
+              const std::uint32_t word =
+                  __ballot_sync(0xffffffffu, exists[h] && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
+                                                 static_cast<unsigned>(iw) < static_cast<unsigned>(a.W));
+              if (lane == 0) out[(stage * kTileAtoms + at) * kMaskWords + h] = word;
             }
-            if (lane == 0) out[stage * kTileAtoms + at] = (static_cast<std::uint64_t>(word[1]) << 32) | word[0];
           }
           __syncwarp();
           if (lane == 0) sm90::mbar_arrive(full_bar + 8 * stage);
@@ -229,7 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       static_cast<std::uint32_t>((8 * (lane >> 4) + (lane & 7)) * kRowBytes +
                                  (((2 * warp + ((lane >> 3) & 1)) ^ (lane & 7)) << 4));
   float acc[kMAtoms][BN / 2];
-  std::uint32_t frag[2][kMAtoms][4][4];
+  std::uint32_t frag[2][kMAtoms][kSlices][4];
   // Prologue constants of this thread's two channels per atom (fragment rows 16 warp + lane / 4
   // and + 8), two copies each in T.
   [[maybe_unused]] std::uint32_t scale[kMAtoms][2], shift[kMAtoms][2];
@@ -262,16 +265,15 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) {
         if (am >= my_atoms) break;
-        [[maybe_unused]] std::uint64_t mask = 0;
-        if constexpr (kPrologue) mask = masks[stage * kTileAtoms + group_atom0 + am] >> (2 * (lane & 3));
+        const std::uint32_t* mask = masks + (stage * kTileAtoms + group_atom0 + am) * kMaskWords;
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
+        for (int kk = 0; kk < kSlices; ++kk) {
           std::uint32_t(&f)[4] = frag[S][am][kk];
           sm90::ldmatrix_x4_trans(f, a_tile + am * kAtomBytes + kk * 16 * kRowBytes);
           if constexpr (kPrologue) {
             // Registers 0, 1: pixels 16 kk + 2 (lane % 4) and + 1; registers 2, 3: the same + 8.
-            const std::uint32_t b0 = static_cast<std::uint32_t>(mask >> (16 * kk)) & 3u;
-            const std::uint32_t b1 = static_cast<std::uint32_t>(mask >> (16 * kk + 8)) & 3u;
+            const std::uint32_t word = mask[kk / 2] >> (16 * (kk % 2) + 2 * (lane & 3));
+            const std::uint32_t b0 = word & 3u, b1 = (word >> 8) & 3u;
             const std::uint32_t keep0 = (b0 & 1u ? 0xffffu : 0u) | (b0 & 2u ? 0xffff0000u : 0u);
             const std::uint32_t keep1 = (b1 & 1u ? 0xffffu : 0u) | (b1 & 2u ? 0xffff0000u : 0u);
             f[0] = bn_relu_pair<T>(f[0], scale[am][0], shift[am][0]) & keep0;
@@ -295,7 +297,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
       sm90::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk)
+      for (int kk = 0; kk < kSlices; ++kk)
 #pragma unroll
         for (int am = 0; am < kMAtoms; ++am)
           if (am < my_atoms) {
@@ -357,14 +359,18 @@ __global__ void wgrad_store_kernel(const float* work, T* dw, int rows, int K) {
     if (k0 + i < K && j0 + tx < rows) dw[static_cast<std::size_t>(k0 + i) * rows + j0 + tx] = static_cast<T>(tile[tx][i]);
 }
 
-// The wgrad variants by their tile (atoms x columns) and the split of the two groups.
-enum class WgradVariant : int { A2N64 = 0, A4N64, A2N128, A4N128, A1N256 };
-constexpr int kWgradVariants = 5;
-using WgradA2N64 = WgradConfig<64, 1, false, 8>;
-using WgradA4N64 = WgradConfig<64, 2, false, 5>;
-using WgradA2N128 = WgradConfig<128, 1, false, 6>;
-using WgradA4N128 = WgradConfig<128, 2, false, 4>;
-using WgradA1N256 = WgradConfig<128, 1, true, 5>;
+// The wgrad variants by their tile (atoms x columns), the split of the two groups and the pixels
+// of a step (P128: 128; else 64).
+enum class WgradVariant : int { A2N64 = 0, A4N64, A2N128, A4N128, A1N256, P128A2N64, P128A4N64, P128A2N128 };
+constexpr int kWgradVariants = 8;
+using WgradA2N64 = WgradConfig<64, 1, false, 8, 64>;
+using WgradA4N64 = WgradConfig<64, 2, false, 5, 64>;
+using WgradA2N128 = WgradConfig<128, 1, false, 6, 64>;
+using WgradA4N128 = WgradConfig<128, 2, false, 4, 64>;
+using WgradA1N256 = WgradConfig<128, 1, true, 5, 64>;
+using WgradP128A2N64 = WgradConfig<64, 1, false, 4, 128>;
+using WgradP128A4N64 = WgradConfig<64, 2, false, 2, 128>;
+using WgradP128A2N128 = WgradConfig<128, 1, false, 3, 128>;
 
 template <typename F>
 auto with_wgrad_config(WgradVariant v, F&& f) {
@@ -373,7 +379,10 @@ auto with_wgrad_config(WgradVariant v, F&& f) {
     case WgradVariant::A4N64: return f(WgradA4N64{});
     case WgradVariant::A2N128: return f(WgradA2N128{});
     case WgradVariant::A4N128: return f(WgradA4N128{});
-    default: return f(WgradA1N256{});
+    case WgradVariant::A1N256: return f(WgradA1N256{});
+    case WgradVariant::P128A2N64: return f(WgradP128A2N64{});
+    case WgradVariant::P128A4N64: return f(WgradP128A4N64{});
+    default: return f(WgradP128A2N128{});
   }
 }
 
@@ -383,9 +392,14 @@ inline int wgrad_tile_atoms(WgradVariant v) {
 inline int wgrad_tile_cols(WgradVariant v) {
   return with_wgrad_config(v, [](auto c) { return decltype(c)::kTileCols; });
 }
-// "128x64": a tile's rows of D (filter positions) by its columns (output channels).
+inline int wgrad_step_pixels(WgradVariant v) {
+  return with_wgrad_config(v, [](auto c) { return decltype(c)::kStepPixels; });
+}
+// "128x64": a tile's rows of D (filter positions) by its columns (output channels); ", 128-pixel
+// steps" where a step is not 64.
 inline std::string wgrad_variant_name(WgradVariant v) {
-  return std::to_string(64 * wgrad_tile_atoms(v)) + "x" + std::to_string(wgrad_tile_cols(v));
+  return std::to_string(64 * wgrad_tile_atoms(v)) + "x" + std::to_string(wgrad_tile_cols(v)) +
+         (wgrad_step_pixels(v) != 64 ? ", " + std::to_string(wgrad_step_pixels(v)) + "-pixel steps" : "");
 }
 inline int wgrad_tiles(WgradVariant v, const WgradArgs& a) {
   const int atoms = a.R * a.S * a.C / 64;
@@ -414,16 +428,16 @@ cudaError_t conv_wgrad(WgradVariant v, const WgradArgs& a, const WgradTensorMaps
   return cudaGetLastError();
 }
 
-// The tensor maps: x through im2col in 64-pixel boxes, dy tiled in 64 x 64 boxes.
+// The tensor maps of variant v: x through im2col and dy tiled, a step's pixels per box.
 // cudaErrorNotSupported when the driver offers no encoder or refuses the shape.
 template <typename T>
-cudaError_t make_wgrad_tensor_maps(const WgradArgs& a, WgradTensorMaps& maps) {
-  if (const cudaError_t e =
-          make_im2col_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, a.R, a.S, a.pad_h, a.pad_w, kWgradStepPixels);
+cudaError_t make_wgrad_tensor_maps(const WgradArgs& a, WgradVariant v, WgradTensorMaps& maps) {
+  const int pixels = wgrad_step_pixels(v);
+  if (const cudaError_t e = make_im2col_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, a.R, a.S, a.pad_h, a.pad_w, pixels);
       e != cudaSuccess)
     return e;
-  return make_tiled_map<T>(maps.dy, a.dy, static_cast<std::uint64_t>(a.M), static_cast<std::uint64_t>(a.K),
-                           kWgradStepPixels, 64, CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
+  return make_tiled_map<T>(maps.dy, a.dy, static_cast<std::uint64_t>(a.M), static_cast<std::uint64_t>(a.K), pixels, 64,
+                           CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
 }
 
 }  // namespace dstrain::kernels::cuda::igemm
