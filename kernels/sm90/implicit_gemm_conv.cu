@@ -376,7 +376,6 @@ void implicit_gemm_wgrad(CudaState& st, const Tensor& x, const Tensor& dy, Tenso
   a.pad_h = p.pad_h;
   a.pad_w = p.pad_w;
   a.M = a.N * a.P * a.Q;
-  a.shifted = a.P == a.H && a.Q == a.W;
   if (in != nullptr)
     a.in = {in->gamma->data_as<float>(), in->beta->data_as<float>(), in->save_mean->data_as<float>(),
             in->save_invstd->data_as<float>()};

@@ -34,18 +34,13 @@ struct WgradArgs {
   InputBatchNorm in;  // gamma null: no prologue
   int N, H, W, C, K, R, S, P, Q, pad_h, pad_w;
   int M;       // N * P * Q
-  // 1 where P == H and Q == W (stride 1, "same" padding): output pixel m reads input pixel
-  // m + (r - pad_h) W + (s - pad_w) of x as an [N H W, C] matrix wherever that lies inside the
-  // image, so that a tiled copy of rows replaces the im2col one (several times faster); the rows
-  // outside the image are zeroed in shared memory before the multiplies (or masked in the prologue).
-  int shifted;
   int steps;   // ceil(M / kStepPixels): pixel steps of the reduction
   int chunks;  // ranges of steps (1 <= chunks <= steps), see WgradWalk
   int ctas;    // the grid, at most tiles x steps
 };
 
 struct WgradTensorMaps {
-  CUtensorMap x;   // im2col over [N, H, W, C], or tiled over [N H W, C] (shifted): 64 channels x a step's pixels per copy
+  CUtensorMap x;   // im2col over [N, H, W, C]: 64 channels x a step's pixels per copy
   CUtensorMap dy;  // tiled over [M, K]: 64 columns x a step's pixels per copy
 };
 
@@ -67,7 +62,7 @@ struct WgradConfig {
   static constexpr int kStageBytes = kABytes + kBBytes;
   static constexpr int kMaskOffset = kStages * kStageBytes;  // per stage, a pixel mask per atom
   static constexpr int kBarrierOffset = kMaskOffset + kStages * kTileAtoms * kMaskWords * 4;
-  static constexpr int kBytes = kBarrierOffset + 3 * kStages * 8 + 1024;  // + alignment slack
+  static constexpr int kBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
   static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
   static_assert(kStepPixels == 64 || kStepPixels == 128, "steps of 64 or 128 pixels");
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
@@ -132,11 +127,6 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // kStages barriers, 8 bytes each
   const std::uint32_t empty_bar = full_bar + 8 * kStages;
-  // Without the prologue the consumers wait on `ready`: the masks' warp arrives there once it has
-  // zeroed the rows that lie outside the image (a shifted copy reads other pixels there). With the
-  // prologue they wait on `full`, where that warp arrives with the masks that the prologue applies.
-  const std::uint32_t ready_bar = empty_bar + 8 * kStages;
-  const std::uint32_t data_bar = kPrologue ? full_bar : ready_bar;
   const std::uint32_t* masks = reinterpret_cast<const std::uint32_t*>(smem + Cfg::kMaskOffset);
 
   const int tid = threadIdx.x;
@@ -155,7 +145,6 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       // The copies' arrival with the stage's byte count, and with the prologue the masks' warp.
       sm90::mbar_init(full_bar + 8 * s, kPrologue ? 2 : 1);
       sm90::mbar_init(empty_bar + 8 * s, 256);  // every consumer thread
-      sm90::mbar_init(ready_bar + 8 * s, 1);
     }
     sm90::mbar_init_fence();
   }
@@ -183,22 +172,17 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
           for (int at = 0; at < tile_atoms; ++at) {
             const int jb = atom0 + at, tap = jb / c_blocks, cb = jb - tap * c_blocks;
             const int r = tap / a.S, s = tap - r * a.S;
-            if (a.shifted)
-              sm90::tma_load_2d(dst + at * kAtomBytes, &maps.x, cb * 64, m + (r - a.pad_h) * a.W + s - a.pad_w,
-                                full_bar + 8 * stage);
-            else
-              sm90::tma_load_im2col_4d(dst + at * kAtomBytes, &maps.x, cb * 64, q - a.pad_w, p - a.pad_h, n,
-                                       static_cast<std::uint16_t>(s), static_cast<std::uint16_t>(r),
-                                       full_bar + 8 * stage);
+            sm90::tma_load_im2col_4d(dst + at * kAtomBytes, &maps.x, cb * 64, q - a.pad_w, p - a.pad_h, n,
+                                     static_cast<std::uint16_t>(s), static_cast<std::uint16_t>(r),
+                                     full_bar + 8 * stage);
           }
           for (int b = 0; b < Cfg::kTileCols / 64; ++b)
             sm90::tma_load_2d(dst + Cfg::kABytes + b * kAtomBytes, &maps.dy, col0 + 64 * b, m, full_bar + 8 * stage);
         }
       }
-    } else if (tid / 32 == 9) {
+    } else if (kPrologue && tid / 32 == 9) {
       // The masks: bit i % 32 of atom at's word i / 32 is set where pixel kStepPixels s + i exists
-      // and its input pixel for the atom's tap lies inside the image. With the prologue they go to
-      // the consumers; without, the shifted copies' rows where the bit is clear are zeroed.
+      // and its input pixel for the atom's tap lies inside the image.
       const int lane = tid % 32;
       std::uint32_t* out = reinterpret_cast<std::uint32_t*>(smem + Cfg::kMaskOffset);
       int g = 0;
@@ -206,14 +190,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
         const int atom0 = tile_atom0(seg.tile), tile_atoms = atoms_in(seg.tile);
         for (int i = 0; i < seg.steps; ++i, ++g) {
           const int stage = g % kStages;
-          if constexpr (kPrologue)
-            sm90::mbar_wait(empty_bar + 8 * stage, ((g / kStages) & 1) ^ 1);  // the masks' slot is free
-          else
-            sm90::mbar_wait(full_bar + 8 * stage, (g / kStages) & 1);  // the copies have landed
-          if (!kPrologue && !a.shifted) {
-            if (lane == 0) sm90::mbar_arrive(ready_bar + 8 * stage);
-            continue;
-          }
+          sm90::mbar_wait(empty_bar + 8 * stage, ((g / kStages) & 1) ^ 1);
           int ph[kMaskWords], qw[kMaskWords];
           bool exists[kMaskWords];
 #pragma unroll
@@ -232,19 +209,11 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
               const std::uint32_t word =
                   __ballot_sync(0xffffffffu, exists[h] && static_cast<unsigned>(ih) < static_cast<unsigned>(a.H) &&
                                                  static_cast<unsigned>(iw) < static_cast<unsigned>(a.W));
-              if constexpr (kPrologue) {
-                if (lane == 0) out[(stage * kTileAtoms + at) * kMaskWords + h] = word;
-              } else if (((word >> lane) & 1u) == 0) {
-                uint4* row = reinterpret_cast<uint4*>(smem + stage * Cfg::kStageBytes + at * kAtomBytes +
-                                                      (32 * h + lane) * kRowBytes);
-#pragma unroll
-                for (int c = 0; c < kRowBytes / 16; ++c) row[c] = make_uint4(0u, 0u, 0u, 0u);
-              }
+              if (lane == 0) out[(stage * kTileAtoms + at) * kMaskWords + h] = word;
             }
           }
-          if constexpr (!kPrologue) sm90::fence_proxy_async();  // wgmma reads what st.shared wrote
           __syncwarp();
-          if (lane == 0) sm90::mbar_arrive(data_bar + 8 * stage);
+          if (lane == 0) sm90::mbar_arrive(full_bar + 8 * stage);
         }
       }
     }
@@ -290,7 +259,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
     auto load_fragments = [&](auto set, int i) {
       constexpr int S = decltype(set)::value;
       const int stage = (g + i) % kStages;
-      sm90::mbar_wait(data_bar + 8 * stage, ((g + i) / kStages) & 1);
+      sm90::mbar_wait(full_bar + 8 * stage, ((g + i) / kStages) & 1);
       if constexpr (!kPrologue) return;
       const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + group_atom0 * kAtomBytes + ldm_off;
 #pragma unroll
@@ -459,16 +428,14 @@ cudaError_t conv_wgrad(WgradVariant v, const WgradArgs& a, const WgradTensorMaps
   return cudaGetLastError();
 }
 
-// The tensor maps of variant v: x through im2col (or tiled, a.shifted) and dy tiled, a step's
-// pixels per box. cudaErrorNotSupported when the driver offers no encoder or refuses the shape.
+// The tensor maps of variant v: x through im2col and dy tiled, a step's pixels per box.
+// cudaErrorNotSupported when the driver offers no encoder or refuses the shape.
 template <typename T>
 cudaError_t make_wgrad_tensor_maps(const WgradArgs& a, WgradVariant v, WgradTensorMaps& maps) {
   const int pixels = wgrad_step_pixels(v);
-  const cudaError_t e =
-      a.shifted ? make_tiled_map<T>(maps.x, a.x, static_cast<std::uint64_t>(a.N) * a.H * a.W,
-                                    static_cast<std::uint64_t>(a.C), pixels, 64, CU_TENSOR_MAP_L2_PROMOTION_L2_128B)
-                : make_im2col_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, a.R, a.S, a.pad_h, a.pad_w, pixels);
-  if (e != cudaSuccess) return e;
+  if (const cudaError_t e = make_im2col_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, a.R, a.S, a.pad_h, a.pad_w, pixels);
+      e != cudaSuccess)
+    return e;
   return make_tiled_map<T>(maps.dy, a.dy, static_cast<std::uint64_t>(a.M), static_cast<std::uint64_t>(a.K), pixels, 64,
                            CU_TENSOR_MAP_L2_PROMOTION_L2_128B);
 }
