@@ -47,8 +47,7 @@ struct WgradTensorMaps {
 
 // BN columns and kMAtoms atoms per consumer group; kSplitN: the groups take the same atoms and
 // their own BN columns (a tile of kMAtoms atoms x 2 BN), else their own atoms and the same columns
-// (2 kMAtoms atoms x BN). A step reduces over kStepPixels pixels (64, 128 or 256: one copy per
-// atom).
+// (2 kMAtoms atoms x BN). A step reduces over kStepPixels pixels (64 or 128: one copy per atom).
 template <int BN_, int kMAtoms_, bool kSplitN_, int kStages_, int kStepPixels_>
 struct WgradConfig {
   static constexpr int BN = BN_, kMAtoms = kMAtoms_, kStages = kStages_, kStepPixels = kStepPixels_;
@@ -56,9 +55,6 @@ struct WgradConfig {
   static constexpr int kSlices = kStepPixels / 16;       // k16 slices of a step
   static constexpr int kMaskWords = kStepPixels / 32;    // 32-bit words of an atom's pixel mask
   static constexpr int kAtomBytes = kStepPixels * kRowBytes;  // pixels x 64 channels (or 64 columns of dy)
-  // Steps whose multiplies run while the next is issued: two where the stages leave the producer
-  // room and the prologue's fragment sets fit the registers, else one.
-  static constexpr int kInFlight = kStages >= 4 && kMAtoms == 1 ? 2 : 1;
   static constexpr int kTileAtoms = kSplitN ? kMAtoms : 2 * kMAtoms;
   static constexpr int kTileCols = kSplitN ? 2 * BN : BN;
   static constexpr int kABytes = kTileAtoms * kAtomBytes;
@@ -68,7 +64,7 @@ struct WgradConfig {
   static constexpr int kBarrierOffset = kMaskOffset + kStages * kTileAtoms * kMaskWords * 4;
   static constexpr int kBytes = kBarrierOffset + 2 * kStages * 8 + 1024;  // + alignment slack
   static_assert(BN % 64 == 0 && BN <= 256, "BN: 64, 128 or 256");
-  static_assert(kStepPixels == 64 || kStepPixels == 128 || kStepPixels == 256, "steps of 64, 128 or 256 pixels");
+  static_assert(kStepPixels == 64 || kStepPixels == 128, "steps of 64 or 128 pixels");
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
   // One CTA per multiprocessor: 168 registers a thread at launch; the producers keep 56.
   static constexpr int kProducerRegs = 56;
@@ -236,10 +232,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       static_cast<std::uint32_t>((8 * (lane >> 4) + (lane & 7)) * kRowBytes +
                                  (((2 * warp + ((lane >> 3) & 1)) ^ (lane & 7)) << 4));
   float acc[kMAtoms][BN / 2];
-  // Steps of multiplies left running behind the issue (their stages held), and the prologue's
-  // fragment sets: one per step in flight and one loading.
-  constexpr int kInFlight = Cfg::kInFlight, kSets = kInFlight + 1;
-  std::uint32_t frag[kSets][kMAtoms][kSlices][4];
+  std::uint32_t frag[2][kMAtoms][kSlices][4];
   // Prologue constants of this thread's two channels per atom (fragment rows 16 warp + lane / 4
   // and + 8), two copies each in T.
   [[maybe_unused]] std::uint32_t scale[kMAtoms][2], shift[kMAtoms][2];
@@ -319,25 +312,21 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       sm90::wgmma_commit();
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-      sm90::wgmma_wait<kInFlight>();
+      sm90::wgmma_wait<1>();
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-      if (i >= kInFlight) sm90::mbar_arrive(empty_bar + 8 * ((g + i - kInFlight) % kStages));
-      if (i + 1 < seg.steps) load_fragments(std::integral_constant<int, (S + 1) % kSets>{}, i + 1);
+      if (i > 0) sm90::mbar_arrive(empty_bar + 8 * ((g + i - 1) % kStages));
+      if (i + 1 < seg.steps) load_fragments(std::integral_constant<int, 1 - S>{}, i + 1);
     };
     load_fragments(std::integral_constant<int, 0>{}, 0);
-    for (int i = 0; i < seg.steps; i += kSets) {
+    for (int i = 0; i < seg.steps; i += 2) {
       step(std::integral_constant<int, 0>{}, i);
-      if (i + 1 < seg.steps) step(std::integral_constant<int, 1 % kSets>{}, i + 1);
-      if constexpr (kSets > 2)
-        if (i + 2 < seg.steps) step(std::integral_constant<int, 2 % kSets>{}, i + 2);
+      if (i + 1 < seg.steps) step(std::integral_constant<int, 1>{}, i + 1);
     }
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-    // The stages of the segment's last steps, not released inside the loop.
-    for (int i = max(0, seg.steps - kInFlight); i < seg.steps; ++i)
-      sm90::mbar_arrive(empty_bar + 8 * ((g + i) % kStages));
+    sm90::mbar_arrive(empty_bar + 8 * ((g + seg.steps - 1) % kStages));
     g += seg.steps;
 
     // D's rows j = 64 atom + 16 warp + lane / 4 (and + 8), columns 8 jn + 2 (lane % 4) and + 1.
@@ -371,19 +360,9 @@ __global__ void wgrad_store_kernel(const float* work, T* dw, int rows, int K) {
 }
 
 // The wgrad variants by their tile (atoms x columns), the split of the two groups and the pixels
-// of a step (P128: 128, P256: 256; else 64).
-enum class WgradVariant : int {
-  A2N64 = 0,
-  A4N64,
-  A2N128,
-  A4N128,
-  A1N256,
-  P128A2N64,
-  P128A4N64,
-  P128A2N128,
-  P256A2N64
-};
-constexpr int kWgradVariants = 9;
+// of a step (P128: 128; else 64).
+enum class WgradVariant : int { A2N64 = 0, A4N64, A2N128, A4N128, A1N256, P128A2N64, P128A4N64, P128A2N128 };
+constexpr int kWgradVariants = 8;
 using WgradA2N64 = WgradConfig<64, 1, false, 8, 64>;
 using WgradA4N64 = WgradConfig<64, 2, false, 5, 64>;
 using WgradA2N128 = WgradConfig<128, 1, false, 6, 64>;
@@ -392,7 +371,6 @@ using WgradA1N256 = WgradConfig<128, 1, true, 5, 64>;
 using WgradP128A2N64 = WgradConfig<64, 1, false, 4, 128>;
 using WgradP128A4N64 = WgradConfig<64, 2, false, 2, 128>;
 using WgradP128A2N128 = WgradConfig<128, 1, false, 3, 128>;
-using WgradP256A2N64 = WgradConfig<64, 1, false, 2, 256>;
 
 template <typename F>
 auto with_wgrad_config(WgradVariant v, F&& f) {
@@ -404,8 +382,7 @@ auto with_wgrad_config(WgradVariant v, F&& f) {
     case WgradVariant::A1N256: return f(WgradA1N256{});
     case WgradVariant::P128A2N64: return f(WgradP128A2N64{});
     case WgradVariant::P128A4N64: return f(WgradP128A4N64{});
-    case WgradVariant::P128A2N128: return f(WgradP128A2N128{});
-    default: return f(WgradP256A2N64{});
+    default: return f(WgradP128A2N128{});
   }
 }
 
