@@ -405,9 +405,9 @@ void conv2d_backward_filter_on(CudaState& st, const Tensor& x, const Tensor& dy,
   };
   // Stride 1 with C and K multiples of 64 on Hopper: our implicit GEMM competes.
   auto with_own = [&] { implicit_gemm_wgrad(st, x, dy, dw, p); };
-  if (implicit_gemm_wgrad_applies(st.device, x, dy, dw, p)) {
-    const std::vector<Way> ways{{"cuDNN", with_cudnn}, {"implicit GEMM", with_own}};
-    ways[fastest_way(st, Site::BackwardFilter, x, dw, p, ways)].run();
+  if (implicit_gemm_wgrad_applies(st.device, x, dy, dw, p) &&
+      !first_is_faster(st, Site::BackwardFilter, x, dw, p, with_cudnn, with_own)) {
+    with_own();
     return;
   }
   with_cudnn();

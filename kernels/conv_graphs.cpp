@@ -300,16 +300,10 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
 
 bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                      const std::function<void()>& first, const std::function<void()>& second) {
-  // The sites of two ways, by Site; the gradient sites name their pairs themselves (run_gradients).
-  static const char* const names[][2] = {{"GenStats graph", "conv + pass"},   {"prologue graph", "separate kernels"},
-                                         {"prologue graph", "separate kernels"}, {"cuBLASLt", "cuDNN"},
-                                         {"cuBLASLt", "cuDNN"},
-                                         {"cuDNN", "implicit GEMM"},           {"cuDNN", "implicit GEMM"},
-                                         {"cuDNN", "implicit GEMM"}};
-  if (static_cast<std::size_t>(site) >= std::size(names))
-    DSTRAIN_THROW(ErrorCode::Internal, "first_is_faster: a site of more than two ways");
-  const auto& n = names[static_cast<int>(site)];
-  return fastest_way(st, site, x, w, p, {{n[0], first}, {n[1], second}}) == 0;
+  if (site != Site::Forward && site != Site::ForwardBiasRelu && site != Site::BackwardData &&
+      site != Site::BackwardFilter)
+    DSTRAIN_THROW(ErrorCode::Internal, "first_is_faster: not a site of cuDNN against the implicit GEMM");
+  return fastest_way(st, site, x, w, p, {{"cuDNN", first}, {"implicit GEMM", second}}) == 0;
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -140,16 +140,10 @@ struct Way {
 std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                         const std::vector<Way>& ways);
 
-// fastest_way between two ways named by the site (the first two of its list above) == 0.
+// fastest_way between cuDNN (`first`) and our implicit GEMM (`second`) == 0, at the sites where
+// only those two compete: Forward, ForwardBiasRelu, BackwardData, BackwardFilter.
 bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                      const std::function<void()>& first, const std::function<void()>& second);
-
-// first_is_faster for a fused graph against separate kernels; always true under
-// DSTRAIN_CONV_GRAPHS=force.
-inline bool graph_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                            const std::function<void()>& graph, const std::function<void()>& separate) {
-  return conv_graphs_forced() || first_is_faster(st, site, x, w, p, graph, separate);
-}
 
 // dw_work(CudaState&) and one of dx_ways: on st in turn, or dw on the side stream beside dx
 // (run_beside). The pair that was the fastest at `site` when the shape was first seen runs: the

@@ -5,16 +5,16 @@
 // filter position in KRSC order and a[m, (r, s, c)] = x[n, p + r - pad_h, q + s - pad_w, c], zero
 // outside the image; optionally a chained input's relu(x * scale + shift), still zero there. The
 // kernel computes D[j, k] = sum_m a[m, j] dy[m, k], D = dw^T. The j rows come in "atoms" of 64:
-// one filter tap by 64 channels, which one im2col copy (TMA) stages per step of 64 pixels, in the
-// layout of the forward kernel (a row per pixel, 128 swizzled bytes of channels). wgmma reads that
-// tile transposed as its A operand, through registers (ldmatrix.trans, where the prologue also
-// applies the BatchNorm and ReLU), and dy's 64 pixels x columns as its B operand, N-major, from
-// shared memory.
+// one filter tap by 64 channels, which one im2col copy (TMA) stages per step of 64 or 128 pixels,
+// in the layout of the forward kernel (a row per pixel, 128 swizzled bytes of channels). wgmma
+// reads that tile transposed as its A operand, from shared memory (M-major) or, with the prologue,
+// through registers (ldmatrix.trans, then the BatchNorm and ReLU), and dy's pixels x columns as
+// its B operand, N-major, from shared memory.
 //
 // The reduction over N * P * Q pixels is long and D is small: the tiles of D (kTileAtoms atoms x
-// kTileCols columns) times their 64-pixel steps are shared out among the CTAs (WgradWalk), at
-// most one per multiprocessor. Each CTA adds its partial tiles into an
-// fp32 workspace [R S C, K] with atomics; a second kernel writes dw = D^T in dw's type. One
+// kTileCols columns) times their pixel steps are shared out among the CTAs (WgradWalk), at most
+// one per multiprocessor. Each CTA adds its partial tiles into an fp32 workspace [R S C, K] with
+// atomics; a second kernel writes dw = D^T in dw's type. One
 // producer thread issues the copies; with the prologue, a second producer warp marks per step
 // which of its pixels each atom reads inside the image (the im2col copy reads zeros elsewhere, and
 // relu(0 * scale + shift) need not be zero). Two consumer warpgroups multiply, each its own atoms
@@ -43,7 +43,6 @@ struct WgradTensorMaps {
   CUtensorMap x;   // im2col over [N, H, W, C]: 64 channels x a step's pixels per copy
   CUtensorMap dy;  // tiled over [M, K]: 64 columns x a step's pixels per copy
 };
-
 
 // BN columns and kMAtoms atoms per consumer group; kSplitN: the groups take the same atoms and
 // their own BN columns (a tile of kMAtoms atoms x 2 BN), else their own atoms and the same columns
@@ -232,7 +231,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       static_cast<std::uint32_t>((8 * (lane >> 4) + (lane & 7)) * kRowBytes +
                                  (((2 * warp + ((lane >> 3) & 1)) ^ (lane & 7)) << 4));
   float acc[kMAtoms][BN / 2];
-  std::uint32_t frag[2][kMAtoms][kSlices][4];
+  [[maybe_unused]] std::uint32_t frag[2][kMAtoms][kSlices][4];
   // Prologue constants of this thread's two channels per atom (fragment rows 16 warp + lane / 4
   // and + 8), two copies each in T.
   [[maybe_unused]] std::uint32_t scale[kMAtoms][2], shift[kMAtoms][2];
@@ -255,22 +254,22 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
           shift[am][h] = packed_twice<T>(k.shift);
         }
     }
-    // Without the prologue wgmma reads A from shared memory (M-major): only the wait.
+    // The wait for a step's operands; with the prologue also its A fragments through registers
+    // (without, wgmma reads A from shared memory, M-major).
     auto load_fragments = [&](auto set, int i) {
       constexpr int S = decltype(set)::value;
       const int stage = (g + i) % kStages;
       sm90::mbar_wait(full_bar + 8 * stage, ((g + i) / kStages) & 1);
-      if constexpr (!kPrologue) return;
-      const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + group_atom0 * kAtomBytes + ldm_off;
+      if constexpr (kPrologue) {
+        const std::uint32_t a_tile = smem_base + stage * Cfg::kStageBytes + group_atom0 * kAtomBytes + ldm_off;
 #pragma unroll
-      for (int am = 0; am < kMAtoms; ++am) {
-        if (am >= my_atoms) break;
-        const std::uint32_t* mask = masks + (stage * kTileAtoms + group_atom0 + am) * kMaskWords;
+        for (int am = 0; am < kMAtoms; ++am) {
+          if (am >= my_atoms) break;
+          const std::uint32_t* mask = masks + (stage * kTileAtoms + group_atom0 + am) * kMaskWords;
 #pragma unroll
-        for (int kk = 0; kk < kSlices; ++kk) {
-          std::uint32_t(&f)[4] = frag[S][am][kk];
-          sm90::ldmatrix_x4_trans(f, a_tile + am * kAtomBytes + kk * 16 * kRowBytes);
-          if constexpr (kPrologue) {
+          for (int kk = 0; kk < kSlices; ++kk) {
+            std::uint32_t(&f)[4] = frag[S][am][kk];
+            sm90::ldmatrix_x4_trans(f, a_tile + am * kAtomBytes + kk * 16 * kRowBytes);
             // Registers 0, 1: pixels 16 kk + 2 (lane % 4) and + 1; registers 2, 3: the same + 8.
             const std::uint32_t word = mask[kk / 2] >> (16 * (kk % 2) + 2 * (lane & 3));
             const std::uint32_t b0 = word & 3u, b1 = (word >> 8) & 3u;
