@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
     // The wait for a step's operands; with the prologue also its A fragments through registers
     // (without, wgmma reads A from shared memory, M-major).
     auto load_fragments = [&](auto set, int i) {
-      constexpr int S = decltype(set)::value;
+      [[maybe_unused]] constexpr int S = decltype(set)::value;
       const int stage = (g + i) % kStages;
       sm90::mbar_wait(full_bar + 8 * stage, ((g + i) / kStages) & 1);
       if constexpr (kPrologue) {
