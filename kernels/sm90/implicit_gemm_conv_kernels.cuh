@@ -34,6 +34,7 @@
 #include <cstdint>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #include "bn_stats.cuh"
 #include "overlapped_launch.cuh"
@@ -619,20 +620,23 @@ using CfgP64N128 = Config<128, 1, 6, 1, true>;
 using CfgP128N128 = Config<128, 2, 4, 1, true>;
 using CfgP64N256 = Config<256, 1, 3, 1, true>;
 
-// Calls f with a value of variant v's configuration type: the one place that maps the two.
+// Calls f with a value of the i-th of the configuration types (the last for any larger i).
+template <typename First, typename... Rest, typename F>
+auto with_config_at(int i, F&& f) {
+  if constexpr (sizeof...(Rest) == 0) {
+    return f(First{});
+  } else {
+    if (i <= 0) return f(First{});
+    return with_config_at<Rest...>(i - 1, std::forward<F>(f));
+  }
+}
+
+// Calls f with a value of variant v's configuration type: the one place that maps the two (in
+// the order of ForwardVariant).
 template <typename F>
 auto with_config(ForwardVariant v, F&& f) {
-  switch (v) {
-    case ForwardVariant::M128N64: return f(CfgM128N64{});
-    case ForwardVariant::M256N64: return f(CfgM256N64{});
-    case ForwardVariant::M128N128: return f(CfgM128N128{});
-    case ForwardVariant::M256N128: return f(CfgM256N128{});
-    case ForwardVariant::M128N256: return f(CfgM128N256{});
-    case ForwardVariant::P128N64: return f(CfgP128N64{});
-    case ForwardVariant::P64N128: return f(CfgP64N128{});
-    case ForwardVariant::P128N128: return f(CfgP128N128{});
-    default: return f(CfgP64N256{});
-  }
+  return with_config_at<CfgM128N64, CfgM256N64, CfgM128N128, CfgM256N128, CfgM128N256, CfgP128N64, CfgP64N128,
+                        CfgP128N128, CfgP64N256>(static_cast<int>(v), std::forward<F>(f));
 }
 
 // Rows and columns of one tile of variant v, its schedule, and whether it is built with the prologue.

@@ -371,18 +371,11 @@ using WgradP128A2N64 = WgradConfig<64, 1, false, 4, 128>;
 using WgradP128A4N64 = WgradConfig<64, 2, false, 2, 128>;
 using WgradP128A2N128 = WgradConfig<128, 1, false, 3, 128>;
 
+// Calls f with a value of variant v's configuration type (in the order of WgradVariant).
 template <typename F>
 auto with_wgrad_config(WgradVariant v, F&& f) {
-  switch (v) {
-    case WgradVariant::A2N64: return f(WgradA2N64{});
-    case WgradVariant::A4N64: return f(WgradA4N64{});
-    case WgradVariant::A2N128: return f(WgradA2N128{});
-    case WgradVariant::A4N128: return f(WgradA4N128{});
-    case WgradVariant::A1N256: return f(WgradA1N256{});
-    case WgradVariant::P128A2N64: return f(WgradP128A2N64{});
-    case WgradVariant::P128A4N64: return f(WgradP128A4N64{});
-    default: return f(WgradP128A2N128{});
-  }
+  return with_config_at<WgradA2N64, WgradA4N64, WgradA2N128, WgradA4N128, WgradA1N256, WgradP128A2N64, WgradP128A4N64,
+                        WgradP128A2N128>(static_cast<int>(v), std::forward<F>(f));
 }
 
 inline int wgrad_tile_atoms(WgradVariant v) {
