@@ -206,7 +206,8 @@ int forced_wgrad_variant() {
 }
 
 // The fastest wgrad variant for (device, shape, dtype, prologue), timed on first use; during a
-// capture the widest tile that divides K, untimed.
+// capture, untimed, the 128-pixel-step tile 128 wide where K allows it, else 64 wide (the fastest
+// on ResNet-50's 3x3 layers, RESULTS.md).
 WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void* dw, DType dt, const Tensor& x,
                                   const Tensor& dy) {
   static std::mutex mutex;
@@ -223,7 +224,7 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
     if (a.K % igemm::wgrad_tile_cols(static_cast<WgradVariant>(i)) == 0) vs.push_back(static_cast<WgradVariant>(i));
   if (const int forced = forced_wgrad_variant(); forced >= 0)
     return vs[std::min<std::size_t>(static_cast<std::size_t>(forced), vs.size() - 1)];
-  if (capturing(st.cuda_stream())) return vs.back();
+  if (capturing(st.cuda_stream())) return a.K % 128 == 0 ? WgradVariant::P128A2N128 : WgradVariant::P128A2N64;
   std::vector<float> ms;
   for (WgradVariant v : vs)
     ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch_wgrad(st, v, a, dw, dt); }));
