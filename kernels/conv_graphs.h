@@ -105,11 +105,11 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // Sites: the training forward's statistics (GenStats graph, or the convolution and one statistics
 // pass, or the implicit GEMM with statistics in its epilogue; for a chained input, the prologue
 // graph, or materialising the activation first); a chained input's wgrad (fused graph, separate
-// kernels, or the implicit GEMM with the prologue) and, with the streams below, its dgrad (fused graph, separate kernels, or the
-// implicit GEMM with BatchNorm's backward in its epilogue); a 1x1 convolution forward and the
-// inference conv + bias + ReLU (cuBLASLt, cuDNN, implicit GEMM); any other convolution forward,
-// plain or with bias + ReLU, the backward data and the backward filter (cuDNN, implicit GEMM; for
-// a chained input's wgrad also with the prologue in our operand path); dw and dx on one stream
+// kernels, or the implicit GEMM with the prologue) and, with the streams below, its dgrad (fused
+// graph, separate kernels, or the implicit GEMM with BatchNorm's backward in its epilogue); a 1x1
+// convolution forward and the inference conv + bias + ReLU (cuBLASLt, cuDNN, implicit GEMM); any
+// other convolution forward, plain or with bias + ReLU, the backward data and the backward filter
+// (cuDNN, implicit GEMM); dw and dx on one stream
 // or on two (cuda_state.h: side stream), which helps where the two kernels leave each other room
 // and hurts where they contend for memory (1x1 64->256 at 56x56, say).
 enum class Site : std::int64_t {

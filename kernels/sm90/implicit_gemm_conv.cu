@@ -84,6 +84,35 @@ void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DT
                           : igemm::conv_forward<__nv_bfloat16>(v, a, maps, stream));
 }
 
+// The candidate that the timed choice keeps for `key` in `chosen` (guarded by `mutex`): the one
+// found there, or the fastest of candidates() now (three calls of run(v) each, then after_timing()),
+// logged under DSTRAIN_LOG_CHOICES as "choice <describe()>: <name(v)> <ms> / ...". Nothing is
+// timed inside a stream capture: `untimed` then, not remembered.
+template <typename Key, typename V, typename Candidates, typename Run, typename After, typename Name,
+          typename Describe>
+V timed_choice(CudaState& st, std::mutex& mutex, std::map<Key, V>& chosen, const Key& key, V untimed,
+               Candidates candidates, Run run, After after_timing, Name name, Describe describe) {
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+  }
+  if (capturing(st.cuda_stream())) return untimed;
+  const std::vector<V> vs = candidates();
+  std::vector<float> ms;
+  for (V v : vs) ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { run(v); }));
+  after_timing();
+  const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
+  if (choices_logged()) {
+    std::string times;
+    for (std::size_t i = 0; i < vs.size(); ++i)
+      times += (i > 0 ? " / " : "") + name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
+    detail::log_warning("choice " + describe() + ": " + times + " ms");
+  }
+  std::lock_guard<std::mutex> lock(mutex);
+  return chosen.emplace(key, vs[best]).first->second;
+}
+
 // The fastest variant for (device, shape, dtype, extras), timed on first use. The timed launches
 // leave the batch statistics unwritten (the sums alone, zeroed before each): the real launch
 // writes them once.
@@ -96,34 +125,23 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
                                 a.pad_h,          a.pad_w,    static_cast<int>(dt),
                                 a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr,
                                 a.bwd.x != nullptr};
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = chosen->find(key);
-    if (it != chosen->end()) return it->second;
-  }
-  if (capturing(st.cuda_stream())) return default_variant(a);
-  const std::vector<ForwardVariant> vs = variants_for(a.K, a.in.gamma != nullptr);
   igemm::ConvForwardArgs timed = a;
   timed.finish = {};
-  std::vector<float> ms;
-  for (ForwardVariant v : vs)
-    ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch(st, v, timed, dt); }));
-  if (a.finish.count != nullptr)  // the finishing launch needs its accumulators zeroed again
-    DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * sizeof(float) * static_cast<std::size_t>(a.K), st.cuda_stream()));
-  const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
-  if (choices_logged()) {
-    std::string times;
-    for (std::size_t i = 0; i < vs.size(); ++i)
-      times += (i > 0 ? " / " : "") + igemm::variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
-    detail::log_warning("choice implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
-                        dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "") +
-                        (a.bias != nullptr ? " with bias + ReLU" : "") +
-                        (a.bwd.x != nullptr ? " with the BatchNorm backward"
-                                            : a.sum != nullptr ? " with statistics" : "") +
-                        ": " + times + " ms");
-  }
-  std::lock_guard<std::mutex> lock(mutex);
-  return chosen->emplace(key, vs[best]).first->second;
+  return timed_choice(
+      st, mutex, *chosen, key, default_variant(a), [&] { return variants_for(a.K, a.in.gamma != nullptr); },
+      [&](ForwardVariant v) { launch(st, v, timed, dt); },
+      [&] {
+        if (a.finish.count != nullptr)  // the finishing launch needs its accumulators zeroed again
+          DSTRAIN_CUDA_CHECK(
+              cudaMemsetAsync(a.sum, 0, 2 * sizeof(float) * static_cast<std::size_t>(a.K), st.cuda_stream()));
+      },
+      igemm::variant_name,
+      [&] {
+        return "implicit-GEMM tile for x " + shape_str(x.shape()) + " w " + shape_str(w.shape()) + " " +
+               dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "") +
+               (a.bias != nullptr ? " with bias + ReLU" : "") +
+               (a.bwd.x != nullptr ? " with the BatchNorm backward" : a.sum != nullptr ? " with statistics" : "");
+      });
 }
 
 // w_rot[c, R - 1 - r, S - 1 - s, k] = w[k, r, s, c] (rs = r S + s becomes RS - 1 - rs): dgrad's
@@ -155,6 +173,17 @@ ops::Conv2dParams dgrad_params(const Tensor& w, const ops::Conv2dParams& p) {
   return q;
 }
 
+// True where the chained input's BatchNorm tensors that a kernel reads are all fp32 [C]: gamma,
+// beta and the batch statistics, and with `gradients` its dgamma and dbeta too.
+bool chained_input_fits(const ops::ChainedInput& in, std::int64_t C, bool gradients) {
+  for (const Tensor* t : {in.gamma, static_cast<const Tensor*>(in.beta), in.save_mean, in.save_invstd})
+    if (t == nullptr || t->dtype() != DType::F32 || t->numel() != C) return false;
+  if (gradients)
+    for (const Tensor* t : {in.dgamma, in.dbeta})
+      if (t == nullptr || t->dtype() != DType::F32 || t->numel() != C) return false;
+  return true;
+}
+
 using igemm::WgradVariant;
 
 // Variant v on at most one CTA per multiprocessor (the configurations' shared memory allows no
@@ -163,8 +192,7 @@ using igemm::WgradVariant;
 // tensors do not fit there); else one chunk, cut evenly over all of them.
 void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, DType dt) {
   cudaStream_t stream = st.cuda_stream();
-  int sms = 0;
-  DSTRAIN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, st.device));
+  const int sms = sm_count(st.device);
   const int step_pixels = igemm::wgrad_step_pixels(v);
   a.steps = (a.M + step_pixels - 1) / step_pixels;
   const int tiles = igemm::wgrad_tiles(v, a);
@@ -214,31 +242,23 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
   static auto* chosen = new std::map<std::array<int, 12>, WgradVariant>();  // never destroyed
   const std::array<int, 12> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w, static_cast<int>(dt),
                                 a.in.gamma != nullptr};
-  {
-    std::lock_guard<std::mutex> lock(mutex);
-    auto it = chosen->find(key);
-    if (it != chosen->end()) return it->second;
-  }
-  std::vector<WgradVariant> vs;
-  for (int i = 0; i < igemm::kWgradVariants; ++i)
-    if (a.K % igemm::wgrad_tile_cols(static_cast<WgradVariant>(i)) == 0) vs.push_back(static_cast<WgradVariant>(i));
-  if (const int forced = forced_wgrad_variant(); forced >= 0)
+  auto dividing_k = [&] {  // the variants whose tile width divides K
+    std::vector<WgradVariant> vs;
+    for (int i = 0; i < igemm::kWgradVariants; ++i)
+      if (a.K % igemm::wgrad_tile_cols(static_cast<WgradVariant>(i)) == 0) vs.push_back(static_cast<WgradVariant>(i));
+    return vs;
+  };
+  if (const int forced = forced_wgrad_variant(); forced >= 0) {
+    const std::vector<WgradVariant> vs = dividing_k();
     return vs[std::min<std::size_t>(static_cast<std::size_t>(forced), vs.size() - 1)];
-  if (capturing(st.cuda_stream())) return a.K % 128 == 0 ? WgradVariant::P128A2N128 : WgradVariant::P128A2N64;
-  std::vector<float> ms;
-  for (WgradVariant v : vs)
-    ms.push_back(cudnn_graph::time_calls_ms(st.cuda_stream(), 3, [&] { launch_wgrad(st, v, a, dw, dt); }));
-  const std::size_t best = static_cast<std::size_t>(std::min_element(ms.begin(), ms.end()) - ms.begin());
-  if (choices_logged()) {
-    std::string times;
-    for (std::size_t i = 0; i < vs.size(); ++i)
-      times += (i > 0 ? " / " : "") + igemm::wgrad_variant_name(vs[i]) + " " + std::to_string(ms[i] / 3.0f);
-    detail::log_warning("choice implicit-GEMM wgrad tile for x " + shape_str(x.shape()) + " dy " +
-                        shape_str(dy.shape()) + " " + dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "") +
-                        ": " + times + " ms");
   }
-  std::lock_guard<std::mutex> lock(mutex);
-  return chosen->emplace(key, vs[best]).first->second;
+  return timed_choice(
+      st, mutex, *chosen, key, a.K % 128 == 0 ? WgradVariant::P128A2N128 : WgradVariant::P128A2N64, dividing_k,
+      [&](WgradVariant v) { launch_wgrad(st, v, a, dw, dt); }, [] {}, igemm::wgrad_variant_name,
+      [&] {
+        return "implicit-GEMM wgrad tile for x " + shape_str(x.shape()) + " dy " + shape_str(dy.shape()) + " " +
+               dtype_name(dt) + (a.in.gamma != nullptr ? " with prologue" : "");
+      });
 }
 
 }  // namespace
@@ -318,10 +338,7 @@ bool implicit_gemm_dgrad_applies(int device, const Tensor& dy, const Tensor& w, 
   if (through != nullptr) {
     const Tensor& x = *through->x;
     const ops::ChainedInput& in = *through->in;
-    const std::int64_t C = dx.dim(3);
-    for (const Tensor* t : {in.gamma, static_cast<const Tensor*>(in.beta), in.save_mean, in.save_invstd,
-                            static_cast<const Tensor*>(in.dgamma), static_cast<const Tensor*>(in.dbeta)})
-      if (t == nullptr || t->dtype() != DType::F32 || t->numel() != C) return false;
+    if (!chained_input_fits(in, dx.dim(3), true)) return false;
     if (x.shape() != dx.shape() || x.dtype() != dx.dtype() || !aligned16(x.data())) return false;
   }
   return implicit_gemm_forward_applies(device, dy, rotated, dx, dgrad_params(w, p), through != nullptr);
@@ -352,10 +369,7 @@ namespace dstrain::kernels::cuda {
 bool implicit_gemm_wgrad_applies(int device, const Tensor& x, const Tensor& dy, const Tensor& dw,
                                  const ops::Conv2dParams& p, const ops::ChainedInput* in) {
   if (dw.ndim() != 4 || !implicit_gemm_forward_applies(device, x, dw, dy, p, false, false)) return false;
-  if (in != nullptr)
-    for (const Tensor* t : {in->gamma, in->beta, in->save_mean, in->save_invstd})
-      if (t == nullptr || t->dtype() != DType::F32 || t->numel() != x.dim(3)) return false;
-  return true;
+  return in == nullptr || chained_input_fits(*in, x.dim(3), false);
 }
 
 void implicit_gemm_wgrad(CudaState& st, const Tensor& x, const Tensor& dy, Tensor& dw, const ops::Conv2dParams& p,

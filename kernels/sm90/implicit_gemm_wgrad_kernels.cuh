@@ -405,9 +405,17 @@ cudaError_t conv_wgrad(WgradVariant v, const WgradArgs& a, const WgradTensorMaps
   const cudaError_t launched = with_wgrad_config(v, [&](auto c) {
     using Cfg = decltype(c);
     auto launch = [&](auto kernel) {
-      if (const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kBytes);
-          e != cudaSuccess)
-        return e;
+      // The shared-memory opt-in, once per kernel and device.
+      static std::atomic<bool> opted_in[64];
+      int device = 0;
+      if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+      if (!opted_in[device & 63].load(std::memory_order_acquire)) {
+        if (const cudaError_t e =
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kBytes);
+            e != cudaSuccess)
+          return e;
+        opted_in[device & 63].store(true, std::memory_order_release);
+      }
       kernel<<<static_cast<unsigned>(a.ctas), kThreads, Cfg::kBytes, stream>>>(a, maps);
       return cudaGetLastError();
     };
