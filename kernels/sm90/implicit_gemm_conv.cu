@@ -19,7 +19,7 @@
 #include "cuda_state.h"
 #include "cudnn_graph.h"
 #include "dstrain/error.h"
-#include "sm90/implicit_gemm_wgrad_kernels.cuh"
+#include "sm90/implicit_gemm_wgrad_rows_kernels.cuh"
 
 namespace dstrain::kernels::cuda {
 
@@ -193,8 +193,9 @@ using igemm::WgradVariant;
 void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, DType dt) {
   cudaStream_t stream = st.cuda_stream();
   const int sms = sm_count(st.device);
-  const int step_pixels = igemm::wgrad_step_pixels(v);
-  a.steps = (a.M + step_pixels - 1) / step_pixels;
+  const bool rows = v == WgradVariant::Rows;  // a step is an output row, else a run of pixels
+  const int step_pixels = rows ? a.Q : igemm::wgrad_step_pixels(v);
+  a.steps = rows ? a.N * a.P : (a.M + step_pixels - 1) / step_pixels;
   const int tiles = igemm::wgrad_tiles(v, a);
   const int chunks = std::min(sms / tiles, a.steps);
   if (chunks >= 1 && 10 * tiles * chunks >= 9 * sms) {
@@ -208,12 +209,25 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
   igemm::WgradTensorMaps maps{};
   const bool half = dt == DType::F16;
   const cudaError_t mapped =
-      half ? igemm::make_wgrad_tensor_maps<__half>(a, v, maps) : igemm::make_wgrad_tensor_maps<__nv_bfloat16>(a, v, maps);
+      rows ? (half ? igemm::make_wgrad_rows_tensor_maps<__half>(a, maps)
+                   : igemm::make_wgrad_rows_tensor_maps<__nv_bfloat16>(a, maps))
+           : (half ? igemm::make_wgrad_tensor_maps<__half>(a, v, maps)
+                   : igemm::make_wgrad_tensor_maps<__nv_bfloat16>(a, v, maps));
   if (mapped != cudaSuccess)
     DSTRAIN_THROW(ErrorCode::Cuda, "implicit-GEMM wgrad: the driver refused its tensor maps (" +
                                        std::string(cudaGetErrorString(mapped)) + ")");
-  DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad<__half>(v, a, maps, dw, stream)
-                          : igemm::conv_wgrad<__nv_bfloat16>(v, a, maps, dw, stream));
+  if (rows)
+    DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad_rows<__half>(a, maps, dw, stream)
+                            : igemm::conv_wgrad_rows<__nv_bfloat16>(a, maps, dw, stream));
+  else
+    DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad<__half>(v, a, maps, dw, stream)
+                            : igemm::conv_wgrad<__nv_bfloat16>(v, a, maps, dw, stream));
+}
+
+// The row kernel's shapes: 3x3 filters with padding 1 (stride 1: the output keeps the image size)
+// and rows of at most 64 pixels.
+bool wgrad_rows_apply(const igemm::WgradArgs& a) {
+  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W && a.Q <= 64;
 }
 
 // DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant that divides K (the last where fewer),
@@ -242,10 +256,12 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
   static auto* chosen = new std::map<std::array<int, 12>, WgradVariant>();  // never destroyed
   const std::array<int, 12> key{st.device, a.N, a.H, a.W, a.C, a.K, a.R, a.S, a.pad_h, a.pad_w, static_cast<int>(dt),
                                 a.in.gamma != nullptr};
-  auto dividing_k = [&] {  // the variants whose tile width divides K
+  auto dividing_k = [&] {  // the variants whose tile width divides K and that take the shape
     std::vector<WgradVariant> vs;
-    for (int i = 0; i < igemm::kWgradVariants; ++i)
-      if (a.K % igemm::wgrad_tile_cols(static_cast<WgradVariant>(i)) == 0) vs.push_back(static_cast<WgradVariant>(i));
+    for (int i = 0; i < igemm::kWgradVariants; ++i) {
+      const auto v = static_cast<WgradVariant>(i);
+      if (a.K % igemm::wgrad_tile_cols(v) == 0 && (v != WgradVariant::Rows || wgrad_rows_apply(a))) vs.push_back(v);
+    }
     return vs;
   };
   if (const int forced = forced_wgrad_variant(); forced >= 0) {

@@ -803,6 +803,25 @@ cudaError_t make_tiled_map(CUtensorMap& map, const void* data, std::uint64_t row
   return cudaSuccess;
 }
 
+// An NHWC tensor [N, H, W, C] in boxes of 64 channels (128 swizzled bytes) x `pixels` pixels of
+// one row; pixels and rows outside the tensor read zeros.
+template <typename T>
+cudaError_t make_tiled_4d_map(CUtensorMap& map, const void* data, int N, int H, int W, int C, int pixels) {
+  const MapEncoders& enc = map_encoders();
+  if (enc.tiled == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t e = sizeof(T);
+  const cuuint32_t ones[4] = {1, 1, 1, 1};
+  const cuuint64_t dim[4] = {static_cast<cuuint64_t>(C), static_cast<cuuint64_t>(W), static_cast<cuuint64_t>(H),
+                             static_cast<cuuint64_t>(N)};
+  const cuuint64_t stride[3] = {C * e, static_cast<cuuint64_t>(W) * C * e, static_cast<cuuint64_t>(H) * W * C * e};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(pixels), 1, 1};
+  if (enc.tiled(&map, MmaType<T>::kMapType, 4, const_cast<void*>(data), dim, stride, box, ones,
+                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+    return cudaErrorNotSupported;
+  return cudaSuccess;
+}
+
 // The tensor maps of variant v. cudaErrorNotSupported when the driver offers no encoder or refuses
 // the shape.
 template <typename T>

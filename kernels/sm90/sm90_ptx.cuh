@@ -70,6 +70,16 @@ __device__ __forceinline__ void tma_load_2d(std::uint32_t dst, const void* tenso
       : "memory");
 }
 
+// Tiled 4-D box at (c0, c1, c2, c3), innermost first; outside the tensor reads zero.
+__device__ __forceinline__ void tma_load_4d(std::uint32_t dst, const void* tensor_map, int c0, int c1, int c2, int c3,
+                                            std::uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+}
+
 // im2col 4-D (NHWC): pixelsPerColumn pixels from (c, w, h, n) on through the map's bounding box,
 // each read at its position plus the filter offsets (off_w, off_h); outside the tensor reads zero.
 __device__ __forceinline__ void tma_load_im2col_4d(std::uint32_t dst, const void* tensor_map, int c, int w, int h,

@@ -1,0 +1,359 @@
+// The backward filter (wgrad) of a 3x3 convolution with stride 1 and padding 1, one output row at a
+// time, on Hopper tensor cores (wgmma), NHWC fp16/bf16.
+//
+// dw[k, r, s, c] = sum over n, p, q of dy[n, p, q, k] * x[n, p + r - 1, q + s - 1, c]. The im2col
+// kernel (implicit_gemm_wgrad_kernels.cuh) copies x once per filter tap: nine copies of the input
+// pass from L2 to the multiprocessors, which is what bounds it on the 3x3 layers. Here a CTA holds
+// all nine taps of a 64 x 64 tile (output channels x input channels) and streams the rows of the
+// image through shared memory: a step is one output row p, and it reads input rows p - 1, p, p + 1
+// and dy's row p. Each input row is copied once and serves three steps; each of its pixels serves
+// three taps.
+// - Consumer warpgroup s (0, 1, 2) owns the taps (r, s) for r = 0, 1, 2. Its A operand is dy's row
+//   shifted by s pixels, dy^T through registers (ldmatrix.trans at shifted rows), and its B operand
+//   is input row p + r - 1, N-major from shared memory: the GEMM's k index runs over the input
+//   row's pixels w, and tap s pairs w with dy's pixel q = w - s + 1. The copies read zeros outside
+//   the image (rows p - 1 < 0 or p + 1 >= H, pixels w >= W, dy's pixels q = -1 and q >= Q), so the
+//   borders need no masks. A row is padded to kSlices x 16 pixels.
+// - With a chained input, two producer warps apply relu(x * scale + shift) to each input row in
+//   shared memory once, after its copy and before any consumer reads it; outside the image it
+//   stays zero.
+// - The rows of N images are shared out among the CTAs as the im2col kernel shares its pixel steps
+//   (WgradWalk, a step being one output row). Each CTA adds its tile into an fp32 workspace in dw's
+//   layout [K, 3, 3, C] with atomics, and a small kernel writes dw in its type.
+//
+// Requirements (checked by the host side, implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1,
+// Q <= 64, C % 64 == 0, K % 64 == 0, 16-byte aligned x and dy. Compiled for sm_90a only.
+#pragma once
+#include "implicit_gemm_wgrad_kernels.cuh"
+
+namespace dstrain::kernels::cuda::igemm {
+
+constexpr int kRowsThreads = 512;  // a producer warpgroup and three consumer warpgroups
+
+// kSlices k16 slices of pixels per row (a row of up to 16 kSlices pixels).
+template <int kSlices_>
+struct WgradRowsConfig {
+  static constexpr int kSlices = kSlices_;
+  static constexpr int kRowPixels = 16 * kSlices;
+  static constexpr int kXStages = 8, kDyStages = 6;
+  static constexpr int kXBytes = kRowPixels * kRowBytes;  // one input row's 64 channels
+  // dy's row from q = -1 to kRowPixels: the shifts by s = 0, 1, 2 read its pixels from 2 - s on.
+  static constexpr int kDyCopyBytes = (kRowPixels + 2) * kRowBytes;
+  static constexpr int kDyBytes = (kDyCopyBytes + 1023) / 1024 * 1024;  // slots 1024-byte aligned
+  static constexpr int kDyOffset = kXStages * kXBytes;
+  static constexpr int kBarrierOffset = kDyOffset + kDyStages * kDyBytes;
+  // x: full, ready (after the prologue), empty; dy: full, empty.
+  static constexpr int kBytes = kBarrierOffset + 8 * (3 * kXStages + 2 * kDyStages) + 1024;
+  static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
+  // 128 registers a thread at launch; the producers keep 56, the consumers take the rest.
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = (128 * kRowsThreads - 128 * kProducerRegs) / 384 / 8 * 8;
+};
+
+// The CTA's output rows in order, from its WgradWalk segments. A run is a stretch of rows of one
+// image inside one segment: its first step also needs input row p - 1, every step row p + 1.
+struct WgradRowStep {
+  int tile, n, p;
+  bool first_in_tile, last_in_tile, run_start, run_end;
+};
+struct WgradRowWalk {
+  WgradWalk walk;
+  WgradSegment seg{};
+  int next_row = 0, end_row = 0, P;
+  __device__ WgradRowWalk(const WgradArgs& a, int tiles) : walk(a, tiles), P(a.P) {}
+  __device__ bool next(WgradRowStep& s) {
+    s.first_in_tile = next_row >= end_row;
+    if (s.first_in_tile) {
+      if (!walk.take(seg)) return false;
+      next_row = seg.first_step;
+      end_row = seg.first_step + seg.steps;
+    }
+    s.tile = seg.tile;
+    s.n = next_row / P;
+    s.p = next_row - s.n * P;
+    ++next_row;
+    s.last_in_tile = next_row >= end_row;
+    s.run_start = s.first_in_tile || s.p == 0;
+    s.run_end = s.last_in_tile || s.p == P - 1;
+    return true;
+  }
+};
+
+template <typename T, typename Cfg, bool kPrologue>
+__global__ void __launch_bounds__(kRowsThreads, 1)
+    conv_wgrad_rows_kernel(WgradArgs a, const __grid_constant__ WgradTensorMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int kSlices = Cfg::kSlices, kXStages = Cfg::kXStages, kDyStages = Cfg::kDyStages;
+  using Traits = MmaType<T>;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem =
+      reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  const std::uint32_t smem_base = sm90::smem_addr(smem);
+  const std::uint32_t x_full = smem_base + Cfg::kBarrierOffset;
+  const std::uint32_t x_ready = x_full + 8 * kXStages;
+  const std::uint32_t x_empty = x_ready + 8 * kXStages;
+  const std::uint32_t dy_full = x_empty + 8 * kXStages;
+  const std::uint32_t dy_empty = dy_full + 8 * kDyStages;
+  auto x_slot = [&](int g) { return smem_base + (g % kXStages) * Cfg::kXBytes; };
+  auto dy_slot = [&](int g) { return smem_base + Cfg::kDyOffset + (g % kDyStages) * Cfg::kDyBytes; };
+  auto bar = [](std::uint32_t first, int g, int stages) { return first + 8 * (g % stages); };
+  auto parity = [](int g, int stages) { return static_cast<std::uint32_t>((g / stages) & 1); };
+
+  const int tid = threadIdx.x;
+  const int k_blocks = a.K / 64;
+  const int tiles = a.C / 64 * k_blocks;
+  if (tid == 0) {
+    for (int i = 0; i < kXStages; ++i) {
+      sm90::mbar_init(x_full + 8 * i, 1);
+      sm90::mbar_init(x_ready + 8 * i, 2);  // the two prologue warps
+      sm90::mbar_init(x_empty + 8 * i, 384);
+    }
+    for (int i = 0; i < kDyStages; ++i) {
+      sm90::mbar_init(dy_full + 8 * i, 1);
+      sm90::mbar_init(dy_empty + 8 * i, 384);
+    }
+    sm90::mbar_init_fence();
+  }
+  __syncthreads();
+
+  WgradRowWalk rows(a, tiles);
+  WgradRowStep st;
+  if (tid < 128) {
+    sm90::release_registers<Cfg::kProducerRegs>();
+    if (tid == 0) {
+      // The copies, in the order the consumers need them: at a run's start input rows p - 1 and
+      // p, then per step input row p + 1 and dy's row p.
+      int gx = 0, gd = 0;
+      while (rows.next(st)) {
+        const int c0 = st.tile / k_blocks * 64, k0 = st.tile % k_blocks * 64;
+        auto load_x = [&](int h) {
+          sm90::mbar_wait(bar(x_empty, gx, kXStages), parity(gx, kXStages) ^ 1);
+          sm90::mbar_arrive_expect_tx(bar(x_full, gx, kXStages), Cfg::kXBytes);
+          sm90::tma_load_4d(x_slot(gx), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
+          ++gx;
+        };
+        if (st.run_start) {
+          load_x(st.p - 1);
+          load_x(st.p);
+        }
+        load_x(st.p + 1);
+        sm90::mbar_wait(bar(dy_empty, gd, kDyStages), parity(gd, kDyStages) ^ 1);
+        sm90::mbar_arrive_expect_tx(bar(dy_full, gd, kDyStages), Cfg::kDyCopyBytes);
+        sm90::tma_load_4d(dy_slot(gd), &maps.dy, k0, -1, st.p, st.n, bar(dy_full, gd, kDyStages));
+        ++gd;
+      }
+    } else if (kPrologue && tid >= 64) {
+      // relu(x * scale + shift) in place. Thread i takes 16-byte chunk i % 8 of rows i / 8 + 8 u:
+      // the swizzle puts the same 8 channels there in every such row.
+      const int i = tid - 64, chunk = i % 8, row0 = i / 8, lane = tid % 32;
+      const int channel8 = 8 * (chunk ^ row0);  // the chunk's first channel within the 64
+      std::uint32_t scale[4], shift[4];
+      int gx = 0;
+      auto prologue = [&](int h) {
+        sm90::mbar_wait(bar(x_full, gx, kXStages), parity(gx, kXStages));
+        if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H)) {
+          unsigned char* slot = smem + (gx % kXStages) * Cfg::kXBytes;
+#pragma unroll
+          for (int u = 0; u < Cfg::kRowPixels / 8; ++u) {
+            const int w = row0 + 8 * u;
+            if (w >= a.W) break;
+            uint4* v = reinterpret_cast<uint4*>(slot + w * kRowBytes + chunk * 16);
+            uint4 x = *v;
+            x.x = bn_relu_pair<T>(x.x, scale[0], shift[0]);
+            x.y = bn_relu_pair<T>(x.y, scale[1], shift[1]);
+            x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
+            x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
+            *v = x;
+          }
+        }
+        sm90::fence_proxy_async();  // the writes, before wgmma reads the row
+        __syncwarp();
+        if (lane == 0) sm90::mbar_arrive(bar(x_ready, gx, kXStages));
+        ++gx;
+      };
+      while (rows.next(st)) {
+        if (st.first_in_tile) {
+          const int c = st.tile / k_blocks * 64 + channel8;
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            const bn::ScaleShift k0 = bn::prologue_scale_shift(__ldg(a.in.gamma + c + 2 * h), __ldg(a.in.beta + c + 2 * h),
+                                                               __ldg(a.in.mean + c + 2 * h), __ldg(a.in.invstd + c + 2 * h));
+            const bn::ScaleShift k1 =
+                bn::prologue_scale_shift(__ldg(a.in.gamma + c + 2 * h + 1), __ldg(a.in.beta + c + 2 * h + 1),
+                                         __ldg(a.in.mean + c + 2 * h + 1), __ldg(a.in.invstd + c + 2 * h + 1));
+            const typename Traits::pair sc = Traits::make(k0.scale, k1.scale), sh = Traits::make(k0.shift, k1.shift);
+            memcpy(&scale[h], &sc, 4);
+            memcpy(&shift[h], &sh, 4);
+          }
+        }
+        if (st.run_start) {
+          prologue(st.p - 1);
+          prologue(st.p);
+        }
+        prologue(st.p + 1);
+      }
+    }
+    return;
+  }
+  sm90::claim_registers<Cfg::kConsumerRegs>();
+
+  const int s = tid / 128 - 1;  // the filter column of this group's taps
+  const int t = tid % 128, warp = t / 32, lane = t % 32;
+  // ldmatrix.trans addresses into dy's row: lane l gives pixel row 8 (l / 16) + l % 8 of a k16
+  // slice, shifted by 2 - s, and the 16-byte chunk of output channels 16 warp + 8 ((l / 8) % 2),
+  // swizzled with the row % 8. A slice is 16 rows (2048 bytes) on, the same swizzle.
+  const int ldm_row = 8 * (lane >> 4) + (lane & 7) + 2 - s;
+  const std::uint32_t ldm_off = static_cast<std::uint32_t>(
+      ldm_row * kRowBytes + (((2 * warp + ((lane >> 3) & 1)) ^ (ldm_row & 7)) << 4));
+  float acc[3][32];
+  std::uint32_t frag[2][kSlices][4];
+  int gx = 0, gd = 0;
+  // The step before, whose slots are released once its multiplies are done: its dy, and its
+  // input rows from x_from on (one, or three at a run's end).
+  int pending_dy = -1, pending_x = 0, pending_x_count = 0;
+  auto release_pending = [&] {
+    if (pending_dy < 0) return;
+    sm90::mbar_arrive(bar(dy_empty, pending_dy, kDyStages));
+    for (int i = 0; i < pending_x_count; ++i) sm90::mbar_arrive(bar(x_empty, pending_x + i, kXStages));
+    pending_dy = -1;
+  };
+  auto load_fragments = [&](auto set) {
+    constexpr int S = decltype(set)::value;
+    sm90::mbar_wait(bar(dy_full, gd, kDyStages), parity(gd, kDyStages));
+    const std::uint32_t base = dy_slot(gd) + ldm_off;
+#pragma unroll
+    for (int kk = 0; kk < kSlices; ++kk) sm90::ldmatrix_x4_trans(frag[S][kk], base + kk * 16 * kRowBytes);
+  };
+  auto wait_x = [&](int g) {
+    if constexpr (kPrologue)
+      sm90::mbar_wait(bar(x_ready, g, kXStages), parity(g, kXStages));
+    else
+      sm90::mbar_wait(bar(x_full, g, kXStages), parity(g, kXStages));
+  };
+
+  if (!rows.next(st)) return;
+  load_fragments(std::integral_constant<int, 0>{});
+  // One step with fragment set S: its multiplies are issued, the step before is waited for (its
+  // slots are released, and its fragment set takes the next step's). False after the last step.
+  auto step = [&](auto set_c) {
+    constexpr int S = decltype(set_c)::value;
+    if (st.run_start) {
+      wait_x(gx);
+      wait_x(gx + 1);
+      gx += 2;
+    }
+    wait_x(gx);
+    const int x0 = gx - 2;  // input rows p - 1, p, p + 1
+    ++gx;
+#pragma unroll
+    for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int r = 0; r < 3; ++r)
+#pragma unroll
+      for (int kk = 0; kk < kSlices; ++kk)
+        sm90::WgmmaRS<64, typename Traits::type, 1>::mma(
+            acc[r], frag[S][kk], sm90::desc_mn_sw128(x_slot(x0 + r) + kk * 16 * kRowBytes, Cfg::kXBytes),
+            !st.first_in_tile || kk > 0);
+    sm90::wgmma_commit();
+#pragma unroll
+    for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+    const WgradRowStep cur = st;
+    const bool more = rows.next(st);
+    if (!cur.last_in_tile) {
+      sm90::wgmma_wait<1>();
+#pragma unroll
+      for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+      release_pending();
+      pending_dy = gd;
+      pending_x = x0;
+      pending_x_count = cur.run_end ? 3 : 1;
+    } else {
+      sm90::wgmma_wait<0>();
+#pragma unroll
+      for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+      release_pending();
+      sm90::mbar_arrive(bar(dy_empty, gd, kDyStages));
+      for (int i = 0; i < 3; ++i) sm90::mbar_arrive(bar(x_empty, x0 + i, kXStages));
+      // acc[r]: dw[k0 + 16 warp + lane / 4 (and + 8), r, s, c0 + 8 jn + 2 (lane % 4) and + 1].
+      const int c0 = cur.tile / k_blocks * 64, k0 = cur.tile % k_blocks * 64;
+      const std::size_t rsc = 9 * static_cast<std::size_t>(a.C);
+#pragma unroll
+      for (int r = 0; r < 3; ++r) {
+        float* out = a.work + static_cast<std::size_t>(k0 + 16 * warp + lane / 4) * rsc +
+                     static_cast<std::size_t>(3 * r + s) * a.C + c0 + 2 * (lane & 3);
+#pragma unroll
+        for (int jn = 0; jn < 8; ++jn) {
+          atomicAdd(reinterpret_cast<float2*>(out + 8 * jn), make_float2(acc[r][4 * jn], acc[r][4 * jn + 1]));
+          atomicAdd(reinterpret_cast<float2*>(out + 8 * rsc + 8 * jn),
+                    make_float2(acc[r][4 * jn + 2], acc[r][4 * jn + 3]));
+        }
+      }
+    }
+    ++gd;
+    if (more) load_fragments(std::integral_constant<int, 1 - S>{});
+    return more;
+  };
+  while (step(std::integral_constant<int, 0>{}) && step(std::integral_constant<int, 1>{})) {
+  }
+#endif
+}
+
+// dw = work in dw's type (the workspace already has dw's layout).
+template <typename T>
+__global__ void wgrad_rows_store_kernel(const float* work, T* dw, std::size_t n) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dw[i] = static_cast<T>(work[i]);
+}
+
+// The k16 slices of a row of Q pixels: 1, 2 or 4 (Q <= 64).
+inline int wgrad_rows_slices(int Q) { return Q <= 16 ? 1 : Q <= 32 ? 2 : 4; }
+
+template <typename F>
+auto with_wgrad_rows_config(int Q, F&& f) {
+  const int slices = wgrad_rows_slices(Q);
+  if (slices == 1) return f(WgradRowsConfig<1>{});
+  if (slices == 2) return f(WgradRowsConfig<2>{});
+  return f(WgradRowsConfig<4>{});
+}
+
+// Launches the row kernel on a.ctas CTAs (the caller zeroes a.work first), then the store of dw.
+template <typename T>
+cudaError_t conv_wgrad_rows(const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
+  const cudaError_t launched = with_wgrad_rows_config(a.Q, [&](auto c) {
+    using Cfg = decltype(c);
+    auto launch = [&](auto kernel) {
+      static std::atomic<bool> opted_in[64];  // the shared-memory opt-in, once per kernel and device
+      int device = 0;
+      if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+      if (!opted_in[device & 63].load(std::memory_order_acquire)) {
+        if (const cudaError_t e =
+                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kBytes);
+            e != cudaSuccess)
+          return e;
+        opted_in[device & 63].store(true, std::memory_order_release);
+      }
+      kernel<<<static_cast<unsigned>(a.ctas), kRowsThreads, Cfg::kBytes, stream>>>(a, maps);
+      return cudaGetLastError();
+    };
+    return a.in.gamma != nullptr ? launch(conv_wgrad_rows_kernel<T, Cfg, true>)
+                                 : launch(conv_wgrad_rows_kernel<T, Cfg, false>);
+  });
+  if (launched != cudaSuccess) return launched;
+  const std::size_t n = static_cast<std::size_t>(a.K) * 9 * a.C;
+  wgrad_rows_store_kernel<T><<<static_cast<unsigned>(std::min<std::size_t>((n + 255) / 256, 1024)), 256, 0, stream>>>(
+      a.work, static_cast<T*>(dw), n);
+  return cudaGetLastError();
+}
+
+// x as [N, H, W, C] in boxes of 64 channels x a row's pixels; dy as [N, P, Q, K] in boxes of 64
+// channels x the row's pixels + 2 (from q = -1). Zeros outside.
+template <typename T>
+cudaError_t make_wgrad_rows_tensor_maps(const WgradArgs& a, WgradTensorMaps& maps) {
+  const int pixels = 16 * wgrad_rows_slices(a.Q);
+  if (const cudaError_t e = make_tiled_4d_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, pixels); e != cudaSuccess) return e;
+  return make_tiled_4d_map<T>(maps.dy, a.dy, a.N, a.P, a.Q, a.K, pixels + 2);
+}
+
+}  // namespace dstrain::kernels::cuda::igemm
