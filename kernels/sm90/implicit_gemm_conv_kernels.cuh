@@ -658,6 +658,21 @@ inline std::string variant_name(ForwardVariant v) {
          std::to_string(variant_bn(v));
 }
 
+// Raises kKernel's dynamic shared-memory limit to kBytes, once per device: one instance, and so
+// one set of flags, per kernel.
+template <auto kKernel, int kBytes>
+cudaError_t opt_in_shared_memory() {
+  static std::atomic<bool> opted_in[64];
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (opted_in[device & 63].load(std::memory_order_acquire)) return cudaSuccess;
+  if (const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+      e != cudaSuccess)
+    return e;
+  opted_in[device & 63].store(true, std::memory_order_release);
+  return cudaSuccess;
+}
+
 // Launches a built kernel on as many persistent CTAs as the device holds, at most one per tile.
 template <typename T, typename Cfg, Epilogue kEpi, bool kPrologue>
 cudaError_t launch_built(const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {

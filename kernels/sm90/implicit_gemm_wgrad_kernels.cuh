@@ -409,22 +409,13 @@ template <typename T>
 cudaError_t conv_wgrad(WgradVariant v, const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
   const cudaError_t launched = with_wgrad_config(v, [&](auto c) {
     using Cfg = decltype(c);
-    auto launch = [&](auto kernel) {
-      // The shared-memory opt-in, once per kernel and device.
-      static std::atomic<bool> opted_in[64];
-      int device = 0;
-      if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-      if (!opted_in[device & 63].load(std::memory_order_acquire)) {
-        if (const cudaError_t e =
-                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kBytes);
-            e != cudaSuccess)
-          return e;
-        opted_in[device & 63].store(true, std::memory_order_release);
-      }
+    auto launch = [&](auto prologue) {
+      constexpr auto kernel = conv_wgrad_kernel<T, Cfg, decltype(prologue)::value>;
+      if (const cudaError_t e = opt_in_shared_memory<kernel, Cfg::kBytes>(); e != cudaSuccess) return e;
       kernel<<<static_cast<unsigned>(a.ctas), kThreads, Cfg::kBytes, stream>>>(a, maps);
       return cudaGetLastError();
     };
-    return a.in.gamma != nullptr ? launch(conv_wgrad_kernel<T, Cfg, true>) : launch(conv_wgrad_kernel<T, Cfg, false>);
+    return a.in.gamma != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
   });
   if (launched != cudaSuccess) return launched;
   const int rows = a.R * a.S * a.C;

@@ -8,18 +8,21 @@
 // image through shared memory: a step is one output row p, and it reads input rows p - 1, p, p + 1
 // and dy's row p. Each input row is copied once and serves three steps; each of its pixels serves
 // three taps.
-// - Consumer warpgroup s (0, 1, 2) owns the taps (r, s) for r = 0, 1, 2. Its A operand is dy's row
-//   shifted by s pixels, dy^T through registers (ldmatrix.trans at shifted rows), and its B operand
-//   is input row p + r - 1, N-major from shared memory: the GEMM's k index runs over the input
-//   row's pixels w, and tap s pairs w with dy's pixel q = w - s + 1. The copies read zeros outside
-//   the image (rows p - 1 < 0 or p + 1 >= H, pixels w >= W, dy's pixels q = -1 and q >= Q), so the
-//   borders need no masks. A row is padded to kSlices x 16 pixels.
+// - Consumer warpgroup s (0, 1, 2) owns the taps (r, s) for r = 0, 1, 2: one m64n192 multiply per
+//   k16 slice. Its A operand is dy's row shifted by s pixels, dy^T through registers
+//   (ldmatrix.trans at shifted rows); its B operand is the three input rows p - 1, p, p + 1 as
+//   three 64-column blocks, N-major from shared memory, kXBytes apart (the ring of rows keeps
+//   copies of its first two slots after its end, so that three successive rows never wrap). The
+//   GEMM's k index runs over the input row's pixels w, and tap s pairs w with dy's pixel
+//   q = w - s + 1. The copies read zeros outside the image (rows p - 1 < 0 or p + 1 >= H, pixels
+//   w >= W, dy's pixels q = -1 and q >= Q), so the borders need no masks. A row is padded to
+//   kSlices x 16 pixels.
 // - With a chained input, two producer warps apply relu(x * scale + shift) to each input row in
 //   shared memory once, after its copy and before any consumer reads it; outside the image it
 //   stays zero.
 // - The rows of N images are shared out among the CTAs as the im2col kernel shares its pixel steps
 //   (WgradWalk, a step being one output row). Each CTA adds its tile into an fp32 workspace in dw's
-//   layout [K, 3, 3, C] with atomics, and a small kernel writes dw in its type.
+//   layout [K, 3, 3, C] with 16-byte atomics, and a small kernel writes dw in its type.
 //
 // Requirements (checked by the host side, implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1,
 // Q <= 64, C % 64 == 0, K % 64 == 0, 16-byte aligned x and dy. Compiled for sm_90a only.
@@ -36,11 +39,15 @@ struct WgradRowsConfig {
   static constexpr int kSlices = kSlices_;
   static constexpr int kRowPixels = 16 * kSlices;
   static constexpr int kXStages = 8, kDyStages = 6;
+  // The ring of input rows has two more slots after its end, where the rows of slots 0 and 1 are
+  // copied too: any three successive rows then lie kXBytes apart, one operand of three 64-column
+  // blocks.
+  static constexpr int kXSlots = kXStages + 2;
   static constexpr int kXBytes = kRowPixels * kRowBytes;  // one input row's 64 channels
   // dy's row from q = -1 to kRowPixels: the shifts by s = 0, 1, 2 read its pixels from 2 - s on.
   static constexpr int kDyCopyBytes = (kRowPixels + 2) * kRowBytes;
   static constexpr int kDyBytes = (kDyCopyBytes + 1023) / 1024 * 1024;  // slots 1024-byte aligned
-  static constexpr int kDyOffset = kXStages * kXBytes;
+  static constexpr int kDyOffset = kXSlots * kXBytes;
   static constexpr int kBarrierOffset = kDyOffset + kDyStages * kDyBytes;
   // x: full, ready (after the prologue), empty; dy: full, empty.
   static constexpr int kBytes = kBarrierOffset + 8 * (3 * kXStages + 2 * kDyStages) + 1024;
@@ -94,7 +101,7 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
   const std::uint32_t x_empty = x_ready + 8 * kXStages;
   const std::uint32_t dy_full = x_empty + 8 * kXStages;
   const std::uint32_t dy_empty = dy_full + 8 * kDyStages;
-  auto x_slot = [&](int g) { return smem_base + (g % kXStages) * Cfg::kXBytes; };
+  auto x_slot = [&](int slot) { return smem_base + slot * Cfg::kXBytes; };
   auto dy_slot = [&](int g) { return smem_base + Cfg::kDyOffset + (g % kDyStages) * Cfg::kDyBytes; };
   auto bar = [](std::uint32_t first, int g, int stages) { return first + 8 * (g % stages); };
   auto parity = [](int g, int stages) { return static_cast<std::uint32_t>((g / stages) & 1); };
@@ -127,9 +134,11 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
       while (rows.next(st)) {
         const int c0 = st.tile / k_blocks * 64, k0 = st.tile % k_blocks * 64;
         auto load_x = [&](int h) {
+          const int slot = gx % kXStages;
           sm90::mbar_wait(bar(x_empty, gx, kXStages), parity(gx, kXStages) ^ 1);
-          sm90::mbar_arrive_expect_tx(bar(x_full, gx, kXStages), Cfg::kXBytes);
-          sm90::tma_load_4d(x_slot(gx), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
+          sm90::mbar_arrive_expect_tx(bar(x_full, gx, kXStages), (slot < 2 ? 2 : 1) * Cfg::kXBytes);
+          sm90::tma_load_4d(x_slot(slot), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
+          if (slot < 2) sm90::tma_load_4d(x_slot(kXStages + slot), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
           ++gx;
         };
         if (st.run_start) {
@@ -151,19 +160,22 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
       int gx = 0;
       auto prologue = [&](int h) {
         sm90::mbar_wait(bar(x_full, gx, kXStages), parity(gx, kXStages));
+        const int slot = gx % kXStages;
         if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H)) {
-          unsigned char* slot = smem + (gx % kXStages) * Cfg::kXBytes;
+          unsigned char* row = smem + slot * Cfg::kXBytes;
+          unsigned char* copy = smem + (kXStages + slot) * Cfg::kXBytes;  // slots 0, 1: the copy at the end
 #pragma unroll
           for (int u = 0; u < Cfg::kRowPixels / 8; ++u) {
             const int w = row0 + 8 * u;
             if (w >= a.W) break;
-            uint4* v = reinterpret_cast<uint4*>(slot + w * kRowBytes + chunk * 16);
-            uint4 x = *v;
+            const int offset = w * kRowBytes + chunk * 16;
+            uint4 x = *reinterpret_cast<const uint4*>(row + offset);
             x.x = bn_relu_pair<T>(x.x, scale[0], shift[0]);
             x.y = bn_relu_pair<T>(x.y, scale[1], shift[1]);
             x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
             x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
-            *v = x;
+            *reinterpret_cast<uint4*>(row + offset) = x;
+            if (slot < 2) *reinterpret_cast<uint4*>(copy + offset) = x;
           }
         }
         sm90::fence_proxy_async();  // the writes, before wgmma reads the row
@@ -205,7 +217,8 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
   const int ldm_row = 8 * (lane >> 4) + (lane & 7) + 2 - s;
   const std::uint32_t ldm_off = static_cast<std::uint32_t>(
       ldm_row * kRowBytes + (((2 * warp + ((lane >> 3) & 1)) ^ (ldm_row & 7)) << 4));
-  float acc[3][32];
+  // Columns 64 r + c: dw[k, r, s, c] of the tile.
+  float acc[96];
   std::uint32_t frag[2][kSlices][4];
   int gx = 0, gd = 0;
   // The step before, whose slots are released once its multiplies are done: its dy, and its
@@ -245,49 +258,47 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
     wait_x(gx);
     const int x0 = gx - 2;  // input rows p - 1, p, p + 1
     ++gx;
-#pragma unroll
-    for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+    sm90::fence_accumulators(acc);
     sm90::wgmma_fence();
 #pragma unroll
-    for (int r = 0; r < 3; ++r)
-#pragma unroll
-      for (int kk = 0; kk < kSlices; ++kk)
-        sm90::WgmmaRS<64, typename Traits::type, 1>::mma(
-            acc[r], frag[S][kk], sm90::desc_mn_sw128(x_slot(x0 + r) + kk * 16 * kRowBytes, Cfg::kXBytes),
-            !st.first_in_tile || kk > 0);
+    for (int kk = 0; kk < kSlices; ++kk)
+      sm90::WgmmaRS<192, typename Traits::type, 1>::mma(
+          acc, frag[S][kk], sm90::desc_mn_sw128(x_slot(x0 % kXStages) + kk * 16 * kRowBytes, Cfg::kXBytes),
+          !st.first_in_tile || kk > 0);
     sm90::wgmma_commit();
-#pragma unroll
-    for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+    sm90::fence_accumulators(acc);
     const WgradRowStep cur = st;
     const bool more = rows.next(st);
     if (!cur.last_in_tile) {
       sm90::wgmma_wait<1>();
-#pragma unroll
-      for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+      sm90::fence_accumulators(acc);
       release_pending();
       pending_dy = gd;
       pending_x = x0;
       pending_x_count = cur.run_end ? 3 : 1;
     } else {
       sm90::wgmma_wait<0>();
-#pragma unroll
-      for (int r = 0; r < 3; ++r) sm90::fence_accumulators(acc[r]);
+      sm90::fence_accumulators(acc);
       release_pending();
       sm90::mbar_arrive(bar(dy_empty, gd, kDyStages));
       for (int i = 0; i < 3; ++i) sm90::mbar_arrive(bar(x_empty, x0 + i, kXStages));
-      // acc[r]: dw[k0 + 16 warp + lane / 4 (and + 8), r, s, c0 + 8 jn + 2 (lane % 4) and + 1].
+      // acc[4 jn + e]: row k0 + 16 warp + lane / 4 (+ 8 for e >= 2), column 8 jn + 2 (lane % 4)
+      // (+ 1 for odd e), i.e. r = jn / 8 and c = c0 + 8 (jn % 8) + 2 (lane % 4). Lanes 2i and 2i + 1
+      // trade halves so that each adds four successive channels of one row: the even lane row
+      // lane / 4, the odd one row lane / 4 + 8.
       const int c0 = cur.tile / k_blocks * 64, k0 = cur.tile % k_blocks * 64;
+      const bool odd = lane & 1;
       const std::size_t rsc = 9 * static_cast<std::size_t>(a.C);
+      float* out = a.work + static_cast<std::size_t>(k0 + 16 * warp + lane / 4 + (odd ? 8 : 0)) * rsc +
+                   static_cast<std::size_t>(s) * a.C + c0 + 2 * (lane & 2);
 #pragma unroll
-      for (int r = 0; r < 3; ++r) {
-        float* out = a.work + static_cast<std::size_t>(k0 + 16 * warp + lane / 4) * rsc +
-                     static_cast<std::size_t>(3 * r + s) * a.C + c0 + 2 * (lane & 3);
-#pragma unroll
-        for (int jn = 0; jn < 8; ++jn) {
-          atomicAdd(reinterpret_cast<float2*>(out + 8 * jn), make_float2(acc[r][4 * jn], acc[r][4 * jn + 1]));
-          atomicAdd(reinterpret_cast<float2*>(out + 8 * rsc + 8 * jn),
-                    make_float2(acc[r][4 * jn + 2], acc[r][4 * jn + 3]));
-        }
+      for (int jn = 0; jn < 24; ++jn) {
+        // Even lanes keep e = 0, 1 and send 2, 3; odd lanes the reverse.
+        const float keep0 = odd ? acc[4 * jn + 2] : acc[4 * jn], keep1 = odd ? acc[4 * jn + 3] : acc[4 * jn + 1];
+        const float send0 = odd ? acc[4 * jn] : acc[4 * jn + 2], send1 = odd ? acc[4 * jn + 1] : acc[4 * jn + 3];
+        const float got0 = __shfl_xor_sync(0xffffffffu, send0, 1), got1 = __shfl_xor_sync(0xffffffffu, send1, 1);
+        const float4 v = odd ? make_float4(got0, got1, keep0, keep1) : make_float4(keep0, keep1, got0, got1);
+        atomicAdd(reinterpret_cast<float4*>(out + static_cast<std::size_t>(jn / 8) * 3 * a.C + 8 * (jn % 8)), v);
       }
     }
     ++gd;
@@ -323,22 +334,13 @@ template <typename T>
 cudaError_t conv_wgrad_rows(const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
   const cudaError_t launched = with_wgrad_rows_config(a.Q, [&](auto c) {
     using Cfg = decltype(c);
-    auto launch = [&](auto kernel) {
-      static std::atomic<bool> opted_in[64];  // the shared-memory opt-in, once per kernel and device
-      int device = 0;
-      if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-      if (!opted_in[device & 63].load(std::memory_order_acquire)) {
-        if (const cudaError_t e =
-                cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kBytes);
-            e != cudaSuccess)
-          return e;
-        opted_in[device & 63].store(true, std::memory_order_release);
-      }
+    auto launch = [&](auto prologue) {
+      constexpr auto kernel = conv_wgrad_rows_kernel<T, Cfg, decltype(prologue)::value>;
+      if (const cudaError_t e = opt_in_shared_memory<kernel, Cfg::kBytes>(); e != cudaSuccess) return e;
       kernel<<<static_cast<unsigned>(a.ctas), kRowsThreads, Cfg::kBytes, stream>>>(a, maps);
       return cudaGetLastError();
     };
-    return a.in.gamma != nullptr ? launch(conv_wgrad_rows_kernel<T, Cfg, true>)
-                                 : launch(conv_wgrad_rows_kernel<T, Cfg, false>);
+    return a.in.gamma != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
   });
   if (launched != cudaSuccess) return launched;
   const std::size_t n = static_cast<std::size_t>(a.K) * 9 * a.C;
