@@ -230,8 +230,8 @@ bool wgrad_rows_apply(const igemm::WgradArgs& a) {
   return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W && a.Q <= 64;
 }
 
-// DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant that divides K (the last where fewer),
-// untimed, for tests of every tile; -1 when unset.
+// DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant among those that divide K and take the
+// shape (the last where fewer), untimed, for tests of every tile; -1 when unset.
 int forced_wgrad_variant() {
   static const int forced = [] {
     const char* env = std::getenv("DSTRAIN_WGRAD_VARIANT");
@@ -248,8 +248,9 @@ int forced_wgrad_variant() {
 }
 
 // The fastest wgrad variant for (device, shape, dtype, prologue), timed on first use; during a
-// capture, untimed, the 128-pixel-step tile 128 wide where K allows it, else 64 wide (the fastest
-// on ResNet-50's 3x3 layers, RESULTS.md).
+// capture, untimed: the row kernel on 3x3 layers with rows of more than 32 pixels, else the
+// 128-pixel-step tile 128 wide where K allows it, else 64 wide (the fastest on ResNet-50's 3x3
+// layers, RESULTS.md).
 WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void* dw, DType dt, const Tensor& x,
                                   const Tensor& dy) {
   static std::mutex mutex;
@@ -269,7 +270,11 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
     return vs[std::min<std::size_t>(static_cast<std::size_t>(forced), vs.size() - 1)];
   }
   return timed_choice(
-      st, mutex, *chosen, key, a.K % 128 == 0 ? WgradVariant::P128A2N128 : WgradVariant::P128A2N64, dividing_k,
+      st, mutex, *chosen, key,
+      wgrad_rows_apply(a) && a.Q > 32 ? WgradVariant::Rows
+      : a.K % 128 == 0                ? WgradVariant::P128A2N128
+                                      : WgradVariant::P128A2N64,
+      dividing_k,
       [&](WgradVariant v) { launch_wgrad(st, v, a, dw, dt); }, [] {}, igemm::wgrad_variant_name,
       [&] {
         return "implicit-GEMM wgrad tile for x " + shape_str(x.shape()) + " dy " + shape_str(dy.shape()) + " " +
