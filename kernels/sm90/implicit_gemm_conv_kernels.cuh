@@ -658,19 +658,21 @@ inline std::string variant_name(ForwardVariant v) {
          std::to_string(variant_bn(v));
 }
 
-// Raises kKernel's dynamic shared-memory limit to kBytes, once per device: one instance, and so
-// one set of flags, per kernel.
-template <auto kKernel, int kBytes>
-cudaError_t opt_in_shared_memory() {
+// Launches kKernel with kBytes of dynamic shared memory, raising its limit first, once per device:
+// one instance, and so one set of flags, per kernel.
+template <auto kKernel, int kBytes, typename... Args>
+cudaError_t launch_with_shared_memory(unsigned grid, unsigned threads, cudaStream_t stream, const Args&... args) {
   static std::atomic<bool> opted_in[64];
   int device = 0;
   if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (opted_in[device & 63].load(std::memory_order_acquire)) return cudaSuccess;
-  if (const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
-      e != cudaSuccess)
-    return e;
-  opted_in[device & 63].store(true, std::memory_order_release);
-  return cudaSuccess;
+  if (!opted_in[device & 63].load(std::memory_order_acquire)) {
+    if (const cudaError_t e = cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes);
+        e != cudaSuccess)
+      return e;
+    opted_in[device & 63].store(true, std::memory_order_release);
+  }
+  kKernel<<<grid, threads, kBytes, stream>>>(args...);
+  return cudaGetLastError();
 }
 
 // Launches a built kernel on as many persistent CTAs as the device holds, at most one per tile.
@@ -800,41 +802,43 @@ cudaError_t make_im2col_map(CUtensorMap& map, const void* x, int N, int H, int W
   return cudaSuccess;
 }
 
-// A row-major [rows, cols] matrix in boxes of box_cols (64: 128 swizzled bytes) x box_rows; rows
-// past the end read zeros and are not written.
+// A tiled map of `rank` dimensions (innermost first; byte strides of the outer ones), 128-byte
+// swizzle, zeros read outside the tensor.
 template <typename T>
-cudaError_t make_tiled_map(CUtensorMap& map, const void* data, std::uint64_t rows, std::uint64_t cols, int box_rows,
-                           int box_cols, CUtensorMapL2promotion promotion) {
+cudaError_t make_swizzled_tiled_map(CUtensorMap& map, const void* data, cuuint32_t rank, const cuuint64_t* dim,
+                                    const cuuint64_t* stride, const cuuint32_t* box,
+                                    CUtensorMapL2promotion promotion) {
   const MapEncoders& enc = map_encoders();
   if (enc.tiled == nullptr) return cudaErrorNotSupported;
-  const cuuint32_t ones[2] = {1, 1};
-  const cuuint64_t dim[2] = {cols, rows};
-  const cuuint64_t stride[1] = {cols * sizeof(T)};
-  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
-  if (enc.tiled(&map, MmaType<T>::kMapType, 2, const_cast<void*>(data), dim, stride, box, ones,
+  const cuuint32_t ones[5] = {1, 1, 1, 1, 1};
+  if (enc.tiled(&map, MmaType<T>::kMapType, rank, const_cast<void*>(data), dim, stride, box, ones,
                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, promotion,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
     return cudaErrorNotSupported;
   return cudaSuccess;
 }
 
+// A row-major [rows, cols] matrix in boxes of box_cols (64: 128 swizzled bytes) x box_rows; rows
+// past the end read zeros and are not written.
+template <typename T>
+cudaError_t make_tiled_map(CUtensorMap& map, const void* data, std::uint64_t rows, std::uint64_t cols, int box_rows,
+                           int box_cols, CUtensorMapL2promotion promotion) {
+  const cuuint64_t dim[2] = {cols, rows};
+  const cuuint64_t stride[1] = {cols * sizeof(T)};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  return make_swizzled_tiled_map<T>(map, data, 2, dim, stride, box, promotion);
+}
+
 // An NHWC tensor [N, H, W, C] in boxes of 64 channels (128 swizzled bytes) x `pixels` pixels of
 // one row; pixels and rows outside the tensor read zeros.
 template <typename T>
 cudaError_t make_tiled_4d_map(CUtensorMap& map, const void* data, int N, int H, int W, int C, int pixels) {
-  const MapEncoders& enc = map_encoders();
-  if (enc.tiled == nullptr) return cudaErrorNotSupported;
   const cuuint64_t e = sizeof(T);
-  const cuuint32_t ones[4] = {1, 1, 1, 1};
   const cuuint64_t dim[4] = {static_cast<cuuint64_t>(C), static_cast<cuuint64_t>(W), static_cast<cuuint64_t>(H),
                              static_cast<cuuint64_t>(N)};
   const cuuint64_t stride[3] = {C * e, static_cast<cuuint64_t>(W) * C * e, static_cast<cuuint64_t>(H) * W * C * e};
   const cuuint32_t box[4] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(pixels), 1, 1};
-  if (enc.tiled(&map, MmaType<T>::kMapType, 4, const_cast<void*>(data), dim, stride, box, ones,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-    return cudaErrorNotSupported;
-  return cudaSuccess;
+  return make_swizzled_tiled_map<T>(map, data, 4, dim, stride, box, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 
 // The tensor maps of variant v. cudaErrorNotSupported when the driver offers no encoder or refuses

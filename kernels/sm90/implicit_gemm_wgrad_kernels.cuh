@@ -409,13 +409,11 @@ template <typename T>
 cudaError_t conv_wgrad(WgradVariant v, const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
   const cudaError_t launched = with_wgrad_config(v, [&](auto c) {
     using Cfg = decltype(c);
-    auto launch = [&](auto prologue) {
-      constexpr auto kernel = conv_wgrad_kernel<T, Cfg, decltype(prologue)::value>;
-      if (const cudaError_t e = opt_in_shared_memory<kernel, Cfg::kBytes>(); e != cudaSuccess) return e;
-      kernel<<<static_cast<unsigned>(a.ctas), kThreads, Cfg::kBytes, stream>>>(a, maps);
-      return cudaGetLastError();
-    };
-    return a.in.gamma != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
+    const unsigned grid = static_cast<unsigned>(a.ctas);
+    constexpr auto plain = conv_wgrad_kernel<T, Cfg, false>;
+    constexpr auto prologue = conv_wgrad_kernel<T, Cfg, true>;
+    return a.in.gamma != nullptr ? launch_with_shared_memory<prologue, Cfg::kBytes>(grid, kThreads, stream, a, maps)
+                                 : launch_with_shared_memory<plain, Cfg::kBytes>(grid, kThreads, stream, a, maps);
   });
   if (launched != cudaSuccess) return launched;
   const int rows = a.R * a.S * a.C;

@@ -188,12 +188,15 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
           const int c = st.tile / k_blocks * 64 + channel8;
 #pragma unroll
           for (int h = 0; h < 4; ++h) {
-            const bn::ScaleShift k0 = bn::prologue_scale_shift(__ldg(a.in.gamma + c + 2 * h), __ldg(a.in.beta + c + 2 * h),
-                                                               __ldg(a.in.mean + c + 2 * h), __ldg(a.in.invstd + c + 2 * h));
-            const bn::ScaleShift k1 =
-                bn::prologue_scale_shift(__ldg(a.in.gamma + c + 2 * h + 1), __ldg(a.in.beta + c + 2 * h + 1),
-                                         __ldg(a.in.mean + c + 2 * h + 1), __ldg(a.in.invstd + c + 2 * h + 1));
-            const typename Traits::pair sc = Traits::make(k0.scale, k1.scale), sh = Traits::make(k0.shift, k1.shift);
+            bn::ScaleShift k[2];
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const int ch = c + 2 * h + e;
+              k[e] = bn::prologue_scale_shift(__ldg(a.in.gamma + ch), __ldg(a.in.beta + ch), __ldg(a.in.mean + ch),
+                                              __ldg(a.in.invstd + ch));
+            }
+            const typename Traits::pair sc = Traits::make(k[0].scale, k[1].scale);
+            const typename Traits::pair sh = Traits::make(k[0].shift, k[1].shift);
             memcpy(&scale[h], &sc, 4);
             memcpy(&shift[h], &sh, 4);
           }
@@ -334,13 +337,11 @@ template <typename T>
 cudaError_t conv_wgrad_rows(const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
   const cudaError_t launched = with_wgrad_rows_config(a.Q, [&](auto c) {
     using Cfg = decltype(c);
-    auto launch = [&](auto prologue) {
-      constexpr auto kernel = conv_wgrad_rows_kernel<T, Cfg, decltype(prologue)::value>;
-      if (const cudaError_t e = opt_in_shared_memory<kernel, Cfg::kBytes>(); e != cudaSuccess) return e;
-      kernel<<<static_cast<unsigned>(a.ctas), kRowsThreads, Cfg::kBytes, stream>>>(a, maps);
-      return cudaGetLastError();
-    };
-    return a.in.gamma != nullptr ? launch(std::true_type{}) : launch(std::false_type{});
+    const unsigned grid = static_cast<unsigned>(a.ctas);
+    constexpr auto plain = conv_wgrad_rows_kernel<T, Cfg, false>;
+    constexpr auto prologue = conv_wgrad_rows_kernel<T, Cfg, true>;
+    return a.in.gamma != nullptr ? launch_with_shared_memory<prologue, Cfg::kBytes>(grid, kRowsThreads, stream, a, maps)
+                                 : launch_with_shared_memory<plain, Cfg::kBytes>(grid, kRowsThreads, stream, a, maps);
   });
   if (launched != cudaSuccess) return launched;
   const std::size_t n = static_cast<std::size_t>(a.K) * 9 * a.C;
