@@ -194,8 +194,12 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
   cudaStream_t stream = st.cuda_stream();
   const int sms = sm_count(st.device);
   const bool rows = v == WgradVariant::Rows;  // a step is an output row, else a run of pixels
-  const int step_pixels = rows ? a.Q : igemm::wgrad_step_pixels(v);
-  a.steps = rows ? a.N * a.P : (a.M + step_pixels - 1) / step_pixels;
+  if (rows) {
+    a.steps = a.N * a.P;
+  } else {
+    const int step_pixels = igemm::wgrad_step_pixels(v);
+    a.steps = (a.M + step_pixels - 1) / step_pixels;
+  }
   const int tiles = igemm::wgrad_tiles(v, a);
   const int chunks = std::min(sms / tiles, a.steps);
   if (chunks >= 1 && 10 * tiles * chunks >= 9 * sms) {
