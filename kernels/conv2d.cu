@@ -327,11 +327,7 @@ void conv2d_forward(Context& ctx, const Tensor& x, const Tensor& w, Tensor& y, c
     ways[fastest_way(st, Site::PointwiseForward, x, w, p, ways)].run();
     return;
   }
-  if (own && !first_is_faster(st, Site::Forward, x, w, p, with_cudnn, with_own)) {
-    with_own();
-    return;
-  }
-  with_cudnn();
+  run_cudnn_or_own(st, Site::Forward, x, w, p, own, with_cudnn, with_own);
 }
 
 void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tensor& dx,
@@ -358,12 +354,8 @@ void conv2d_backward_data(Context& ctx, const Tensor& dy, const Tensor& w, Tenso
   };
   // Stride 1 with C and K multiples of 64 on Hopper: our implicit GEMM on rotated filters competes.
   auto with_own = [&] { implicit_gemm_dgrad(st, dy, w, dx, p); };
-  if (implicit_gemm_dgrad_applies(st.device, dy, w, dx, p) &&
-      !first_is_faster(st, Site::BackwardData, dx, w, p, with_cudnn, with_own)) {
-    with_own();
-    return;
-  }
-  with_cudnn();
+  run_cudnn_or_own(st, Site::BackwardData, dx, w, p, implicit_gemm_dgrad_applies(st.device, dy, w, dx, p),
+                   with_cudnn, with_own);
 }
 
 void conv2d_backward_filter(Context& ctx, const Tensor& x, const Tensor& dy, Tensor& dw,
@@ -405,12 +397,8 @@ void conv2d_backward_filter_on(CudaState& st, const Tensor& x, const Tensor& dy,
   };
   // Stride 1 with C and K multiples of 64 on Hopper: our implicit GEMM competes.
   auto with_own = [&] { implicit_gemm_wgrad(st, x, dy, dw, p); };
-  if (implicit_gemm_wgrad_applies(st.device, x, dy, dw, p) &&
-      !first_is_faster(st, Site::BackwardFilter, x, dw, p, with_cudnn, with_own)) {
-    with_own();
-    return;
-  }
-  with_cudnn();
+  run_cudnn_or_own(st, Site::BackwardFilter, x, dw, p, implicit_gemm_wgrad_applies(st.device, x, dy, dw, p),
+                   with_cudnn, with_own);
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -1061,11 +1061,7 @@ void conv_bias_relu_forward(Context& ctx, const Tensor& x, const Tensor& w, cons
     ways[fastest_way(st, Site::PointwiseBiasRelu, x, w, p, ways)].run();
     return;
   }
-  if (own && !first_is_faster(st, Site::ForwardBiasRelu, x, w, p, with_cudnn, with_own)) {
-    with_own();
-    return;
-  }
-  with_cudnn();
+  run_cudnn_or_own(st, Site::ForwardBiasRelu, x, w, p, own, with_cudnn, with_own);
 }
 
 }  // namespace dstrain::kernels::cuda

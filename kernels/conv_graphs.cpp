@@ -298,12 +298,16 @@ std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor&
   return choices->fastest.emplace(key, best).first->second;  // another thread may have won
 }
 
-bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                     const std::function<void()>& first, const std::function<void()>& second) {
+void run_cudnn_or_own(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                      bool own_applies, const std::function<void()>& with_cudnn,
+                      const std::function<void()>& with_own) {
   if (site != Site::Forward && site != Site::ForwardBiasRelu && site != Site::BackwardData &&
       site != Site::BackwardFilter)
-    DSTRAIN_THROW(ErrorCode::Internal, "first_is_faster: not a site of cuDNN against the implicit GEMM");
-  return fastest_way(st, site, x, w, p, {{"cuDNN", first}, {"implicit GEMM", second}}) == 0;
+    DSTRAIN_THROW(ErrorCode::Internal, "run_cudnn_or_own: not a site of cuDNN against the implicit GEMM");
+  if (own_applies && fastest_way(st, site, x, w, p, {{"cuDNN", with_cudnn}, {"implicit GEMM", with_own}}) == 1)
+    with_own();
+  else
+    with_cudnn();
 }
 
 }  // namespace dstrain::kernels::cuda

@@ -140,10 +140,12 @@ struct Way {
 std::size_t fastest_way(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
                         const std::vector<Way>& ways);
 
-// fastest_way between cuDNN (`first`) and our implicit GEMM (`second`) == 0, at the sites where
-// only those two compete: Forward, ForwardBiasRelu, BackwardData, BackwardFilter.
-bool first_is_faster(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
-                     const std::function<void()>& first, const std::function<void()>& second);
+// Runs with_own (our implicit GEMM) where own_applies and fastest_way found it faster than
+// with_cudnn at `site`, else with_cudnn: the sites where only those two compete (Forward,
+// ForwardBiasRelu, BackwardData, BackwardFilter).
+void run_cudnn_or_own(CudaState& st, Site site, const Tensor& x, const Tensor& w, const ops::Conv2dParams& p,
+                      bool own_applies, const std::function<void()>& with_cudnn,
+                      const std::function<void()>& with_own);
 
 // dw_work(CudaState&) and one of dx_ways: on st in turn, or dw on the side stream beside dx
 // (run_beside). The pair that was the fastest at `site` when the shape was first seen runs: the

@@ -27,15 +27,10 @@ namespace {
 
 using igemm::ForwardVariant;
 
-// sums: null, or [2K] (the column sums, then the sums of squares).
-igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
-                               float* sums) {
-  igemm::ConvForwardArgs a{};
-  a.x = x.data();
-  a.w = w.data();
-  a.y = y.data();
-  a.sum = sums;
-  a.sqsum = sums != nullptr ? sums + w.dim(0) : nullptr;
+// The convolution's dimensions in kernel arguments (ConvForwardArgs, WgradArgs): x [N, H, W, C],
+// the filters w [K, R, S, C], the output y [N, P, Q, K].
+template <typename Args>
+void set_conv_shape(Args& a, const Tensor& x, const Tensor& w, const Tensor& y, const ops::Conv2dParams& p) {
   a.N = static_cast<int>(x.dim(0));
   a.H = static_cast<int>(x.dim(1));
   a.W = static_cast<int>(x.dim(2));
@@ -48,6 +43,18 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
   a.pad_h = p.pad_h;
   a.pad_w = p.pad_w;
   a.M = a.N * a.P * a.Q;
+}
+
+// sums: null, or [2K] (the column sums, then the sums of squares).
+igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, const ops::Conv2dParams& p,
+                               float* sums) {
+  igemm::ConvForwardArgs a{};
+  a.x = x.data();
+  a.w = w.data();
+  a.y = y.data();
+  a.sum = sums;
+  a.sqsum = sums != nullptr ? sums + w.dim(0) : nullptr;
+  set_conv_shape(a, x, w, y, p);
   a.overlap_launch = overlap_launches(x.device().index);
   return a;
 }
@@ -404,18 +411,7 @@ void implicit_gemm_wgrad(CudaState& st, const Tensor& x, const Tensor& dy, Tenso
   igemm::WgradArgs a{};
   a.x = x.data();
   a.dy = dy.data();
-  a.N = static_cast<int>(x.dim(0));
-  a.H = static_cast<int>(x.dim(1));
-  a.W = static_cast<int>(x.dim(2));
-  a.C = static_cast<int>(x.dim(3));
-  a.K = static_cast<int>(dw.dim(0));
-  a.R = static_cast<int>(dw.dim(1));
-  a.S = static_cast<int>(dw.dim(2));
-  a.P = static_cast<int>(dy.dim(1));
-  a.Q = static_cast<int>(dy.dim(2));
-  a.pad_h = p.pad_h;
-  a.pad_w = p.pad_w;
-  a.M = a.N * a.P * a.Q;
+  set_conv_shape(a, x, dw, dy, p);
   if (in != nullptr)
     a.in = {in->gamma->data_as<float>(), in->beta->data_as<float>(), in->save_mean->data_as<float>(),
             in->save_invstd->data_as<float>()};

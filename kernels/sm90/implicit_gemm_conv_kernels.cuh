@@ -247,8 +247,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   constexpr bool kStats = kEpi == Epilogue::Stats || kBnBackward;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  unsigned char* smem = sm90::align_1024(smem_raw);
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // kStages barriers, 8 bytes each
   const std::uint32_t empty_bar = full_bar + 8 * kStages;
@@ -673,6 +672,14 @@ cudaError_t launch_with_shared_memory(unsigned grid, unsigned threads, cudaStrea
   }
   kKernel<<<grid, threads, kBytes, stream>>>(args...);
   return cudaGetLastError();
+}
+
+// launch_with_shared_memory of kPrologue where a chained input's prologue is wanted, else of kPlain.
+template <auto kPlain, auto kPrologue, int kBytes, typename... Args>
+cudaError_t launch_plain_or_prologue(bool prologue, unsigned grid, unsigned threads, cudaStream_t stream,
+                                     const Args&... args) {
+  return prologue ? launch_with_shared_memory<kPrologue, kBytes>(grid, threads, stream, args...)
+                  : launch_with_shared_memory<kPlain, kBytes>(grid, threads, stream, args...);
 }
 
 // Launches a built kernel on as many persistent CTAs as the device holds, at most one per tile.

@@ -121,8 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
   constexpr int kMaskWords = Cfg::kMaskWords;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  unsigned char* smem = sm90::align_1024(smem_raw);
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t full_bar = smem_base + Cfg::kBarrierOffset;  // kStages barriers, 8 bytes each
   const std::uint32_t empty_bar = full_bar + 8 * kStages;
@@ -409,11 +408,8 @@ template <typename T>
 cudaError_t conv_wgrad(WgradVariant v, const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
   const cudaError_t launched = with_wgrad_config(v, [&](auto c) {
     using Cfg = decltype(c);
-    const unsigned grid = static_cast<unsigned>(a.ctas);
-    constexpr auto plain = conv_wgrad_kernel<T, Cfg, false>;
-    constexpr auto prologue = conv_wgrad_kernel<T, Cfg, true>;
-    return a.in.gamma != nullptr ? launch_with_shared_memory<prologue, Cfg::kBytes>(grid, kThreads, stream, a, maps)
-                                 : launch_with_shared_memory<plain, Cfg::kBytes>(grid, kThreads, stream, a, maps);
+    return launch_plain_or_prologue<conv_wgrad_kernel<T, Cfg, false>, conv_wgrad_kernel<T, Cfg, true>, Cfg::kBytes>(
+        a.in.gamma != nullptr, static_cast<unsigned>(a.ctas), kThreads, stream, a, maps);
   });
   if (launched != cudaSuccess) return launched;
   const int rows = a.R * a.S * a.C;

@@ -93,8 +93,7 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
   constexpr int kSlices = Cfg::kSlices, kXStages = Cfg::kXStages, kDyStages = Cfg::kDyStages;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
-  unsigned char* smem =
-      reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(smem_raw) + 1023) & ~std::uintptr_t(1023));
+  unsigned char* smem = sm90::align_1024(smem_raw);
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t x_full = smem_base + Cfg::kBarrierOffset;
   const std::uint32_t x_ready = x_full + 8 * kXStages;
@@ -337,11 +336,9 @@ template <typename T>
 cudaError_t conv_wgrad_rows(const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
   const cudaError_t launched = with_wgrad_rows_config(a.Q, [&](auto c) {
     using Cfg = decltype(c);
-    const unsigned grid = static_cast<unsigned>(a.ctas);
-    constexpr auto plain = conv_wgrad_rows_kernel<T, Cfg, false>;
-    constexpr auto prologue = conv_wgrad_rows_kernel<T, Cfg, true>;
-    return a.in.gamma != nullptr ? launch_with_shared_memory<prologue, Cfg::kBytes>(grid, kRowsThreads, stream, a, maps)
-                                 : launch_with_shared_memory<plain, Cfg::kBytes>(grid, kRowsThreads, stream, a, maps);
+    return launch_plain_or_prologue<conv_wgrad_rows_kernel<T, Cfg, false>, conv_wgrad_rows_kernel<T, Cfg, true>,
+                                    Cfg::kBytes>(a.in.gamma != nullptr, static_cast<unsigned>(a.ctas), kRowsThreads,
+                                                 stream, a, maps);
   });
   if (launched != cudaSuccess) return launched;
   const std::size_t n = static_cast<std::size_t>(a.K) * 9 * a.C;

@@ -7,6 +7,12 @@
 
 namespace dstrain::kernels::cuda::sm90 {
 
+// Dynamic shared memory from its first 1024-byte boundary, where the 128-byte swizzle's pattern
+// starts (the kernels ask for 1024 bytes of slack).
+__device__ __forceinline__ unsigned char* align_1024(unsigned char* p) {
+  return reinterpret_cast<unsigned char*>((reinterpret_cast<std::uintptr_t>(p) + 1023) & ~std::uintptr_t(1023));
+}
+
 __device__ __forceinline__ std::uint32_t smem_addr(const void* p) {
   return static_cast<std::uint32_t>(__cvta_generic_to_shared(p));
 }
