@@ -822,9 +822,9 @@ void bn_relu_backward_passes(CudaState& st, const T* dz, const T* y, std::int64_
 }
 
 // dw and dx of a layer whose input is chained: wgrad reads a = relu(bn(x)) (cuDNN's fused
-// prologue, our implicit GEMM's, or the materialised activation); dgrad goes on through the producing layer's ReLU and BatchNorm (fused
-// dReLU + BN backward weights in dgrad's epilogue, or the separate passes), then one pass writes
-// dx = dL/dx.
+// prologue, our implicit GEMM's, or the materialised activation); dgrad goes on through the
+// producing layer's ReLU and BatchNorm (fused dReLU + BN backward weights in dgrad's epilogue, or
+// the separate passes), then one pass writes dx = dL/dx.
 template <class T>
 void chained_backward_impl(Context& ctx, CudaState& st, const Tensor& dconv, const Tensor& x, const Tensor& w,
                            Tensor& dw, Tensor& dx, const ops::ChainedInput& in, const ops::Conv2dParams& p) {

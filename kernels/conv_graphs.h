@@ -109,9 +109,9 @@ bool pointwise_conv_gemm(CudaState& st, const Tensor& x, const Tensor& w, const 
 // graph, separate kernels, or the implicit GEMM with BatchNorm's backward in its epilogue); a 1x1
 // convolution forward and the inference conv + bias + ReLU (cuBLASLt, cuDNN, implicit GEMM); any
 // other convolution forward, plain or with bias + ReLU, the backward data and the backward filter
-// (cuDNN, implicit GEMM); dw and dx on one stream
-// or on two (cuda_state.h: side stream), which helps where the two kernels leave each other room
-// and hurts where they contend for memory (1x1 64->256 at 56x56, say).
+// (cuDNN, implicit GEMM); dw and dx on one stream or on two (cuda_state.h: side stream), which
+// helps where the two kernels leave each other room and hurts where they contend for memory (1x1
+// 64->256 at 56x56, say).
 enum class Site : std::int64_t {
   ForwardStats = 0,
   ChainedForwardStats = 1,
