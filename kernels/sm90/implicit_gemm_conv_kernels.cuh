@@ -263,8 +263,8 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(full_bar + 8 * s, 1);  // the producer's arrival with the stage's byte count
-      // One arrival per thread of the group(s) that multiply the stage.
-      sm90::mbar_init(empty_bar + 8 * s, Cfg::kPingPong ? 128 : 256);
+      // One arrival per group that multiplies the stage (see `signals`).
+      sm90::mbar_init(empty_bar + 8 * s, Cfg::kPingPong ? 1 : 2);
     }
     sm90::mbar_init_fence();
   }
@@ -321,6 +321,10 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
   // the producer fills it, never a whole ring ahead (where a phase parity would be ambiguous).
   const int cw = tid / 128;
   const int t = tid % 128, warp = t / 32, lane = t % 32;
+  // One thread of the group releases a stage, once its wait for the multiplies returns: a
+  // warpgroup's multiply completes for all four warps together, and every thread arriving would
+  // queue 128 arrivals on one shared-memory word per stage.
+  const bool signals = t == 0;
   const int row_off = Cfg::kPingPong ? 0 : cw * kGroupRows;  // this group's first row in a tile
   const int first_tile = blockIdx.x + (Cfg::kPingPong ? cw * static_cast<int>(gridDim.x) : 0);
   const int tile_step = (Cfg::kPingPong ? 2 : 1) * static_cast<int>(gridDim.x);
@@ -460,7 +464,7 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
         sm90::wgmma_wait<kInFlight>();
 #pragma unroll
         for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-        if (it >= kInFlight) sm90::mbar_arrive(empty_bar + 8 * ((g - kInFlight) % kStages));
+        if (signals && it >= kInFlight) sm90::mbar_arrive(empty_bar + 8 * ((g - kInFlight) % kStages));
       }
       if constexpr (kPrologue)
         if (it + 1 < k_iters) load_fragments(std::integral_constant<int, (S + 1) % kSets>{}, g + 1);
@@ -479,8 +483,9 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-    for (int j = g - (k_iters < kInFlight ? k_iters : kInFlight); j < g; ++j)  // the steps not yet released
-      sm90::mbar_arrive(empty_bar + 8 * (j % kStages));
+    if (signals)
+      for (int j = g - (k_iters < kInFlight ? k_iters : kInFlight); j < g; ++j)  // the steps not yet released
+        sm90::mbar_arrive(empty_bar + 8 * (j % kStages));
     if constexpr (Cfg::kPingPong) g += k_iters;  // past the other group's tile
 
     // Epilogue. The previous tile's bulk stores must have read the staging area first.

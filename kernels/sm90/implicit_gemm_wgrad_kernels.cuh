@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
     for (int s = 0; s < kStages; ++s) {
       // The copies' arrival with the stage's byte count, and with the prologue the masks' warp.
       sm90::mbar_init(full_bar + 8 * s, kPrologue ? 2 : 1);
-      sm90::mbar_init(empty_bar + 8 * s, 256);  // every consumer thread
+      sm90::mbar_init(empty_bar + 8 * s, 2);  // one thread of each consumer group (`signals`)
     }
     sm90::mbar_init_fence();
   }
@@ -221,6 +221,9 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
 
   const int cw = tid / 128;
   const int t = tid % 128, warp = t / 32, lane = t % 32;
+  // One thread of the group releases a stage once its wait for the multiplies returns (a
+  // warpgroup's multiply completes for its four warps together): not 128 arrivals on one word.
+  const bool signals = t == 0;
   const int group_atom0 = Cfg::kSplitN ? 0 : cw * kMAtoms;  // this group's first atom in a tile
   const int group_col0 = Cfg::kSplitN ? cw * BN : 0;        // and its first column
   // ldmatrix.trans addresses: lane l gives row (pixel) 8 (l / 16) + l % 8 of a k16 slice's 16,
@@ -313,7 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
       sm90::wgmma_wait<1>();
 #pragma unroll
       for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-      if (i > 0) sm90::mbar_arrive(empty_bar + 8 * ((g + i - 1) % kStages));
+      if (signals && i > 0) sm90::mbar_arrive(empty_bar + 8 * ((g + i - 1) % kStages));
       if (i + 1 < seg.steps) load_fragments(std::integral_constant<int, 1 - S>{}, i + 1);
     };
     load_fragments(std::integral_constant<int, 0>{}, 0);
@@ -324,7 +327,7 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
     sm90::wgmma_wait<0>();
 #pragma unroll
     for (int am = 0; am < kMAtoms; ++am) sm90::fence_accumulators(acc[am]);
-    sm90::mbar_arrive(empty_bar + 8 * ((g + seg.steps - 1) % kStages));
+    if (signals) sm90::mbar_arrive(empty_bar + 8 * ((g + seg.steps - 1) % kStages));
     g += seg.steps;
 
     // D's rows j = 64 atom + 16 warp + lane / 4 (and + 8), columns 8 jn + 2 (lane % 4) and + 1.

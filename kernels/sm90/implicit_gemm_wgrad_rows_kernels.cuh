@@ -112,11 +112,11 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
     for (int i = 0; i < kXStages; ++i) {
       sm90::mbar_init(x_full + 8 * i, 1);
       sm90::mbar_init(x_ready + 8 * i, 2);  // the two prologue warps
-      sm90::mbar_init(x_empty + 8 * i, 384);
+      sm90::mbar_init(x_empty + 8 * i, 3);  // one thread of each consumer group (`signals`)
     }
     for (int i = 0; i < kDyStages; ++i) {
       sm90::mbar_init(dy_full + 8 * i, 1);
-      sm90::mbar_init(dy_empty + 8 * i, 384);
+      sm90::mbar_init(dy_empty + 8 * i, 3);
     }
     sm90::mbar_init_fence();
   }
@@ -226,10 +226,15 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
   // The step before, whose slots are released once its multiplies are done: its dy, and its
   // input rows from x_from on (one, or three at a run's end).
   int pending_dy = -1, pending_x = 0, pending_x_count = 0;
+  // One thread of the group releases slots once its wait for the multiplies returns (a
+  // warpgroup's multiply completes for its four warps together): not 128 arrivals on one word.
+  const bool signals = t == 0;
   auto release_pending = [&] {
     if (pending_dy < 0) return;
-    sm90::mbar_arrive(bar(dy_empty, pending_dy, kDyStages));
-    for (int i = 0; i < pending_x_count; ++i) sm90::mbar_arrive(bar(x_empty, pending_x + i, kXStages));
+    if (signals) {
+      sm90::mbar_arrive(bar(dy_empty, pending_dy, kDyStages));
+      for (int i = 0; i < pending_x_count; ++i) sm90::mbar_arrive(bar(x_empty, pending_x + i, kXStages));
+    }
     pending_dy = -1;
   };
   auto load_fragments = [&](auto set) {
@@ -282,8 +287,10 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
       sm90::wgmma_wait<0>();
       sm90::fence_accumulators(acc);
       release_pending();
-      sm90::mbar_arrive(bar(dy_empty, gd, kDyStages));
-      for (int i = 0; i < 3; ++i) sm90::mbar_arrive(bar(x_empty, x0 + i, kXStages));
+      if (signals) {
+        sm90::mbar_arrive(bar(dy_empty, gd, kDyStages));
+        for (int i = 0; i < 3; ++i) sm90::mbar_arrive(bar(x_empty, x0 + i, kXStages));
+      }
       // acc[4 jn + e]: row k0 + 16 warp + lane / 4 (+ 8 for e >= 2), column 8 jn + 2 (lane % 4)
       // (+ 1 for odd e), i.e. r = jn / 8 and c = c0 + 8 (jn % 8) + 2 (lane % 4). Lanes 2i and 2i + 1
       // trade halves so that each adds four successive channels of one row: the even lane row
