@@ -200,9 +200,10 @@ using igemm::WgradVariant;
 void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, DType dt) {
   cudaStream_t stream = st.cuda_stream();
   const int sms = sm_count(st.device);
-  const bool rows = v == WgradVariant::Rows;  // a step is an output row, else a run of pixels
+  const bool rows = igemm::is_wgrad_rows(v);  // a step is one or more output rows, else a run of pixels
+  const bool several_rows = v == WgradVariant::RowBlocks;
   if (rows) {
-    a.steps = a.N * a.P;
+    a.steps = a.N * igemm::wgrad_row_steps(a.P, igemm::wgrad_rows_per_step(a.Q, several_rows));
   } else {
     const int step_pixels = igemm::wgrad_step_pixels(v);
     a.steps = (a.M + step_pixels - 1) / step_pixels;
@@ -220,25 +221,26 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
   igemm::WgradTensorMaps maps{};
   const bool half = dt == DType::F16;
   const cudaError_t mapped =
-      rows ? (half ? igemm::make_wgrad_rows_tensor_maps<__half>(a, maps)
-                   : igemm::make_wgrad_rows_tensor_maps<__nv_bfloat16>(a, maps))
+      rows ? (half ? igemm::make_wgrad_rows_tensor_maps<__half>(a, several_rows, maps)
+                   : igemm::make_wgrad_rows_tensor_maps<__nv_bfloat16>(a, several_rows, maps))
            : (half ? igemm::make_wgrad_tensor_maps<__half>(a, v, maps)
                    : igemm::make_wgrad_tensor_maps<__nv_bfloat16>(a, v, maps));
   if (mapped != cudaSuccess)
     DSTRAIN_THROW(ErrorCode::Cuda, "implicit-GEMM wgrad: the driver refused its tensor maps (" +
                                        std::string(cudaGetErrorString(mapped)) + ")");
   if (rows)
-    DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad_rows<__half>(a, maps, dw, stream)
-                            : igemm::conv_wgrad_rows<__nv_bfloat16>(a, maps, dw, stream));
+    DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad_rows<__half>(a, several_rows, maps, dw, stream)
+                            : igemm::conv_wgrad_rows<__nv_bfloat16>(a, several_rows, maps, dw, stream));
   else
     DSTRAIN_CUDA_CHECK(half ? igemm::conv_wgrad<__half>(v, a, maps, dw, stream)
                             : igemm::conv_wgrad<__nv_bfloat16>(v, a, maps, dw, stream));
 }
 
 // The row kernel's shapes: 3x3 filters with padding 1 (stride 1: the output keeps the image size)
-// and rows of at most 64 pixels.
-bool wgrad_rows_apply(const igemm::WgradArgs& a) {
-  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W && a.Q <= 64;
+// and rows of at most 64 pixels, or for several rows a step fewer than 32.
+bool wgrad_rows_apply(const igemm::WgradArgs& a, WgradVariant v) {
+  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W &&
+         a.Q < (v == WgradVariant::RowBlocks ? 32 : 65);
 }
 
 // DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant among those that divide K and take the
@@ -272,7 +274,8 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
     std::vector<WgradVariant> vs;
     for (int i = 0; i < igemm::kWgradVariants; ++i) {
       const auto v = static_cast<WgradVariant>(i);
-      if (a.K % igemm::wgrad_tile_cols(v) == 0 && (v != WgradVariant::Rows || wgrad_rows_apply(a))) vs.push_back(v);
+      if (a.K % igemm::wgrad_tile_cols(v) == 0 && (!igemm::is_wgrad_rows(v) || wgrad_rows_apply(a, v)))
+        vs.push_back(v);
     }
     return vs;
   };
@@ -282,7 +285,7 @@ WgradVariant choose_wgrad_variant(CudaState& st, const igemm::WgradArgs& a, void
   }
   return timed_choice(
       st, mutex, *chosen, key,
-      wgrad_rows_apply(a) && a.Q > 32 ? WgradVariant::Rows
+      wgrad_rows_apply(a, WgradVariant::Rows) && a.Q > 32 ? WgradVariant::Rows
       : a.K % 128 == 0                ? WgradVariant::P128A2N128
                                       : WgradVariant::P128A2N64,
       dividing_k,

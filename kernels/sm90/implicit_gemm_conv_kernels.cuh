@@ -841,15 +841,16 @@ cudaError_t make_tiled_map(CUtensorMap& map, const void* data, std::uint64_t row
   return make_swizzled_tiled_map<T>(map, data, 2, dim, stride, box, promotion);
 }
 
-// An NHWC tensor [N, H, W, C] in boxes of 64 channels (128 swizzled bytes) x `pixels` pixels of
-// one row; pixels and rows outside the tensor read zeros.
+// An NHWC tensor [N, H, W, C] in boxes of 64 channels (128 swizzled bytes) x `pixels` pixels x
+// `rows` rows; pixels and rows outside the tensor read zeros.
 template <typename T>
-cudaError_t make_tiled_4d_map(CUtensorMap& map, const void* data, int N, int H, int W, int C, int pixels) {
+cudaError_t make_tiled_4d_map(CUtensorMap& map, const void* data, int N, int H, int W, int C, int pixels,
+                              int rows = 1) {
   const cuuint64_t e = sizeof(T);
   const cuuint64_t dim[4] = {static_cast<cuuint64_t>(C), static_cast<cuuint64_t>(W), static_cast<cuuint64_t>(H),
                              static_cast<cuuint64_t>(N)};
   const cuuint64_t stride[3] = {C * e, static_cast<cuuint64_t>(W) * C * e, static_cast<cuuint64_t>(H) * W * C * e};
-  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(pixels), 1, 1};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(kBK), static_cast<cuuint32_t>(pixels), static_cast<cuuint32_t>(rows), 1};
   return make_swizzled_tiled_map<T>(map, data, 4, dim, stride, box, CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
 }
 

@@ -219,7 +219,10 @@ __global__ void __launch_bounds__(kThreads, 1) conv_wgrad_kernel(WgradArgs a, co
   }
   sm90::claim_registers<Cfg::kConsumerRegs>();
 
-  const int cw = tid / 128;
+  // The group index through a shuffle: the compiler then knows it is the same across the warp, and
+  // the multiplies that depend on it (a group's share of a tile) are not in a divergent branch,
+  // where it would serialize every wgmma of the kernel.
+  const int cw = __shfl_sync(0xffffffffu, tid / 128, 0);
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   // One thread of the group releases a stage once its wait for the multiplies returns (a
   // warpgroup's multiply completes for its four warps together): not 128 arrivals on one word.
@@ -363,8 +366,11 @@ __global__ void wgrad_store_kernel(const float* work, T* dw, int rows, int K) {
 // The wgrad variants by their tile (atoms x columns), the split of the two groups and the pixels
 // of a step (P128: 128; else 64); Rows: the 3x3 kernel of implicit_gemm_wgrad_rows_kernels.cuh,
 // all nine taps of 64 x 64 channels, a row of the image a step.
-enum class WgradVariant : int { A2N64 = 0, A4N64, A2N128, A4N128, A1N256, P128A2N64, P128A4N64, P128A2N128, Rows };
-constexpr int kWgradVariants = 9;
+enum class WgradVariant : int { A2N64 = 0, A4N64, A2N128, A4N128, A1N256, P128A2N64, P128A4N64, P128A2N128, Rows, RowBlocks };
+constexpr int kWgradVariants = 10;
+// The row kernel's variants (implicit_gemm_wgrad_rows_kernels.cuh): one output row a step, or
+// several rows of a narrow image.
+inline bool is_wgrad_rows(WgradVariant v) { return v == WgradVariant::Rows || v == WgradVariant::RowBlocks; }
 using WgradA2N64 = WgradConfig<64, 1, false, 8, 64>;
 using WgradA4N64 = WgradConfig<64, 2, false, 5, 64>;
 using WgradA2N128 = WgradConfig<128, 1, false, 6, 64>;
@@ -382,11 +388,11 @@ auto with_wgrad_config(WgradVariant v, F&& f) {
 }
 
 inline int wgrad_tile_atoms(WgradVariant v) {
-  if (v == WgradVariant::Rows) return 9;
+  if (is_wgrad_rows(v)) return 9;
   return with_wgrad_config(v, [](auto c) { return decltype(c)::kTileAtoms; });
 }
 inline int wgrad_tile_cols(WgradVariant v) {
-  if (v == WgradVariant::Rows) return 64;
+  if (is_wgrad_rows(v)) return 64;
   return with_wgrad_config(v, [](auto c) { return decltype(c)::kTileCols; });
 }
 inline int wgrad_step_pixels(WgradVariant v) {
@@ -396,11 +402,12 @@ inline int wgrad_step_pixels(WgradVariant v) {
 // steps" where a step is not 64.
 inline std::string wgrad_variant_name(WgradVariant v) {
   if (v == WgradVariant::Rows) return "576x64, a row a step";
+  if (v == WgradVariant::RowBlocks) return "576x64, rows a step";
   return std::to_string(64 * wgrad_tile_atoms(v)) + "x" + std::to_string(wgrad_tile_cols(v)) +
          (wgrad_step_pixels(v) != 64 ? ", " + std::to_string(wgrad_step_pixels(v)) + "-pixel steps" : "");
 }
 inline int wgrad_tiles(WgradVariant v, const WgradArgs& a) {
-  if (v == WgradVariant::Rows) return a.C / 64 * (a.K / 64);
+  if (is_wgrad_rows(v)) return a.C / 64 * (a.K / 64);
   const int atoms = a.R * a.S * a.C / 64;
   return (atoms + wgrad_tile_atoms(v) - 1) / wgrad_tile_atoms(v) * (a.K / wgrad_tile_cols(v));
 }

@@ -1,5 +1,5 @@
-// The backward filter (wgrad) of a 3x3 convolution with stride 1 and padding 1, one output row at a
-// time, on Hopper tensor cores (wgmma), NHWC fp16/bf16.
+// The backward filter (wgrad) of a 3x3 convolution with stride 1 and padding 1, one or a few output
+// rows at a time, on Hopper tensor cores (wgmma), NHWC fp16/bf16.
 //
 // dw[k, r, s, c] = sum over n, p, q of dy[n, p, q, k] * x[n, p + r - 1, q + s - 1, c]. The im2col
 // kernel (implicit_gemm_wgrad_kernels.cuh) copies x once per filter tap: nine copies of the input
@@ -16,7 +16,13 @@
 //   GEMM's k index runs over the input row's pixels w, and tap s pairs w with dy's pixel
 //   q = w - s + 1. The copies read zeros outside the image (rows p - 1 < 0 or p + 1 >= H, pixels
 //   w >= W, dy's pixels q = -1 and q >= Q), so the borders need no masks. A row is padded to
-//   kSlices x 16 pixels.
+//   kRowPixels.
+// - Narrow images (W < 32) take kRows output rows a step, so that a step stays 64 pixels long: the
+//   rows lie one after another in shared memory, each padded to kRowPixels >= W + 1 pixels, and
+//   the GEMM's k index runs over all of them. Input row j's pixel w still pairs with dy's row j,
+//   pixel w - s + 1: a shift by s crosses into the next row only where the input pixel is padding
+//   (zero). dy's copy is then kRowPixels pixels a row from q = -1, with two zero pixels after the
+//   last row; the ring keeps copies of its first kRows + 1 slots after its end.
 // - With a chained input, two producer warps apply relu(x * scale + shift) to each input row in
 //   shared memory once, after its copy and before any consumer reads it; outside the image it
 //   stays zero.
@@ -33,20 +39,24 @@ namespace dstrain::kernels::cuda::igemm {
 
 constexpr int kRowsThreads = 512;  // a producer warpgroup and three consumer warpgroups
 
-// kSlices k16 slices of pixels per row (a row of up to 16 kSlices pixels).
-template <int kSlices_>
+// kRows output rows a step, each padded to kRowPixels pixels (a multiple of 8: 1024-byte slots).
+template <int kRowPixels_, int kRows_>
 struct WgradRowsConfig {
-  static constexpr int kSlices = kSlices_;
-  static constexpr int kRowPixels = 16 * kSlices;
-  static constexpr int kXStages = 8, kDyStages = 6;
-  // The ring of input rows has two more slots after its end, where the rows of slots 0 and 1 are
-  // copied too: any three successive rows then lie kXBytes apart, one operand of three 64-column
-  // blocks.
-  static constexpr int kXSlots = kXStages + 2;
+  static constexpr int kRowPixels = kRowPixels_, kRows = kRows_;
+  static_assert(kRowPixels % 8 == 0 && kRowPixels * kRows % 16 == 0, "rows of whole swizzle atoms, whole k16 slices");
+  static constexpr int kSlices = kRowPixels * kRows / 16;
+  static constexpr int kXStages = kRows == 1 ? 8 : 4 * kRows, kDyStages = 6;
+  // The ring of input rows has kRows + 1 more slots after its end, where the rows of its first
+  // kRows + 1 slots are copied too: the kRows + 2 successive rows of a step then lie kXBytes apart,
+  // and three of their stretches kXBytes apart are one operand of three 64-column blocks.
+  static constexpr int kXSlots = kXStages + kRows + 1;
   static constexpr int kXBytes = kRowPixels * kRowBytes;  // one input row's 64 channels
-  // dy's row from q = -1 to kRowPixels: the shifts by s = 0, 1, 2 read its pixels from 2 - s on.
-  static constexpr int kDyCopyBytes = (kRowPixels + 2) * kRowBytes;
-  static constexpr int kDyBytes = (kDyCopyBytes + 1023) / 1024 * 1024;  // slots 1024-byte aligned
+  // dy's rows from q = -1: the shifts by s = 0, 1, 2 read their pixels from 2 - s on. One row is
+  // copied kRowPixels + 2 pixels wide; several rows kRowPixels wide each (the stride of x's rows),
+  // with two pixels after the last that stay zero.
+  static constexpr int kDyBoxPixels = kRows == 1 ? kRowPixels + 2 : kRowPixels;
+  static constexpr int kDyCopyBytes = kRows * kDyBoxPixels * kRowBytes;
+  static constexpr int kDyBytes = (kDyCopyBytes + (kRows > 1 ? 2 * kRowBytes : 0) + 1023) / 1024 * 1024;  // 1024-aligned slots
   static constexpr int kDyOffset = kXSlots * kXBytes;
   static constexpr int kBarrierOffset = kDyOffset + kDyStages * kDyBytes;
   // x: full, ready (after the prologue), empty; dy: full, empty.
@@ -57,17 +67,21 @@ struct WgradRowsConfig {
   static constexpr int kConsumerRegs = (128 * kRowsThreads - 128 * kProducerRegs) / 384 / 8 * 8;
 };
 
-// The CTA's output rows in order, from its WgradWalk segments. A run is a stretch of rows of one
-// image inside one segment: its first step also needs input row p - 1, every step row p + 1.
+// The CTA's steps in order, from its WgradWalk segments: output rows p to p + rows - 1 of image n.
+// A run is a stretch of steps of one image inside one segment: its first step also needs input
+// rows p - 1 and p, every step rows p + 1 to p + rows.
 struct WgradRowStep {
   int tile, n, p;
   bool first_in_tile, last_in_tile, run_start, run_end;
 };
+// The steps of an image: its P output rows in groups of `rows`.
+__host__ __device__ inline int wgrad_row_steps(int P, int rows) { return (P + rows - 1) / rows; }
 struct WgradRowWalk {
   WgradWalk walk;
   WgradSegment seg{};
-  int next_row = 0, end_row = 0, P;
-  __device__ WgradRowWalk(const WgradArgs& a, int tiles) : walk(a, tiles), P(a.P) {}
+  int next_row = 0, end_row = 0, P, rows, steps_per_image;
+  __device__ WgradRowWalk(const WgradArgs& a, int tiles, int rows_)
+      : walk(a, tiles), P(a.P), rows(rows_), steps_per_image(wgrad_row_steps(a.P, rows_)) {}
   __device__ bool next(WgradRowStep& s) {
     s.first_in_tile = next_row >= end_row;
     if (s.first_in_tile) {
@@ -76,12 +90,12 @@ struct WgradRowWalk {
       end_row = seg.first_step + seg.steps;
     }
     s.tile = seg.tile;
-    s.n = next_row / P;
-    s.p = next_row - s.n * P;
+    s.n = next_row / steps_per_image;
+    s.p = (next_row - s.n * steps_per_image) * rows;
     ++next_row;
     s.last_in_tile = next_row >= end_row;
     s.run_start = s.first_in_tile || s.p == 0;
-    s.run_end = s.last_in_tile || s.p == P - 1;
+    s.run_end = s.last_in_tile || s.p + rows >= P;
     return true;
   }
 };
@@ -90,7 +104,7 @@ template <typename T, typename Cfg, bool kPrologue>
 __global__ void __launch_bounds__(kRowsThreads, 1)
     conv_wgrad_rows_kernel(WgradArgs a, const __grid_constant__ WgradTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int kSlices = Cfg::kSlices, kXStages = Cfg::kXStages, kDyStages = Cfg::kDyStages;
+  constexpr int kSlices = Cfg::kSlices, kXStages = Cfg::kXStages, kDyStages = Cfg::kDyStages, kRows = Cfg::kRows;
   using Traits = MmaType<T>;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = sm90::align_1024(smem_raw);
@@ -120,31 +134,37 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
     }
     sm90::mbar_init_fence();
   }
+  if constexpr (kRows > 1)  // the two pixels after dy's last row in each slot
+    for (int i = tid; i < kDyStages * 2 * kRowBytes / 16; i += kRowsThreads)
+      *reinterpret_cast<uint4*>(smem + Cfg::kDyOffset + (i / (2 * kRowBytes / 16)) * Cfg::kDyBytes +
+                                Cfg::kDyCopyBytes + (i % (2 * kRowBytes / 16)) * 16) = make_uint4(0, 0, 0, 0);
   __syncthreads();
 
-  WgradRowWalk rows(a, tiles);
+  WgradRowWalk rows(a, tiles, kRows);
   WgradRowStep st;
-  if (tid < 128) {
+  const int group = __shfl_sync(0xffffffffu, tid / 128, 0);  // known uniform across the warp
+  if (group == 0) {
     sm90::release_registers<Cfg::kProducerRegs>();
     if (tid == 0) {
       // The copies, in the order the consumers need them: at a run's start input rows p - 1 and
-      // p, then per step input row p + 1 and dy's row p.
+      // p, then per step input rows p + 1 to p + kRows and dy's rows p to p + kRows - 1.
       int gx = 0, gd = 0;
       while (rows.next(st)) {
         const int c0 = st.tile / k_blocks * 64, k0 = st.tile % k_blocks * 64;
         auto load_x = [&](int h) {
           const int slot = gx % kXStages;
           sm90::mbar_wait(bar(x_empty, gx, kXStages), parity(gx, kXStages) ^ 1);
-          sm90::mbar_arrive_expect_tx(bar(x_full, gx, kXStages), (slot < 2 ? 2 : 1) * Cfg::kXBytes);
+          const bool copied = slot <= kRows;  // also after the ring's end
+          sm90::mbar_arrive_expect_tx(bar(x_full, gx, kXStages), (copied ? 2 : 1) * Cfg::kXBytes);
           sm90::tma_load_4d(x_slot(slot), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
-          if (slot < 2) sm90::tma_load_4d(x_slot(kXStages + slot), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
+          if (copied) sm90::tma_load_4d(x_slot(kXStages + slot), &maps.x, c0, 0, h, st.n, bar(x_full, gx, kXStages));
           ++gx;
         };
         if (st.run_start) {
           load_x(st.p - 1);
           load_x(st.p);
         }
-        load_x(st.p + 1);
+        for (int j = 1; j <= kRows; ++j) load_x(st.p + j);
         sm90::mbar_wait(bar(dy_empty, gd, kDyStages), parity(gd, kDyStages) ^ 1);
         sm90::mbar_arrive_expect_tx(bar(dy_full, gd, kDyStages), Cfg::kDyCopyBytes);
         sm90::tma_load_4d(dy_slot(gd), &maps.dy, k0, -1, st.p, st.n, bar(dy_full, gd, kDyStages));
@@ -162,7 +182,7 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
         const int slot = gx % kXStages;
         if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H)) {
           unsigned char* row = smem + slot * Cfg::kXBytes;
-          unsigned char* copy = smem + (kXStages + slot) * Cfg::kXBytes;  // slots 0, 1: the copy at the end
+          unsigned char* copy = smem + (kXStages + slot) * Cfg::kXBytes;  // slots to kRows: the copy at the end
 #pragma unroll
           for (int u = 0; u < Cfg::kRowPixels / 8; ++u) {
             const int w = row0 + 8 * u;
@@ -174,7 +194,7 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
             x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
             x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
             *reinterpret_cast<uint4*>(row + offset) = x;
-            if (slot < 2) *reinterpret_cast<uint4*>(copy + offset) = x;
+            if (slot <= kRows) *reinterpret_cast<uint4*>(copy + offset) = x;
           }
         }
         sm90::fence_proxy_async();  // the writes, before wgmma reads the row
@@ -204,14 +224,14 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
           prologue(st.p - 1);
           prologue(st.p);
         }
-        prologue(st.p + 1);
+        for (int j = 1; j <= kRows; ++j) prologue(st.p + j);
       }
     }
     return;
   }
   sm90::claim_registers<Cfg::kConsumerRegs>();
 
-  const int s = tid / 128 - 1;  // the filter column of this group's taps
+  const int s = group - 1;  // the filter column of this group's taps
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   // ldmatrix.trans addresses into dy's row: lane l gives pixel row 8 (l / 16) + l % 8 of a k16
   // slice, shifted by 2 - s, and the 16-byte chunk of output channels 16 warp + 8 ((l / 8) % 2),
@@ -221,28 +241,16 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
       ldm_row * kRowBytes + (((2 * warp + ((lane >> 3) & 1)) ^ (ldm_row & 7)) << 4));
   // Columns 64 r + c: dw[k, r, s, c] of the tile.
   float acc[96];
-  std::uint32_t frag[2][kSlices][4];
+  std::uint32_t frag[kSlices][4];  // the step's A operand
   int gx = 0, gd = 0;
-  // The step before, whose slots are released once its multiplies are done: its dy, and its
-  // input rows from x_from on (one, or three at a run's end).
-  int pending_dy = -1, pending_x = 0, pending_x_count = 0;
   // One thread of the group releases slots once its wait for the multiplies returns (a
   // warpgroup's multiply completes for its four warps together): not 128 arrivals on one word.
   const bool signals = t == 0;
-  auto release_pending = [&] {
-    if (pending_dy < 0) return;
-    if (signals) {
-      sm90::mbar_arrive(bar(dy_empty, pending_dy, kDyStages));
-      for (int i = 0; i < pending_x_count; ++i) sm90::mbar_arrive(bar(x_empty, pending_x + i, kXStages));
-    }
-    pending_dy = -1;
-  };
-  auto load_fragments = [&](auto set) {
-    constexpr int S = decltype(set)::value;
+  auto load_fragments = [&] {
     sm90::mbar_wait(bar(dy_full, gd, kDyStages), parity(gd, kDyStages));
     const std::uint32_t base = dy_slot(gd) + ldm_off;
 #pragma unroll
-    for (int kk = 0; kk < kSlices; ++kk) sm90::ldmatrix_x4_trans(frag[S][kk], base + kk * 16 * kRowBytes);
+    for (int kk = 0; kk < kSlices; ++kk) sm90::ldmatrix_x4_trans(frag[kk], base + kk * 16 * kRowBytes);
   };
   auto wait_x = [&](int g) {
     if constexpr (kPrologue)
@@ -252,45 +260,39 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
   };
 
   if (!rows.next(st)) return;
-  load_fragments(std::integral_constant<int, 0>{});
-  // One step with fragment set S: its multiplies are issued, the step before is waited for (its
-  // slots are released, and its fragment set takes the next step's). False after the last step.
-  auto step = [&](auto set_c) {
-    constexpr int S = decltype(set_c)::value;
+  load_fragments();
+  // One step: its multiplies are issued and waited for, its slots released, and the next step's
+  // fragments loaded. False after the last step.
+  auto step = [&] {
     if (st.run_start) {
       wait_x(gx);
       wait_x(gx + 1);
       gx += 2;
     }
-    wait_x(gx);
-    const int x0 = gx - 2;  // input rows p - 1, p, p + 1
-    ++gx;
+    for (int j = 0; j < kRows; ++j) wait_x(gx + j);
+    const int x0 = gx - 2;  // input rows p - 1 to p + kRows
+    gx += kRows;
     sm90::fence_accumulators(acc);
     sm90::wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kSlices; ++kk)
       sm90::WgmmaRS<192, typename Traits::type, 1>::mma(
-          acc, frag[S][kk], sm90::desc_mn_sw128(x_slot(x0 % kXStages) + kk * 16 * kRowBytes, Cfg::kXBytes),
+          acc, frag[kk], sm90::desc_mn_sw128(x_slot(x0 % kXStages) + kk * 16 * kRowBytes, Cfg::kXBytes),
           !st.first_in_tile || kk > 0);
     sm90::wgmma_commit();
     sm90::fence_accumulators(acc);
     const WgradRowStep cur = st;
     const bool more = rows.next(st);
-    if (!cur.last_in_tile) {
-      sm90::wgmma_wait<1>();
-      sm90::fence_accumulators(acc);
-      release_pending();
-      pending_dy = gd;
-      pending_x = x0;
-      pending_x_count = cur.run_end ? 3 : 1;
-    } else {
-      sm90::wgmma_wait<0>();
-      sm90::fence_accumulators(acc);
-      release_pending();
-      if (signals) {
-        sm90::mbar_arrive(bar(dy_empty, gd, kDyStages));
-        for (int i = 0; i < 3; ++i) sm90::mbar_arrive(bar(x_empty, x0 + i, kXStages));
-      }
+    // Each step waits for its own multiplies (the other two groups keep the tensor cores busy):
+    // with one step's multiplies left in flight here the compiler serializes every wgmma. Then
+    // its dy row and the input rows that no later step reads are released.
+    sm90::wgmma_wait<0>();
+    sm90::fence_accumulators(acc);
+    if (signals) {
+      sm90::mbar_arrive(bar(dy_empty, gd, kDyStages));
+      for (int i = 0; i < (cur.run_end ? kRows + 2 : kRows); ++i) sm90::mbar_arrive(bar(x_empty, x0 + i, kXStages));
+    }
+    if (cur.last_in_tile) {
       // acc[4 jn + e]: row k0 + 16 warp + lane / 4 (+ 8 for e >= 2), column 8 jn + 2 (lane % 4)
       // (+ 1 for odd e), i.e. r = jn / 8 and c = c0 + 8 (jn % 8) + 2 (lane % 4). Lanes 2i and 2i + 1
       // trade halves so that each adds four successive channels of one row: the even lane row
@@ -311,10 +313,10 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
       }
     }
     ++gd;
-    if (more) load_fragments(std::integral_constant<int, 1 - S>{});
+    if (more) load_fragments();
     return more;
   };
-  while (step(std::integral_constant<int, 0>{}) && step(std::integral_constant<int, 1>{})) {
+  while (step()) {
   }
 #endif
 }
@@ -327,21 +329,29 @@ __global__ void wgrad_rows_store_kernel(const float* work, T* dw, std::size_t n)
     dw[i] = static_cast<T>(work[i]);
 }
 
-// The k16 slices of a row of Q pixels: 1, 2 or 4 (Q <= 64).
-inline int wgrad_rows_slices(int Q) { return Q <= 16 ? 1 : Q <= 32 ? 2 : 4; }
-
+// Calls f with the configuration for rows of Q pixels, one row a step (Q <= 64: the row padded to
+// 16, 32 or 64 pixels) or several (Q < 32: 64 pixels a step).
 template <typename F>
-auto with_wgrad_rows_config(int Q, F&& f) {
-  const int slices = wgrad_rows_slices(Q);
-  if (slices == 1) return f(WgradRowsConfig<1>{});
-  if (slices == 2) return f(WgradRowsConfig<2>{});
-  return f(WgradRowsConfig<4>{});
+auto with_wgrad_rows_config(int Q, bool several_rows, F&& f) {
+  if (several_rows) {
+    if (Q < 8) return f(WgradRowsConfig<8, 8>{});
+    if (Q < 16) return f(WgradRowsConfig<16, 4>{});
+    return f(WgradRowsConfig<32, 2>{});
+  }
+  if (Q <= 16) return f(WgradRowsConfig<16, 1>{});
+  if (Q <= 32) return f(WgradRowsConfig<32, 1>{});
+  return f(WgradRowsConfig<64, 1>{});
+}
+// The output rows of a step.
+inline int wgrad_rows_per_step(int Q, bool several_rows) {
+  return with_wgrad_rows_config(Q, several_rows, [](auto c) { return decltype(c)::kRows; });
 }
 
 // Launches the row kernel on a.ctas CTAs (the caller zeroes a.work first), then the store of dw.
 template <typename T>
-cudaError_t conv_wgrad_rows(const WgradArgs& a, const WgradTensorMaps& maps, void* dw, cudaStream_t stream) {
-  const cudaError_t launched = with_wgrad_rows_config(a.Q, [&](auto c) {
+cudaError_t conv_wgrad_rows(const WgradArgs& a, bool several_rows, const WgradTensorMaps& maps, void* dw,
+                            cudaStream_t stream) {
+  const cudaError_t launched = with_wgrad_rows_config(a.Q, several_rows, [&](auto c) {
     using Cfg = decltype(c);
     return launch_plain_or_prologue<conv_wgrad_rows_kernel<T, Cfg, false>, conv_wgrad_rows_kernel<T, Cfg, true>,
                                     Cfg::kBytes>(a.in.gamma != nullptr, static_cast<unsigned>(a.ctas), kRowsThreads,
@@ -355,12 +365,15 @@ cudaError_t conv_wgrad_rows(const WgradArgs& a, const WgradTensorMaps& maps, voi
 }
 
 // x as [N, H, W, C] in boxes of 64 channels x a row's pixels; dy as [N, P, Q, K] in boxes of 64
-// channels x the row's pixels + 2 (from q = -1). Zeros outside.
+// channels x a step's rows of its copy's pixels (from q = -1). Zeros outside.
 template <typename T>
-cudaError_t make_wgrad_rows_tensor_maps(const WgradArgs& a, WgradTensorMaps& maps) {
-  const int pixels = 16 * wgrad_rows_slices(a.Q);
-  if (const cudaError_t e = make_tiled_4d_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, pixels); e != cudaSuccess) return e;
-  return make_tiled_4d_map<T>(maps.dy, a.dy, a.N, a.P, a.Q, a.K, pixels + 2);
+cudaError_t make_wgrad_rows_tensor_maps(const WgradArgs& a, bool several_rows, WgradTensorMaps& maps) {
+  return with_wgrad_rows_config(a.Q, several_rows, [&](auto c) {
+    using Cfg = decltype(c);
+    if (const cudaError_t e = make_tiled_4d_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, Cfg::kRowPixels); e != cudaSuccess)
+      return e;
+    return make_tiled_4d_map<T>(maps.dy, a.dy, a.N, a.P, a.Q, a.K, Cfg::kDyBoxPixels, Cfg::kRows);
+  });
 }
 
 }  // namespace dstrain::kernels::cuda::igemm

@@ -272,6 +272,8 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
   cases.push_back({{4, 12, 11, 128}, 192, 3, 1});
   // Rows of 33 to 64 pixels: the 3x3 wgrad a row a step at its widest rows (Hopper).
   cases.push_back({{2, 5, 40, 64}, 64, 3, 1});
+  // Rows of 14 pixels: the 3x3 wgrad four rows a step, the last step of each image short.
+  cases.push_back({{2, 10, 14, 64}, 64, 3, 1});
   for (DType dt : kTypes) {
     for (const Case& cs : cases) {
       DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " R " << cs.R
