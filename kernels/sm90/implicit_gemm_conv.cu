@@ -240,7 +240,7 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
 // and rows of at most 64 pixels, or for several rows a step fewer than 32.
 bool wgrad_rows_apply(const igemm::WgradArgs& a, WgradVariant v) {
   return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W &&
-         a.Q < (v == WgradVariant::RowBlocks ? 32 : 65);
+         igemm::wgrad_rows_take(a.Q, v == WgradVariant::RowBlocks);
 }
 
 // DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant among those that divide K and take the

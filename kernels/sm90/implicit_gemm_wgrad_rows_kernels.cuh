@@ -329,6 +329,9 @@ __global__ void wgrad_rows_store_kernel(const float* work, T* dw, std::size_t n)
     dw[i] = static_cast<T>(work[i]);
 }
 
+// Whether the configurations below take rows of Q pixels: one row a step up to 64, several below 32.
+inline bool wgrad_rows_take(int Q, bool several_rows) { return several_rows ? Q < 32 : Q <= 64; }
+
 // Calls f with the configuration for rows of Q pixels, one row a step (Q <= 64: the row padded to
 // 16, 32 or 64 pixels) or several (Q < 32: 64 pixels a step).
 template <typename F>
