@@ -19,6 +19,7 @@
 #include "cuda_state.h"
 #include "cudnn_graph.h"
 #include "dstrain/error.h"
+#include "sm90/implicit_gemm_conv_rows_kernels.cuh"
 #include "sm90/implicit_gemm_wgrad_rows_kernels.cuh"
 
 namespace dstrain::kernels::cuda {
@@ -56,15 +57,28 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
   a.sqsum = sums != nullptr ? sums + w.dim(0) : nullptr;
   set_conv_shape(a, x, w, y, p);
   a.overlap_launch = overlap_launches(x.device().index);
+  const char* mode = std::getenv("DSTRAIN_ROWS_DESC_MODE");  // TEMPORARY: the row kernel's descriptor base offset
+  a.row_desc_mode = mode != nullptr && mode[0] == '1';
   return a;
 }
 
-std::vector<ForwardVariant> variants_for(int K, bool prologue) {
+// The row kernel's shapes: 3x3 filters with padding 1 (the output keeps the image size), 64 input
+// channels, images up to kMaxConvRowsWidth wide; not with the BatchNorm backward's epilogue.
+bool conv_rows_apply(const igemm::ConvForwardArgs& a) {
+  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W && a.C == 64 &&
+         a.K % 64 == 0 && a.W <= igemm::kMaxConvRowsWidth && a.bwd.x == nullptr;
+}
+
+// The tiles whose width divides K (with the prologue where it is wanted), then the row kernel
+// where it takes the shape.
+std::vector<ForwardVariant> variants_for(const igemm::ConvForwardArgs& a) {
+  const bool prologue = a.in.gamma != nullptr;
   std::vector<ForwardVariant> v;
   for (int i = 0; i < igemm::kForwardVariants; ++i) {
     const auto f = static_cast<ForwardVariant>(i);
-    if (K % igemm::variant_bn(f) == 0 && (!prologue || igemm::variant_has_prologue(f))) v.push_back(f);
+    if (a.K % igemm::variant_bn(f) == 0 && (!prologue || igemm::variant_has_prologue(f))) v.push_back(f);
   }
+  if (conv_rows_apply(a)) v.push_back(ForwardVariant::Rows);
   return v;
 }
 
@@ -81,14 +95,51 @@ void launch(CudaState& st, ForwardVariant v, const igemm::ConvForwardArgs& a, DT
   if (a.sum != nullptr && a.finish.count == nullptr)  // the sums of squares follow the sums (args_of)
     DSTRAIN_CUDA_CHECK(cudaMemsetAsync(a.sum, 0, 2 * sizeof(float) * static_cast<std::size_t>(a.K), stream));
   igemm::ConvTensorMaps maps{};
-  const bool half = dt == DType::F16;
-  const cudaError_t mapped =
-      half ? igemm::make_tensor_maps<__half>(a, v, maps) : igemm::make_tensor_maps<__nv_bfloat16>(a, v, maps);
+  const bool half = dt == DType::F16, rows = v == ForwardVariant::Rows;
+  const cudaError_t mapped = rows ? (half ? igemm::make_conv_rows_tensor_maps<__half>(a, maps)
+                                          : igemm::make_conv_rows_tensor_maps<__nv_bfloat16>(a, maps))
+                                  : (half ? igemm::make_tensor_maps<__half>(a, v, maps)
+                                          : igemm::make_tensor_maps<__nv_bfloat16>(a, v, maps));
   if (mapped != cudaSuccess)
     DSTRAIN_THROW(ErrorCode::Cuda, "implicit-GEMM convolution: the driver refused its tensor maps (" +
                                        std::string(cudaGetErrorString(mapped)) + ")");
+  if (rows) {
+    // Each block of 64 filters gets as many CTAs as the multiprocessors allow, at most one a step.
+    const int k_blocks = a.K / 64, steps = a.N * ((a.P + 1) / 2);
+    const int per_block = std::max(1, std::min(sm_count(st.device) / k_blocks, steps));
+    DSTRAIN_CUDA_CHECK(half ? igemm::conv_rows_forward<__half>(a, maps, per_block * k_blocks, stream)
+                            : igemm::conv_rows_forward<__nv_bfloat16>(a, maps, per_block * k_blocks, stream));
+    return;
+  }
   DSTRAIN_CUDA_CHECK(half ? igemm::conv_forward<__half>(v, a, maps, stream)
                           : igemm::conv_forward<__nv_bfloat16>(v, a, maps, stream));
+}
+
+// The variant index that the environment variable `name` forces (for tests of every kernel), in
+// [0, count); -1 when unset.
+int forced_variant(const char* name, int count) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return -1;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  if (*end != '\0' || v < 0 || v >= count)
+    DSTRAIN_THROW(ErrorCode::InvalidArgument, std::string(name) + " must be a variant index (0 to " +
+                                                  std::to_string(count - 1) + "), not '" + env + "'");
+  return static_cast<int>(v);
+}
+
+// DSTRAIN_FORWARD_VARIANT=i: the forward takes its i-th variant among those that take the shape and
+// extras (variants_for; the last where fewer: 9 is the row kernel where it applies), untimed.
+int forced_forward_variant() {
+  static const int forced = forced_variant("DSTRAIN_FORWARD_VARIANT", igemm::kForwardVariants + 1);
+  return forced;
+}
+
+// DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant among those that divide K and take the
+// shape (the last where fewer), untimed.
+int forced_wgrad_variant() {
+  static const int forced = forced_variant("DSTRAIN_WGRAD_VARIANT", igemm::kWgradVariants);
+  return forced;
 }
 
 // The candidate that the timed choice keeps for `key` in `chosen` (guarded by `mutex`): the one
@@ -132,10 +183,14 @@ ForwardVariant choose_variant(CudaState& st, const igemm::ConvForwardArgs& a, DT
                                 a.pad_h,          a.pad_w,    static_cast<int>(dt),
                                 a.sum != nullptr, a.in.gamma != nullptr, a.bias != nullptr,
                                 a.bwd.x != nullptr};
+  if (const int forced = forced_forward_variant(); forced >= 0) {
+    const std::vector<ForwardVariant> vs = variants_for(a);
+    return vs[std::min<std::size_t>(static_cast<std::size_t>(forced), vs.size() - 1)];
+  }
   igemm::ConvForwardArgs timed = a;
   timed.finish = {};
   return timed_choice(
-      st, mutex, *chosen, key, default_variant(a), [&] { return variants_for(a.K, a.in.gamma != nullptr); },
+      st, mutex, *chosen, key, default_variant(a), [&] { return variants_for(a); },
       [&](ForwardVariant v) { launch(st, v, timed, dt); },
       [&] {
         if (a.finish.count != nullptr)  // the finishing launch needs its accumulators zeroed again
@@ -241,23 +296,6 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
 bool wgrad_rows_apply(const igemm::WgradArgs& a, WgradVariant v) {
   return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W &&
          igemm::wgrad_rows_take(a.Q, v == WgradVariant::RowBlocks);
-}
-
-// DSTRAIN_WGRAD_VARIANT=i: the wgrad takes its i-th variant among those that divide K and take the
-// shape (the last where fewer), untimed, for tests of every tile; -1 when unset.
-int forced_wgrad_variant() {
-  static const int forced = [] {
-    const char* env = std::getenv("DSTRAIN_WGRAD_VARIANT");
-    if (env == nullptr || *env == '\0') return -1;
-    char* end = nullptr;
-    const long v = std::strtol(env, &end, 10);
-    if (*end != '\0' || v < 0 || v >= igemm::kWgradVariants)
-      DSTRAIN_THROW(ErrorCode::InvalidArgument,
-                    std::string("DSTRAIN_WGRAD_VARIANT must be a variant index (0 to ") +
-                        std::to_string(igemm::kWgradVariants - 1) + "), not '" + env + "'");
-    return static_cast<int>(v);
-  }();
-  return forced;
 }
 
 // The fastest wgrad variant for (device, shape, dtype, prologue), timed on first use; during a

@@ -96,6 +96,7 @@ struct ConvForwardArgs {
   int M;  // N * P * Q
   // Launch overlapped with the previous kernel's tail (overlapped_launch.cuh); host side only.
   bool overlap_launch;
+  int row_desc_mode;
 };
 
 // Built on the host (make_tensor_maps), passed as a __grid_constant__ kernel parameter.
@@ -612,8 +613,11 @@ enum class ForwardVariant : int {
   P64N128,
   P128N128,
   P64N256,
+  // Not a tile configuration: the 3x3 kernel that streams the image two output rows at a time
+  // (implicit_gemm_conv_rows_kernels.cuh), for 64 input channels and images up to 62 wide.
+  Rows,
 };
-constexpr int kForwardVariants = 9;
+constexpr int kForwardVariants = 9;  // the tile configurations, M128N64 to P64N256
 using CfgM128N64 = Config<64, 1, 3, 2, false>;
 using CfgM256N64 = Config<64, 2, 4, 1, false>;
 using CfgM128N128 = Config<128, 1, 4, 1, false>;
@@ -643,21 +647,25 @@ auto with_config(ForwardVariant v, F&& f) {
                         CfgP128N128, CfgP64N256>(static_cast<int>(v), std::forward<F>(f));
 }
 
-// Rows and columns of one tile of variant v, its schedule, and whether it is built with the prologue.
+// Rows and columns of one tile of variant v, its schedule, and whether it is built with the
+// prologue (the row kernel: 64 filters x two rows of 64 pixels, with a prologue).
 inline int variant_bm(ForwardVariant v) {
+  if (v == ForwardVariant::Rows) return 128;
   return with_config(v, [](auto c) { return decltype(c)::BM; });
 }
 inline int variant_bn(ForwardVariant v) {
+  if (v == ForwardVariant::Rows) return 64;
   return with_config(v, [](auto c) { return decltype(c)::BN; });
 }
 inline bool variant_ping_pong(ForwardVariant v) {
-  return with_config(v, [](auto c) { return decltype(c)::kPingPong; });
+  return v != ForwardVariant::Rows && with_config(v, [](auto c) { return decltype(c)::kPingPong; });
 }
 inline bool variant_has_prologue(ForwardVariant v) {
-  return with_config(v, [](auto c) { return decltype(c)::kPrologueFits; });
+  return v == ForwardVariant::Rows || with_config(v, [](auto c) { return decltype(c)::kPrologueFits; });
 }
 // "128x64" for a cooperative tile, "ping-pong 128x64" for a ping-pong one (one group's tile).
 inline std::string variant_name(ForwardVariant v) {
+  if (v == ForwardVariant::Rows) return "64x128, two rows a step";
   return std::string(variant_ping_pong(v) ? "ping-pong " : "") + std::to_string(variant_bm(v)) + "x" +
          std::to_string(variant_bn(v));
 }
@@ -758,7 +766,7 @@ inline bool extras_supported(const ConvForwardArgs& a) {
 // that extras_supported refuses, or a prologue on a variant without one.
 template <typename T>
 cudaError_t conv_forward(ForwardVariant v, const ConvForwardArgs& a, const ConvTensorMaps& maps, cudaStream_t stream) {
-  if (!extras_supported(a)) return cudaErrorInvalidValue;
+  if (!extras_supported(a) || v == ForwardVariant::Rows) return cudaErrorInvalidValue;  // rows: conv_rows_forward
   if (a.in.gamma != nullptr) {
     if (!variant_has_prologue(v)) return cudaErrorInvalidValue;
     return conv_forward_variant<T, Epilogue::Stats, true>(v, a, maps, stream);
@@ -858,6 +866,7 @@ cudaError_t make_tiled_4d_map(CUtensorMap& map, const void* data, int N, int H, 
 // the shape.
 template <typename T>
 cudaError_t make_tensor_maps(const ConvForwardArgs& a, ForwardVariant v, ConvTensorMaps& maps) {
+  if (v == ForwardVariant::Rows) return cudaErrorInvalidValue;  // make_conv_rows_tensor_maps
   if (const cudaError_t e =
           make_im2col_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, a.R, a.S, a.pad_h, a.pad_w, variant_bm(v));
       e != cudaSuccess)

@@ -105,6 +105,13 @@ __device__ __forceinline__ void tma_store_2d(const void* tensor_map, int c0, int
                "r"(c1), "r"(src)
                : "memory");
 }
+// The same for a tiled 4-D box at (c0, c1, c2, c3), innermost first: elements outside the tensor
+// are not written.
+__device__ __forceinline__ void tma_store_4d(const void* tensor_map, int c0, int c1, int c2, int c3, std::uint32_t src) {
+  asm volatile("cp.async.bulk.tensor.4d.global.shared::cta.bulk_group [%0, {%1, %2, %3, %4}], [%5];\n" ::"l"(tensor_map),
+               "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(src)
+               : "memory");
+}
 __device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
 // Waits until this thread's bulk stores have read their shared-memory source.
 __device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
@@ -383,5 +390,16 @@ __device__ __forceinline__ void ldmatrix_x4(std::uint32_t (&r)[4], std::uint32_t
                : "memory");
 }
 
+
+// Stores four 8 x 8 matrices of 16-bit values to shared memory, each transposed: register i holds
+// matrix i's row lane / 4, columns 2 (lane % 4) and + 1 (an accumulator fragment's layout), and
+// lanes 8 i to 8 i + 7 give the addresses of the 8 stored rows of matrix i, stored row j being
+// the matrix's column j.
+__device__ __forceinline__ void stmatrix_x4_trans(std::uint32_t addr, std::uint32_t r0, std::uint32_t r1,
+                                                  std::uint32_t r2, std::uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0), "r"(r1),
+               "r"(r2), "r"(r3)
+               : "memory");
+}
 
 }  // namespace dstrain::kernels::cuda::sm90

@@ -274,6 +274,8 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
   cases.push_back({{2, 5, 40, 64}, 64, 3, 1});
   // Rows of 14 pixels: the 3x3 wgrad four rows a step, the last step of each image short.
   cases.push_back({{2, 10, 14, 64}, 64, 3, 1});
+  // Rows of 56 pixels: the 3x3 forward two rows a step with the prologue (Hopper).
+  cases.push_back({{1, 6, 56, 64}, 64, 3, 1});
   for (DType dt : kTypes) {
     for (const Case& cs : cases) {
       DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " R " << cs.R

@@ -128,7 +128,8 @@ TEST_CASE("CUDA conv2d in fp16/bf16 matches the CPU reference", "[gpu][lowp][con
 // images and filters, no padding, K that only the narrower tiles divide; for the backward filter
 // also filter positions that fill no whole tile, more pixel steps than CTAs (a CTA's share
 // ends inside one tile and goes on in the next), and for the 3x3 row kernel rows of 7 to 50
-// pixels (several rows a step below 32, with images whose height the step's rows do not divide).
+// pixels (several rows a step below 32, with images whose height the step's rows do not divide);
+// for the 3x3 forward two rows a step (C = 64), images of 7 to 62 pixels, odd heights included.
 TEST_CASE("CUDA conv2d forward, backward data and backward filter with C and K multiples of 64 in fp16/bf16 match "
           "the CPU reference",
           "[gpu][lowp][conv][implicit_gemm]") {
@@ -143,6 +144,7 @@ TEST_CASE("CUDA conv2d forward, backward data and backward filter with C and K m
       {{2, 7, 7, 192}, 256, 3, 3, 1, 1}, {{1, 4, 33, 64}, 64, 5, 3, 2, 1},  {{2, 9, 13, 128}, 512, 1, 1, 0, 0},
       {{1, 3, 3, 512}, 512, 3, 3, 1, 1}, {{4, 20, 19, 64}, 128, 3, 3, 1, 1}, {{3, 16, 16, 64}, 256, 1, 1, 0, 0},
       {{2, 6, 50, 64}, 64, 3, 3, 1, 1},  {{2, 11, 13, 64}, 64, 3, 3, 1, 1}, {{1, 5, 31, 128}, 64, 3, 3, 1, 1},
+      {{1, 5, 56, 64}, 64, 3, 3, 1, 1},  {{1, 3, 62, 64}, 128, 3, 3, 1, 1},
   };
   for (DType dt : kLowTypes) {
     for (const Case& cs : cases) {

@@ -1,0 +1,306 @@
+// The forward of a 3x3 convolution (stride 1, padding 1) with 64 input channels, two output rows
+// at a time, on Hopper tensor cores (wgmma), NHWC fp16/bf16; through implicit_gemm_dgrad (the
+// forward on rotated filters) also the backward data of such a layer with 64 output channels.
+//
+// y[n, p, q, k] = sum over r, s, c of x[n, p + r - 1, q + s - 1, c] * w[k, r, s, c]. The im2col
+// kernel (implicit_gemm_conv_kernels.cuh) copies each input pixel from L2 once per filter tap,
+// nine times on a 3x3 layer. Here a CTA keeps the nine taps of one 64-wide block of filters in
+// shared memory for its whole life and streams the image: a step is output rows p and p + 1 of
+// one image, and one copy brings input rows p - 1 to p + 2, 64 pixels each from w = -1 (zeros
+// outside the image). The product is transposed: D[k, pixel] += W_rs[k, c] * X[pixel, c], M = 64
+// filters, N = 128 pixels (the two rows, each padded to 64), K = 64 channels a tap. Tap (r, s)
+// reads staged rows r and r + 1 from pixel s on: the same staged pixels at an offset of r rows and
+// s pixels (128 bytes a pixel), so that every staged pixel serves all nine taps. Output pixels
+// q >= Q read whatever follows their row; they are never stored nor counted.
+// - Two consumer warpgroups take the CTA's steps in turn, each its own stage, and stage their
+//   output transposed (stmatrix.trans) for one bulk store of the two rows (pixels past Q and rows
+//   past P are not written). A group starts waiting for a step only once the other holds the step
+//   before, so that the two never wait a whole ring apart on one stage (where a phase parity
+//   would be ambiguous).
+// - Statistics: each thread sums its two filters' stored values over all its steps in registers,
+//   added to the global sums once at the end (and finished there, StatsFinish).
+// - Prologue (a chained input's BatchNorm + ReLU): two producer warps apply relu(x * scale +
+//   shift) once to each staged pixel inside the image, before the consumers read the stage.
+// Requirements (checked by implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1, C = 64,
+// K % 64 == 0, W <= kMaxConvRowsWidth, 16-byte aligned tensors. Compiled for sm_90a only.
+#pragma once
+#include "implicit_gemm_conv_kernels.cuh"
+
+namespace dstrain::kernels::cuda::igemm {
+
+struct ConvRowsLayout {
+  static constexpr int kPixels = 64;  // a staged row: pixels w = -1 to 62
+  static constexpr int kOutRows = 2;  // output rows a step
+  static constexpr int kInRows = kOutRows + 2;
+  static constexpr int kN = kOutRows * kPixels;
+  static constexpr int kTapBytes = 64 * kRowBytes;  // one tap's 64 filters x 64 channels
+  static constexpr int kStageBytes = kInRows * kPixels * kRowBytes;
+  static constexpr int kStages = 3;
+  static constexpr int kStageOffset = 9 * kTapBytes;
+  // Tap (2, 2) on the last stage reads two pixels past its end (into output columns never stored).
+  static constexpr int kOutOffset = kStageOffset + kStages * kStageBytes + 1024;
+  static constexpr int kOutBytes = kN * kRowBytes;  // one consumer group's staged output
+  // Barriers: the filters, then per stage full, ready (after the prologue) and empty.
+  static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytes;
+  static constexpr int kBytes = kBarrierOffset + 8 * (1 + 3 * kStages) + 1024;  // + alignment slack
+  static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
+};
+// The widest image: a staged row holds pixels -1 to 62, and output pixel q reads up to q + 1.
+constexpr int kMaxConvRowsWidth = ConvRowsLayout::kPixels - 2;
+
+template <typename T, Epilogue kEpi, bool kPrologue>
+__global__ void __launch_bounds__(kThreads, 1)
+    conv_rows_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  static_assert(kEpi != Epilogue::BnBackward, "the BatchNorm backward is the im2col kernel's");
+  wait_then_release_next_kernel();  // launched overlapped with the previous kernel's tail
+  using L = ConvRowsLayout;
+  using Traits = MmaType<T>;
+  constexpr int kStages = L::kStages;
+  constexpr bool kStats = kEpi == Epilogue::Stats;
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = sm90::align_1024(smem_raw);
+  const std::uint32_t smem_base = sm90::smem_addr(smem);
+  const std::uint32_t w_full = smem_base + L::kBarrierOffset;
+  const std::uint32_t full = w_full + 8, ready = full + 8 * kStages, empty = ready + 8 * kStages;
+  auto parity = [](int l) { return static_cast<std::uint32_t>((l / kStages) & 1); };
+
+  const int tid = threadIdx.x;
+  // CTA b takes filter block b % k_blocks and the steps b / k_blocks + i * per_block (the grid is a
+  // multiple of k_blocks); a step is output rows p0, p0 + 1 of image n.
+  const int k_blocks = a.K / 64;
+  const int per_block = static_cast<int>(gridDim.x) / k_blocks;
+  const int kb = static_cast<int>(blockIdx.x) % k_blocks, first = static_cast<int>(blockIdx.x) / k_blocks;
+  const int steps_per_image = (a.P + 1) / 2;
+  const int total = a.N * steps_per_image;
+  const int my_steps = first < total ? (total - first + per_block - 1) / per_block : 0;
+  auto step_at = [&](int l, int& n, int& p0) {
+    const int j = first + l * per_block;
+    n = j / steps_per_image;
+    p0 = 2 * (j - n * steps_per_image);
+  };
+  if (tid == 0) {
+    sm90::mbar_init(w_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      sm90::mbar_init(full + 8 * s, 1);
+      sm90::mbar_init(ready + 8 * s, 2);  // the two prologue warps
+      sm90::mbar_init(empty + 8 * s, 1);  // one thread of the group that multiplied it
+    }
+    sm90::mbar_init_fence();
+  }
+  __syncthreads();
+
+  if (tid >= 256) {
+    if (tid == 256) {
+      sm90::mbar_arrive_expect_tx(w_full, 9 * L::kTapBytes);
+      for (int tap = 0; tap < 9; ++tap)
+        sm90::tma_load_2d(smem_base + tap * L::kTapBytes, &maps.w, tap * kBK, kb * 64, w_full);
+      for (int l = 0; l < my_steps; ++l) {
+        const int stage = l % kStages;
+        sm90::mbar_wait(empty + 8 * stage, parity(l) ^ 1);
+        int n, p0;
+        step_at(l, n, p0);
+        sm90::mbar_arrive_expect_tx(full + 8 * stage, L::kStageBytes);
+        sm90::tma_load_4d(smem_base + L::kStageOffset + stage * L::kStageBytes, &maps.x, 0, -1, p0 - 1, n,
+                          full + 8 * stage);
+      }
+    } else if (kPrologue && tid >= 320) {
+      // relu(x * scale + shift) in place. Thread i takes 16-byte chunk i % 8 of the staged pixels
+      // i / 8 + 8 u: the swizzle puts the same 8 channels there in each of them.
+      const int i = tid - 320, chunk = i % 8, line0 = i / 8, lane = tid % 32;
+      const int channel8 = 8 * (chunk ^ line0);
+      std::uint32_t scale[4], shift[4];
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        bn::ScaleShift k[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int c = channel8 + 2 * h + e;
+          k[e] = bn::prologue_scale_shift(__ldg(a.in.gamma + c), __ldg(a.in.beta + c), __ldg(a.in.mean + c),
+                                          __ldg(a.in.invstd + c));
+        }
+        const typename Traits::pair sc = Traits::make(k[0].scale, k[1].scale);
+        const typename Traits::pair sh = Traits::make(k[0].shift, k[1].shift);
+        memcpy(&scale[h], &sc, 4);
+        memcpy(&shift[h], &sh, 4);
+      }
+      for (int l = 0; l < my_steps; ++l) {
+        const int stage = l % kStages;
+        sm90::mbar_wait(full + 8 * stage, parity(l));
+        int n, p0;
+        step_at(l, n, p0);
+        unsigned char* staged = smem + L::kStageOffset + stage * L::kStageBytes + chunk * 16;
+#pragma unroll 4
+        for (int u = 0; u < L::kInRows * L::kPixels / 8; ++u) {
+          const int line = line0 + 8 * u;
+          const int h = p0 - 1 + line / L::kPixels, w = line % L::kPixels - 1;
+          if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H) &&
+              static_cast<unsigned>(w) < static_cast<unsigned>(a.W)) {
+            uint4* at = reinterpret_cast<uint4*>(staged + line * kRowBytes);
+            uint4 x = *at;
+            x.x = bn_relu_pair<T>(x.x, scale[0], shift[0]);
+            x.y = bn_relu_pair<T>(x.y, scale[1], shift[1]);
+            x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
+            x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
+            *at = x;
+          }
+        }
+        sm90::fence_proxy_async();  // the writes, before wgmma reads the stage
+        __syncwarp();
+        if (lane == 0) sm90::mbar_arrive(ready + 8 * stage);
+      }
+    }
+    return;
+  }
+
+  // Consumers: group cw takes the CTA's steps cw, cw + 2, ...
+  const int cw = __shfl_sync(0xffffffffu, tid / 128, 0);  // known uniform across the warp
+  const int t = tid % 128, warp = t / 32, lane = t % 32;
+  const int k_lo = 16 * warp + lane / 4;  // this thread's filters k_lo and k_lo + 8 of the block
+  [[maybe_unused]] float bias_lo = 0.0f, bias_hi = 0.0f;
+  if constexpr (kEpi == Epilogue::BiasRelu) {
+    bias_lo = __ldg(a.bias + kb * 64 + k_lo);
+    bias_hi = __ldg(a.bias + kb * 64 + k_lo + 8);
+  }
+  [[maybe_unused]] float sum_lo = 0.0f, sum_hi = 0.0f, sq_lo = 0.0f, sq_hi = 0.0f;
+  const std::uint32_t out = smem_base + L::kOutOffset + cw * L::kOutBytes;
+  // stmatrix.trans addresses: lane l gives stored row l % 8 (a pixel) of matrix l / 8, which holds
+  // pixels 8 (l / 16) on of the pair of column groups and filter chunk 2 warp + (l / 8) % 2;
+  // chunks swizzled with the pixel % 8 = l % 8.
+  const int ri = lane % 8, mi = lane / 8;
+  const std::uint32_t st_addr =
+      out + static_cast<std::uint32_t>((8 * (mi >> 1) + ri) * kRowBytes + (((2 * warp + (mi & 1)) ^ ri) << 4));
+  float acc[L::kN / 2];
+  sm90::mbar_wait(w_full, 0);
+  for (int l = cw; l < my_steps; l += 2) {
+    const int stage = l % kStages;
+    if (l > 0) sm90::named_barrier_sync(4 + cw, 256);  // the other group holds step l - 1
+    sm90::mbar_wait((kPrologue ? ready : full) + 8 * stage, parity(l));
+    if (l + 1 < my_steps) sm90::named_barrier_arrive(4 + (cw ^ 1), 256);
+    const std::uint32_t x0 = smem_base + L::kStageOffset + stage * L::kStageBytes;
+    sm90::fence_accumulators(acc);
+    sm90::wgmma_fence();
+#pragma unroll
+    for (int r = 0; r < 3; ++r)
+#pragma unroll
+      for (int s = 0; s < 3; ++s)
+#pragma unroll
+        for (int kk = 0; kk < kBK / 16; ++kk) {
+          const std::uint32_t b = x0 + (r * L::kPixels + s) * kRowBytes + 32 * kk;
+          std::uint64_t desc_b = sm90::desc_k_sw128(b);
+          if (a.row_desc_mode == 1) desc_b |= static_cast<std::uint64_t>((b >> 7) & 7) << 49;
+          sm90::Wgmma<L::kN, typename Traits::type>::mma(
+              acc, sm90::desc_k_sw128(smem_base + (3 * r + s) * L::kTapBytes + 32 * kk), desc_b, r + s + kk > 0);
+        }
+    sm90::wgmma_commit();
+    sm90::wgmma_wait<0>();
+    sm90::fence_accumulators(acc);
+    if (t == 0) sm90::mbar_arrive(empty + 8 * stage);
+
+    int n, p0;
+    step_at(l, n, p0);
+    const bool second_row = p0 + 1 < a.P;
+    if (t == 0) sm90::bulk_wait_read();  // the group's last store has read the staging area
+    group_barrier(cw);
+#pragma unroll
+    for (int jp = 0; jp < L::kN / 16; ++jp) {  // column groups 2 jp and 2 jp + 1 (8 pixels each)
+      std::uint32_t frag[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int j = 2 * jp + h;
+        float v0 = acc[4 * j], v1 = acc[4 * j + 1], v2 = acc[4 * j + 2], v3 = acc[4 * j + 3];
+        if constexpr (kEpi == Epilogue::BiasRelu) {
+          v0 = fmaxf(v0 + bias_lo, 0.0f);
+          v1 = fmaxf(v1 + bias_lo, 0.0f);
+          v2 = fmaxf(v2 + bias_hi, 0.0f);
+          v3 = fmaxf(v3 + bias_hi, 0.0f);
+        }
+        const typename Traits::pair lo = Traits::make(v0, v1), hi = Traits::make(v2, v3);
+        memcpy(&frag[2 * h], &lo, 4);
+        memcpy(&frag[2 * h + 1], &hi, 4);
+        if constexpr (kStats) {  // of the stored (rounded) values, over the image's pixels only
+          const float2 fl = Traits::back(lo), fh = Traits::back(hi);
+          const int q = (8 * j) % L::kPixels + 2 * (lane % 4);
+          const bool row = j < L::kN / 16 || second_row;
+          const bool ok0 = row && q < a.Q, ok1 = row && q + 1 < a.Q;
+          sum_lo += (ok0 ? fl.x : 0.0f) + (ok1 ? fl.y : 0.0f);
+          sq_lo += (ok0 ? fl.x * fl.x : 0.0f) + (ok1 ? fl.y * fl.y : 0.0f);
+          sum_hi += (ok0 ? fh.x : 0.0f) + (ok1 ? fh.y : 0.0f);
+          sq_hi += (ok0 ? fh.x * fh.x : 0.0f) + (ok1 ? fh.y * fh.y : 0.0f);
+        }
+      }
+      sm90::stmatrix_x4_trans(st_addr + jp * 16 * kRowBytes, frag[0], frag[1], frag[2], frag[3]);
+    }
+    sm90::fence_proxy_async();  // the bulk store reads what stmatrix wrote
+    group_barrier(cw);
+    if (t == 0) {
+      sm90::tma_store_4d(&maps.y, kb * 64, 0, p0, n, out);
+      sm90::bulk_commit();
+    }
+  }
+  if (t == 0) sm90::bulk_wait();  // the staging area must outlive the stores
+  if constexpr (kStats) {
+#pragma unroll
+    for (int m = 1; m <= 2; m <<= 1) {  // the four lanes that share a filter pair
+      sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, m);
+      sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, m);
+      sq_lo += __shfl_xor_sync(0xffffffffu, sq_lo, m);
+      sq_hi += __shfl_xor_sync(0xffffffffu, sq_hi, m);
+    }
+    if (lane % 4 == 0) {
+      const int k = kb * 64 + k_lo;
+      atomicAdd(a.sum + k, sum_lo);
+      atomicAdd(a.sum + k + 8, sum_hi);
+      atomicAdd(a.sqsum + k, sq_lo);
+      atomicAdd(a.sqsum + k + 8, sq_hi);
+    }
+    if (a.finish.count != nullptr) finish_statistics<false>(a, tid);
+  }
+#endif
+}
+
+// Launches kKernel on `ctas` CTAs, raising its shared-memory limit first, once per device.
+template <auto kKernel>
+cudaError_t launch_conv_rows(const ConvForwardArgs& a, const ConvTensorMaps& maps, int ctas, cudaStream_t stream) {
+  static std::atomic<bool> opted_in[64];
+  int device = 0;
+  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
+  if (!opted_in[device & 63].load(std::memory_order_acquire)) {
+    if (const cudaError_t e =
+            cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ConvRowsLayout::kBytes);
+        e != cudaSuccess)
+      return e;
+    opted_in[device & 63].store(true, std::memory_order_release);
+  }
+  return launch_overlapped(a.overlap_launch, stream, kKernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
+                           ConvRowsLayout::kBytes, a, maps);
+}
+
+// Launches the kernel for the extras in `a` (extras_supported's combinations but the BatchNorm
+// backward) on `ctas` CTAs, a multiple of K / 64; maps from make_conv_rows_tensor_maps<T>.
+template <typename T>
+cudaError_t conv_rows_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps, int ctas, cudaStream_t stream) {
+  if (!extras_supported(a) || a.bwd.x != nullptr) return cudaErrorInvalidValue;
+  if (a.in.gamma != nullptr) return launch_conv_rows<conv_rows_kernel<T, Epilogue::Stats, true>>(a, maps, ctas, stream);
+  if (a.sum != nullptr) return launch_conv_rows<conv_rows_kernel<T, Epilogue::Stats, false>>(a, maps, ctas, stream);
+  if (a.bias != nullptr) return launch_conv_rows<conv_rows_kernel<T, Epilogue::BiasRelu, false>>(a, maps, ctas, stream);
+  return launch_conv_rows<conv_rows_kernel<T, Epilogue::Store, false>>(a, maps, ctas, stream);
+}
+
+// x as [N, H, W, 64] in boxes of a step's input rows x 64 pixels; the filters as [K, 9 * 64] in
+// 64 x 64 boxes; y as [N, P, Q, K] in boxes of 64 filters x 64 pixels x the step's output rows.
+template <typename T>
+cudaError_t make_conv_rows_tensor_maps(const ConvForwardArgs& a, ConvTensorMaps& maps) {
+  using L = ConvRowsLayout;
+  if (const cudaError_t e = make_tiled_4d_map<T>(maps.x, a.x, a.N, a.H, a.W, a.C, L::kPixels, L::kInRows);
+      e != cudaSuccess)
+    return e;
+  if (const cudaError_t e = make_tiled_map<T>(maps.w, a.w, static_cast<std::uint64_t>(a.K),
+                                              static_cast<std::uint64_t>(9) * a.C, 64, kBK,
+                                              CU_TENSOR_MAP_L2_PROMOTION_L2_256B);
+      e != cudaSuccess)
+    return e;
+  return make_tiled_4d_map<T>(maps.y, a.y, a.N, a.P, a.Q, a.K, L::kPixels, L::kOutRows);
+}
+
+}  // namespace dstrain::kernels::cuda::igemm
