@@ -63,10 +63,10 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
 }
 
 // The row kernel's shapes: 3x3 filters with padding 1 (the output keeps the image size), 64 input
-// channels, images up to kMaxConvRowsWidth wide; not with the BatchNorm backward's epilogue.
+// channels, images up to kMaxConvRowsWidth wide.
 bool conv_rows_apply(const igemm::ConvForwardArgs& a) {
   return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W && a.C == 64 &&
-         a.K % 64 == 0 && a.W <= igemm::kMaxConvRowsWidth && a.bwd.x == nullptr;
+         a.K % 64 == 0 && a.W <= igemm::kMaxConvRowsWidth;
 }
 
 // The tiles whose width divides K (with the prologue where it is wanted), then the row kernel

@@ -19,6 +19,9 @@
 //   would be ambiguous).
 // - Statistics: each thread sums its two filters' stored values over all its steps in registers,
 //   added to the global sums once at the end (and finished there, StatsFinish).
+// - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): each thread
+//   reads one channel pair of the staged output over a quarter of its pixels, with x's values
+//   there (coalesced: a warp reads whole pixels), and sums g and g (x - mean) over its steps.
 // - Prologue (a chained input's BatchNorm + ReLU): two producer warps apply relu(x * scale +
 //   shift) once to each staged pixel inside the image, before the consumers read the stage.
 // Requirements (checked by implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1, C = 64,
@@ -52,12 +55,11 @@ template <typename T, Epilogue kEpi, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, 1)
     conv_rows_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  static_assert(kEpi != Epilogue::BnBackward, "the BatchNorm backward is the im2col kernel's");
   wait_then_release_next_kernel();  // launched overlapped with the previous kernel's tail
   using L = ConvRowsLayout;
   using Traits = MmaType<T>;
   constexpr int kStages = L::kStages;
-  constexpr bool kStats = kEpi == Epilogue::Stats;
+  constexpr bool kStats = kEpi == Epilogue::Stats, kBnBackward = kEpi == Epilogue::BnBackward;
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = sm90::align_1024(smem_raw);
   const std::uint32_t smem_base = sm90::smem_addr(smem);
@@ -163,6 +165,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     bias_hi = __ldg(a.bias + kb * 64 + k_lo + 8);
   }
   [[maybe_unused]] float sum_lo = 0.0f, sum_hi = 0.0f, sq_lo = 0.0f, sq_hi = 0.0f;
+  // BnBackward: thread t reads channel pair t % 32 of the staged pixels t / 32 + 4 i; sums of g
+  // (sum_lo, sum_hi) and of g (x - mean) (sq_lo, sq_hi) for its two channels.
+  const int bwd_pair = t % 32, bwd_row0 = t / 32;
+  [[maybe_unused]] float bwd_mean[2], bwd_scale[2], bwd_beta[2];
+  if constexpr (kBnBackward)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = kb * 64 + 2 * bwd_pair + e;
+      bwd_mean[e] = __ldg(a.bwd.mean + c);
+      bwd_scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
+      bwd_beta[e] = __ldg(a.bwd.beta + c);
+    }
   const std::uint32_t out = smem_base + L::kOutOffset + cw * L::kOutBytes;
   // stmatrix.trans addresses: lane l gives stored row l % 8 (a pixel) of matrix l / 8, which holds
   // pixels 8 (l / 16) on of the pair of column groups and filter chunk 2 warp + (l / 8) % 2;
@@ -237,6 +251,40 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::tma_store_4d(&maps.y, kb * 64, 0, p0, n, out);
       sm90::bulk_commit();
     }
+    if constexpr (kBnBackward) {
+      // g = the stored value where v = bn(x) > 0. x's pixels in batches of 8 loads before any use.
+      const int byte = 4 * bwd_pair;
+      constexpr int kBatch = 8, kRowsEach = L::kN / 4;
+#pragma unroll
+      for (int i0 = 0; i0 < kRowsEach; i0 += kBatch) {
+        std::uint32_t xr[kBatch];
+        bool valid[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int row = bwd_row0 + 4 * (i0 + u), q = row % L::kPixels, pr = row / L::kPixels;
+          valid[u] = q < a.Q && (pr == 0 || second_row);
+          const std::size_t pixel = (static_cast<std::size_t>(n) * a.P + p0 + pr) * a.Q + q;
+          xr[u] = valid[u] ? __ldg(reinterpret_cast<const std::uint32_t*>(static_cast<const T*>(a.bwd.x) +
+                                                                           pixel * a.K + kb * 64) +
+                                   bwd_pair)
+                           : 0u;
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; ++u) {
+          const int row = bwd_row0 + 4 * (i0 + u);
+          typename Traits::pair xp, gp;
+          memcpy(&xp, &xr[u], 4);
+          memcpy(&gp, smem + (out - smem_base) + row * kRowBytes + (((byte / 16) ^ (row % 8)) * 16) + byte % 16, 4);
+          const float2 xv = Traits::back(xp), gv = Traits::back(gp);
+          const float g0 = valid[u] && bn::bn_value(xv.x, bwd_mean[0], bwd_scale[0], bwd_beta[0]) > 0.0f ? gv.x : 0.0f;
+          const float g1 = valid[u] && bn::bn_value(xv.y, bwd_mean[1], bwd_scale[1], bwd_beta[1]) > 0.0f ? gv.y : 0.0f;
+          sum_lo += g0;
+          sum_hi += g1;
+          sq_lo = fmaf(g0, xv.x - bwd_mean[0], sq_lo);
+          sq_hi = fmaf(g1, xv.y - bwd_mean[1], sq_hi);
+        }
+      }
+    }
   }
   if (t == 0) sm90::bulk_wait();  // the staging area must outlive the stores
   if constexpr (kStats) {
@@ -255,6 +303,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       atomicAdd(a.sqsum + k + 8, sq_hi);
     }
     if (a.finish.count != nullptr) finish_statistics<false>(a, tid);
+  }
+  if constexpr (kBnBackward) {
+    const int c = kb * 64 + 2 * bwd_pair;
+    atomicAdd(a.sum + c, sum_lo);
+    atomicAdd(a.sum + c + 1, sum_hi);
+    atomicAdd(a.sqsum + c, sq_lo);
+    atomicAdd(a.sqsum + c + 1, sq_hi);
+    if (a.finish.count != nullptr) finish_statistics<true>(a, tid);
   }
 #endif
 }
@@ -276,11 +332,12 @@ cudaError_t launch_conv_rows(const ConvForwardArgs& a, const ConvTensorMaps& map
                            ConvRowsLayout::kBytes, a, maps);
 }
 
-// Launches the kernel for the extras in `a` (extras_supported's combinations but the BatchNorm
-// backward) on `ctas` CTAs, a multiple of K / 64; maps from make_conv_rows_tensor_maps<T>.
+// Launches the kernel for the extras in `a` (extras_supported's combinations) on `ctas` CTAs, a multiple of K / 64; maps from make_conv_rows_tensor_maps<T>.
 template <typename T>
 cudaError_t conv_rows_forward(const ConvForwardArgs& a, const ConvTensorMaps& maps, int ctas, cudaStream_t stream) {
-  if (!extras_supported(a) || a.bwd.x != nullptr) return cudaErrorInvalidValue;
+  if (!extras_supported(a)) return cudaErrorInvalidValue;
+  if (a.bwd.x != nullptr)
+    return launch_conv_rows<conv_rows_kernel<T, Epilogue::BnBackward, false>>(a, maps, ctas, stream);
   if (a.in.gamma != nullptr) return launch_conv_rows<conv_rows_kernel<T, Epilogue::Stats, true>>(a, maps, ctas, stream);
   if (a.sum != nullptr) return launch_conv_rows<conv_rows_kernel<T, Epilogue::Stats, false>>(a, maps, ctas, stream);
   if (a.bias != nullptr) return launch_conv_rows<conv_rows_kernel<T, Epilogue::BiasRelu, false>>(a, maps, ctas, stream);
