@@ -57,8 +57,6 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
   a.sqsum = sums != nullptr ? sums + w.dim(0) : nullptr;
   set_conv_shape(a, x, w, y, p);
   a.overlap_launch = overlap_launches(x.device().index);
-  const char* mode = std::getenv("DSTRAIN_ROWS_DESC_MODE");  // TEMPORARY: the row kernel's descriptor base offset
-  a.row_desc_mode = mode != nullptr && mode[0] == '1';
   return a;
 }
 

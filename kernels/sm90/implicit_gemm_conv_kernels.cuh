@@ -96,7 +96,6 @@ struct ConvForwardArgs {
   int M;  // N * P * Q
   // Launch overlapped with the previous kernel's tail (overlapped_launch.cuh); host side only.
   bool overlap_launch;
-  int row_desc_mode;
 };
 
 // Built on the host (make_tensor_maps), passed as a __grid_constant__ kernel parameter.

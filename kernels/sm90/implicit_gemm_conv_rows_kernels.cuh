@@ -20,8 +20,9 @@
 // - Statistics: each thread sums its two filters' stored values over all its steps in registers,
 //   added to the global sums once at the end (and finished there, StatsFinish).
 // - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): each thread
-//   reads one channel pair of the staged output over a quarter of its pixels, with x's values
-//   there (coalesced: a warp reads whole pixels), and sums g and g (x - mean) over its steps.
+//   reads one 16-byte chunk (8 channels) of 8 staged output pixels, with x's values there, and
+//   sums g and g (x - mean) over its steps. x's chunks are loaded when the step's multiplies are
+//   issued, so that their latency hides behind them.
 // - Prologue (a chained input's BatchNorm + ReLU): two producer warps apply relu(x * scale +
 //   shift) once to each staged pixel inside the image, before the consumers read the stage.
 // Requirements (checked by implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1, C = 64,
@@ -47,6 +48,10 @@ struct ConvRowsLayout {
   static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytes;
   static constexpr int kBytes = kBarrierOffset + 8 * (1 + 3 * kStages) + 1024;  // + alignment slack
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
+  // Registers after the hand-over (168 a thread at launch): the producer warpgroup (the copies and
+  // the prologue) keeps 56, the consumers take the rest.
+  static constexpr int kProducerRegs = 56;
+  static constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / 256 / 8 * 8;
 };
 // The widest image: a staged row holds pixels -1 to 62, and output pixel q reads up to q + 1.
 constexpr int kMaxConvRowsWidth = ConvRowsLayout::kPixels - 2;
@@ -93,6 +98,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (tid >= 256) {
+    sm90::release_registers<L::kProducerRegs>();
     if (tid == 256) {
       sm90::mbar_arrive_expect_tx(w_full, 9 * L::kTapBytes);
       for (int tap = 0; tap < 9; ++tap)
@@ -156,6 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   // Consumers: group cw takes the CTA's steps cw, cw + 2, ...
+  sm90::claim_registers<L::kConsumerRegs>();
   const int cw = __shfl_sync(0xffffffffu, tid / 128, 0);  // known uniform across the warp
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   const int k_lo = 16 * warp + lane / 4;  // this thread's filters k_lo and k_lo + 8 of the block
@@ -165,18 +172,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     bias_hi = __ldg(a.bias + kb * 64 + k_lo + 8);
   }
   [[maybe_unused]] float sum_lo = 0.0f, sum_hi = 0.0f, sq_lo = 0.0f, sq_hi = 0.0f;
-  // BnBackward: thread t reads channel pair t % 32 of the staged pixels t / 32 + 4 i; sums of g
-  // (sum_lo, sum_hi) and of g (x - mean) (sq_lo, sq_hi) for its two channels.
-  const int bwd_pair = t % 32, bwd_row0 = t / 32;
-  [[maybe_unused]] float bwd_mean[2], bwd_scale[2], bwd_beta[2];
+  // BnBackward: thread t reads 16-byte chunk t % 8 (channels 8 (t % 8) on) of the staged pixels
+  // t / 8 + 16 i; its sums of g and of g (x - mean) per channel.
+  constexpr int kBwdPixels = L::kN / 16;
+  const int bwd_chunk = t % 8, bwd_row0 = t / 8;
+  [[maybe_unused]] float bwd_mean[8], bwd_scale[8], bwd_beta[8], bwd_sum[8], bwd_sq[8];
+  [[maybe_unused]] uint4 x_pre[kBwdPixels];
   if constexpr (kBnBackward)
 #pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const int c = kb * 64 + 2 * bwd_pair + e;
+    for (int e = 0; e < 8; ++e) {
+      const int c = kb * 64 + 8 * bwd_chunk + e;
       bwd_mean[e] = __ldg(a.bwd.mean + c);
       bwd_scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
       bwd_beta[e] = __ldg(a.bwd.beta + c);
+      bwd_sum[e] = bwd_sq[e] = 0.0f;
     }
+  // Whether staged pixel `row` of the step at (p0, second_row) is inside the image.
+  [[maybe_unused]] auto pixel_inside = [&](int row, bool second_row) {
+    return row % L::kPixels < a.Q && (row < L::kPixels || second_row);
+  };
   const std::uint32_t out = smem_base + L::kOutOffset + cw * L::kOutBytes;
   // stmatrix.trans addresses: lane l gives stored row l % 8 (a pixel) of matrix l / 8, which holds
   // pixels 8 (l / 16) on of the pair of column groups and filter chunk 2 warp + (l / 8) % 2;
@@ -191,6 +205,21 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (l > 0) sm90::named_barrier_sync(4 + cw, 256);  // the other group holds step l - 1
     sm90::mbar_wait((kPrologue ? ready : full) + 8 * stage, parity(l));
     if (l + 1 < my_steps) sm90::named_barrier_arrive(4 + (cw ^ 1), 256);
+    if constexpr (kBnBackward) {  // x's chunks of this thread's pixels, read in the epilogue
+      int n, p0;
+      step_at(l, n, p0);
+      const bool second_row = p0 + 1 < a.P;
+      const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
+#pragma unroll
+      for (int i = 0; i < kBwdPixels; ++i) {
+        const int row = bwd_row0 + 16 * i;
+        const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
+        x_pre[i] = pixel_inside(row, second_row)
+                       ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) +
+                               bwd_chunk)
+                       : make_uint4(0u, 0u, 0u, 0u);
+      }
+    }
     const std::uint32_t x0 = smem_base + L::kStageOffset + stage * L::kStageBytes;
     sm90::fence_accumulators(acc);
     sm90::wgmma_fence();
@@ -201,10 +230,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
         for (int kk = 0; kk < kBK / 16; ++kk) {
           const std::uint32_t b = x0 + (r * L::kPixels + s) * kRowBytes + 32 * kk;
-          std::uint64_t desc_b = sm90::desc_k_sw128(b);
-          if (a.row_desc_mode == 1) desc_b |= static_cast<std::uint64_t>((b >> 7) & 7) << 49;
           sm90::Wgmma<L::kN, typename Traits::type>::mma(
-              acc, sm90::desc_k_sw128(smem_base + (3 * r + s) * L::kTapBytes + 32 * kk), desc_b, r + s + kk > 0);
+              acc, sm90::desc_k_sw128(smem_base + (3 * r + s) * L::kTapBytes + 32 * kk), sm90::desc_k_sw128(b),
+              r + s + kk > 0);
         }
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
@@ -251,37 +279,28 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::tma_store_4d(&maps.y, kb * 64, 0, p0, n, out);
       sm90::bulk_commit();
     }
-    if constexpr (kBnBackward) {
-      // g = the stored value where v = bn(x) > 0. x's pixels in batches of 8 loads before any use.
-      const int byte = 4 * bwd_pair;
-      constexpr int kBatch = 8, kRowsEach = L::kN / 4;
+    if constexpr (kBnBackward) {  // g = the stored value where v = bn(x) > 0
 #pragma unroll
-      for (int i0 = 0; i0 < kRowsEach; i0 += kBatch) {
-        std::uint32_t xr[kBatch];
-        bool valid[kBatch];
+      for (int i = 0; i < kBwdPixels; ++i) {
+        const int row = bwd_row0 + 16 * i;
+        if (!pixel_inside(row, second_row)) continue;
+        const uint4 g4 = *reinterpret_cast<const uint4*>(smem + (out - smem_base) + row * kRowBytes +
+                                                          ((bwd_chunk ^ (row % 8)) << 4));
+        const std::uint32_t xs[4] = {x_pre[i].x, x_pre[i].y, x_pre[i].z, x_pre[i].w};
+        const std::uint32_t gs[4] = {g4.x, g4.y, g4.z, g4.w};
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int row = bwd_row0 + 4 * (i0 + u), q = row % L::kPixels, pr = row / L::kPixels;
-          valid[u] = q < a.Q && (pr == 0 || second_row);
-          const std::size_t pixel = (static_cast<std::size_t>(n) * a.P + p0 + pr) * a.Q + q;
-          xr[u] = valid[u] ? __ldg(reinterpret_cast<const std::uint32_t*>(static_cast<const T*>(a.bwd.x) +
-                                                                           pixel * a.K + kb * 64) +
-                                   bwd_pair)
-                           : 0u;
-        }
-#pragma unroll
-        for (int u = 0; u < kBatch; ++u) {
-          const int row = bwd_row0 + 4 * (i0 + u);
+        for (int h = 0; h < 4; ++h) {
           typename Traits::pair xp, gp;
-          memcpy(&xp, &xr[u], 4);
-          memcpy(&gp, smem + (out - smem_base) + row * kRowBytes + (((byte / 16) ^ (row % 8)) * 16) + byte % 16, 4);
+          memcpy(&xp, &xs[h], 4);
+          memcpy(&gp, &gs[h], 4);
           const float2 xv = Traits::back(xp), gv = Traits::back(gp);
-          const float g0 = valid[u] && bn::bn_value(xv.x, bwd_mean[0], bwd_scale[0], bwd_beta[0]) > 0.0f ? gv.x : 0.0f;
-          const float g1 = valid[u] && bn::bn_value(xv.y, bwd_mean[1], bwd_scale[1], bwd_beta[1]) > 0.0f ? gv.y : 0.0f;
-          sum_lo += g0;
-          sum_hi += g1;
-          sq_lo = fmaf(g0, xv.x - bwd_mean[0], sq_lo);
-          sq_hi = fmaf(g1, xv.y - bwd_mean[1], sq_hi);
+          const int e = 2 * h;
+          const float g0 = bn::bn_value(xv.x, bwd_mean[e], bwd_scale[e], bwd_beta[e]) > 0.0f ? gv.x : 0.0f;
+          const float g1 = bn::bn_value(xv.y, bwd_mean[e + 1], bwd_scale[e + 1], bwd_beta[e + 1]) > 0.0f ? gv.y : 0.0f;
+          bwd_sum[e] += g0;
+          bwd_sum[e + 1] += g1;
+          bwd_sq[e] = fmaf(g0, xv.x - bwd_mean[e], bwd_sq[e]);
+          bwd_sq[e + 1] = fmaf(g1, xv.y - bwd_mean[e + 1], bwd_sq[e + 1]);
         }
       }
     }
@@ -305,11 +324,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (a.finish.count != nullptr) finish_statistics<false>(a, tid);
   }
   if constexpr (kBnBackward) {
-    const int c = kb * 64 + 2 * bwd_pair;
-    atomicAdd(a.sum + c, sum_lo);
-    atomicAdd(a.sum + c + 1, sum_hi);
-    atomicAdd(a.sqsum + c, sq_lo);
-    atomicAdd(a.sqsum + c + 1, sq_hi);
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+#pragma unroll
+      for (int m = 8; m <= 16; m <<= 1) {  // the four lanes of the warp with this chunk
+        bwd_sum[e] += __shfl_xor_sync(0xffffffffu, bwd_sum[e], m);
+        bwd_sq[e] += __shfl_xor_sync(0xffffffffu, bwd_sq[e], m);
+      }
+    if (lane < 8)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int c = kb * 64 + 8 * bwd_chunk + e;
+        atomicAdd(a.sum + c, bwd_sum[e]);
+        atomicAdd(a.sqsum + c, bwd_sq[e]);
+      }
     if (a.finish.count != nullptr) finish_statistics<true>(a, tid);
   }
 #endif

@@ -157,8 +157,10 @@ __device__ __forceinline__ void claim_registers() {
 }
 
 // Descriptor of a K-major operand tile in shared memory, 128-byte swizzle: rows of 64 16-bit
-// elements (128 bytes), 8-row groups 1024 bytes apart; the tile must start 1024-byte aligned
-// (the k16 steps inside a row advance the start address by 32 bytes).
+// elements (128 bytes), 8-row groups 1024 bytes apart, the swizzle pattern starting 1024-byte
+// aligned (base offset 0). The k16 steps inside a row advance the start address by 32 bytes; the
+// start may also be any 128-byte row of the pattern (wgmma takes the swizzle from the address
+// bits: a tile of rows from row s on, checked on an H100 for s = 0 to 7).
 __device__ __forceinline__ std::uint64_t desc_k_sw128(std::uint32_t addr) {
   std::uint64_t d = 0;
   d |= static_cast<std::uint64_t>((addr & 0x3FFFFu) >> 4);
