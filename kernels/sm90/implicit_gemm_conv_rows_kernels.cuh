@@ -15,8 +15,8 @@
 // - Two consumer warpgroups take the CTA's steps in turn, each its own stage, and stage their
 //   output transposed (stmatrix.trans) for one bulk store of the two rows (pixels past Q and rows
 //   past P are not written). A group starts waiting for a step only once the other holds the step
-//   before (with the BatchNorm backward: has multiplied it), so that the two never wait a whole
-//   ring apart on one stage (where a phase parity would be ambiguous).
+//   before, so that the two never wait a whole ring apart on one stage (where a phase parity
+//   would be ambiguous).
 // - Statistics: each thread sums its two filters' stored values over all its steps in registers,
 //   added to the global sums once at the end (and finished there, StatsFinish).
 // - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): each thread
@@ -200,13 +200,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       out + static_cast<std::uint32_t>((8 * (mi >> 1) + ri) * kRowBytes + (((2 * warp + (mi & 1)) ^ ri) << 4));
   float acc[L::kN / 2];
   sm90::mbar_wait(w_full, 0);
-  // With the BatchNorm backward's long epilogue the groups take turns at the tensor cores: a group
-  // lets the other start its next step once its own multiplies are done, so that its epilogue runs
-  // beside the other's multiplies (otherwise the two fall into step and both epilogues leave the
-  // tensor cores idle). The short epilogues let the other start as soon as the stage is in hand.
-  constexpr bool kInTurns = kBnBackward;
   for (int l = cw; l < my_steps; l += 2) {
     const int stage = l % kStages;
+    if (l > 0) sm90::named_barrier_sync(4 + cw, 256);  // the other group holds step l - 1
+    sm90::mbar_wait((kPrologue ? ready : full) + 8 * stage, parity(l));
+    if (l + 1 < my_steps) sm90::named_barrier_arrive(4 + (cw ^ 1), 256);
     if constexpr (kBnBackward) {  // x's chunks of this thread's pixels, read in the epilogue
       int n, p0;
       step_at(l, n, p0);
@@ -222,9 +220,6 @@ __global__ void __launch_bounds__(kThreads, 1)
                        : make_uint4(0u, 0u, 0u, 0u);
       }
     }
-    if (l > 0) sm90::named_barrier_sync(4 + cw, 256);  // the other group holds (or has multiplied) step l - 1
-    sm90::mbar_wait((kPrologue ? ready : full) + 8 * stage, parity(l));
-    if (!kInTurns && l + 1 < my_steps) sm90::named_barrier_arrive(4 + (cw ^ 1), 256);
     const std::uint32_t x0 = smem_base + L::kStageOffset + stage * L::kStageBytes;
     sm90::fence_accumulators(acc);
     sm90::wgmma_fence();
@@ -243,7 +238,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::wgmma_wait<0>();
     sm90::fence_accumulators(acc);
     if (t == 0) sm90::mbar_arrive(empty + 8 * stage);
-    if (kInTurns && l + 1 < my_steps) sm90::named_barrier_arrive(4 + (cw ^ 1), 256);
 
     int n, p0;
     step_at(l, n, p0);
