@@ -209,6 +209,38 @@ __device__ __forceinline__ std::uint32_t bn_relu_pair(std::uint32_t v, std::uint
   return out;
 }
 
+// A chained input's scale and shift (bn::prologue_scale_shift, rounded to T) for channels c8 to
+// c8 + 7: four pairs of each, as bn_relu_vector takes them.
+template <typename T>
+__device__ __forceinline__ void load_prologue_pairs(const InputBatchNorm& in, int c8, std::uint32_t (&scale)[4],
+                                                    std::uint32_t (&shift)[4]) {
+  using Pair = typename MmaType<T>::pair;
+#pragma unroll
+  for (int h = 0; h < 4; ++h) {
+    bn::ScaleShift k[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int c = c8 + 2 * h + e;
+      k[e] = bn::prologue_scale_shift(__ldg(in.gamma + c), __ldg(in.beta + c), __ldg(in.mean + c), __ldg(in.invstd + c));
+    }
+    const Pair sc = MmaType<T>::make(k[0].scale, k[1].scale);
+    const Pair sh = MmaType<T>::make(k[0].shift, k[1].shift);
+    memcpy(&scale[h], &sc, 4);
+    memcpy(&shift[h], &sh, 4);
+  }
+}
+
+// relu(x * scale + shift) on 8 channels in 16 bytes (bn_relu_pair on each pair).
+template <typename T>
+__device__ __forceinline__ uint4 bn_relu_vector(uint4 x, const std::uint32_t (&scale)[4],
+                                                const std::uint32_t (&shift)[4]) {
+  x.x = bn_relu_pair<T>(x.x, scale[0], shift[0]);
+  x.y = bn_relu_pair<T>(x.y, scale[1], shift[1]);
+  x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
+  x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
+  return x;
+}
+
 // StatsFinish, run by the 256 consumer threads of every CTA once its sums are added: the last CTA
 // to count itself in (the fence orders every thread's additions before its CTA's count) reads the
 // complete sums from L2 and writes the statistics.

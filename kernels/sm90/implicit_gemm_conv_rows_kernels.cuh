@@ -118,20 +118,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int i = tid - 320, chunk = i % 8, line0 = i / 8, lane = tid % 32;
       const int channel8 = 8 * (chunk ^ line0);
       std::uint32_t scale[4], shift[4];
-#pragma unroll
-      for (int h = 0; h < 4; ++h) {
-        bn::ScaleShift k[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int c = channel8 + 2 * h + e;
-          k[e] = bn::prologue_scale_shift(__ldg(a.in.gamma + c), __ldg(a.in.beta + c), __ldg(a.in.mean + c),
-                                          __ldg(a.in.invstd + c));
-        }
-        const typename Traits::pair sc = Traits::make(k[0].scale, k[1].scale);
-        const typename Traits::pair sh = Traits::make(k[0].shift, k[1].shift);
-        memcpy(&scale[h], &sc, 4);
-        memcpy(&shift[h], &sh, 4);
-      }
+      load_prologue_pairs<T>(a.in, channel8, scale, shift);
       for (int l = 0; l < my_steps; ++l) {
         const int stage = l % kStages;
         sm90::mbar_wait(full + 8 * stage, parity(l));
@@ -145,12 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H) &&
               static_cast<unsigned>(w) < static_cast<unsigned>(a.W)) {
             uint4* at = reinterpret_cast<uint4*>(staged + line * kRowBytes);
-            uint4 x = *at;
-            x.x = bn_relu_pair<T>(x.x, scale[0], shift[0]);
-            x.y = bn_relu_pair<T>(x.y, scale[1], shift[1]);
-            x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
-            x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
-            *at = x;
+            *at = bn_relu_vector<T>(*at, scale, shift);
           }
         }
         sm90::fence_proxy_async();  // the writes, before wgmma reads the stage

@@ -188,11 +188,7 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
             const int w = row0 + 8 * u;
             if (w >= a.W) break;
             const int offset = w * kRowBytes + chunk * 16;
-            uint4 x = *reinterpret_cast<const uint4*>(row + offset);
-            x.x = bn_relu_pair<T>(x.x, scale[0], shift[0]);
-            x.y = bn_relu_pair<T>(x.y, scale[1], shift[1]);
-            x.z = bn_relu_pair<T>(x.z, scale[2], shift[2]);
-            x.w = bn_relu_pair<T>(x.w, scale[3], shift[3]);
+            const uint4 x = bn_relu_vector<T>(*reinterpret_cast<const uint4*>(row + offset), scale, shift);
             *reinterpret_cast<uint4*>(row + offset) = x;
             if (slot <= kRows) *reinterpret_cast<uint4*>(copy + offset) = x;
           }
@@ -203,23 +199,7 @@ __global__ void __launch_bounds__(kRowsThreads, 1)
         ++gx;
       };
       while (rows.next(st)) {
-        if (st.first_in_tile) {
-          const int c = st.tile / k_blocks * 64 + channel8;
-#pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            bn::ScaleShift k[2];
-#pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const int ch = c + 2 * h + e;
-              k[e] = bn::prologue_scale_shift(__ldg(a.in.gamma + ch), __ldg(a.in.beta + ch), __ldg(a.in.mean + ch),
-                                              __ldg(a.in.invstd + ch));
-            }
-            const typename Traits::pair sc = Traits::make(k[0].scale, k[1].scale);
-            const typename Traits::pair sh = Traits::make(k[0].shift, k[1].shift);
-            memcpy(&scale[h], &sc, 4);
-            memcpy(&shift[h], &sh, 4);
-          }
-        }
+        if (st.first_in_tile) load_prologue_pairs<T>(a.in, st.tile / k_blocks * 64 + channel8, scale, shift);
         if (st.run_start) {
           prologue(st.p - 1);
           prologue(st.p);
