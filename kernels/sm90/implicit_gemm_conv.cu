@@ -80,8 +80,11 @@ std::vector<ForwardVariant> variants_for(const igemm::ConvForwardArgs& a) {
   return v;
 }
 
-// Untimed pick (stream capture): wide tiles where K allows them and the reduction is long.
+// Untimed pick (stream capture): the row kernel where it takes the shape, but for the BatchNorm
+// backward (1.6x to 1.8x faster than the tiles on the 56 x 56 layer in every other epilogue,
+// benchmarks/RESULTS.md); else wide tiles where K allows them and the reduction is long.
 ForwardVariant default_variant(const igemm::ConvForwardArgs& a) {
+  if (conv_rows_apply(a) && a.bwd.x == nullptr) return ForwardVariant::Rows;
   const int reduction = a.R * a.S * a.C;
   if (a.K % 256 == 0 && reduction >= 2048) return ForwardVariant::M128N256;
   if (a.K % 128 == 0) return ForwardVariant::M128N128;
