@@ -701,10 +701,10 @@ inline std::string variant_name(ForwardVariant v) {
          std::to_string(variant_bn(v));
 }
 
-// Launches kKernel with kBytes of dynamic shared memory, raising its limit first, once per device:
-// one instance, and so one set of flags, per kernel.
-template <auto kKernel, int kBytes, typename... Args>
-cudaError_t launch_with_shared_memory(unsigned grid, unsigned threads, cudaStream_t stream, const Args&... args) {
+// Raises kKernel's dynamic shared-memory limit to kBytes, once per device (one instance, and so
+// one set of flags, per kernel).
+template <auto kKernel, int kBytes>
+cudaError_t allow_shared_memory() {
   static std::atomic<bool> opted_in[64];
   int device = 0;
   if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
@@ -714,6 +714,13 @@ cudaError_t launch_with_shared_memory(unsigned grid, unsigned threads, cudaStrea
       return e;
     opted_in[device & 63].store(true, std::memory_order_release);
   }
+  return cudaSuccess;
+}
+
+// Launches kKernel with kBytes of dynamic shared memory (allow_shared_memory first).
+template <auto kKernel, int kBytes, typename... Args>
+cudaError_t launch_with_shared_memory(unsigned grid, unsigned threads, cudaStream_t stream, const Args&... args) {
+  if (const cudaError_t e = allow_shared_memory<kKernel, kBytes>(); e != cudaSuccess) return e;
   kKernel<<<grid, threads, kBytes, stream>>>(args...);
   return cudaGetLastError();
 }

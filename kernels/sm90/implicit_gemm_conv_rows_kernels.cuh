@@ -325,19 +325,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-// Launches kKernel on `ctas` CTAs, raising its shared-memory limit first, once per device.
+// Launches kKernel on `ctas` CTAs (allow_shared_memory first).
 template <auto kKernel>
 cudaError_t launch_conv_rows(const ConvForwardArgs& a, const ConvTensorMaps& maps, int ctas, cudaStream_t stream) {
-  static std::atomic<bool> opted_in[64];
-  int device = 0;
-  if (const cudaError_t e = cudaGetDevice(&device); e != cudaSuccess) return e;
-  if (!opted_in[device & 63].load(std::memory_order_acquire)) {
-    if (const cudaError_t e =
-            cudaFuncSetAttribute(kKernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ConvRowsLayout::kBytes);
-        e != cudaSuccess)
-      return e;
-    opted_in[device & 63].store(true, std::memory_order_release);
-  }
+  if (const cudaError_t e = allow_shared_memory<kKernel, ConvRowsLayout::kBytes>(); e != cudaSuccess) return e;
   return launch_overlapped(a.overlap_launch, stream, kKernel, dim3(static_cast<unsigned>(ctas)), dim3(kThreads),
                            ConvRowsLayout::kBytes, a, maps);
 }
