@@ -19,10 +19,11 @@
 //   would be ambiguous).
 // - Statistics: each thread sums its two filters' stored values over all its steps in registers,
 //   added to the global sums once at the end (and finished there, StatsFinish).
-// - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): each thread
-//   reads one 16-byte chunk (8 channels) of 8 staged output pixels, with x's values there, and
-//   sums g and g (x - mean) over its steps. x's chunks are loaded when the step's multiplies are
-//   issued, so that their latency hides behind them.
+// - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): three producer
+//   warps read each staged output with x's values there and sum g and g (x - mean), beside the
+//   consumers' next multiplies (a group's staging is handed to them and back through two
+//   barriers). Each of their threads takes one 16-byte chunk (8 channels) of every twelfth pixel;
+//   x's chunks are loaded before the staging is ready.
 // - Prologue (a chained input's BatchNorm + ReLU): two producer warps apply relu(x * scale +
 //   shift) once to each staged pixel inside the image, before the consumers read the stage.
 // Requirements (checked by implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1, C = 64,
@@ -44,12 +45,17 @@ struct ConvRowsLayout {
   // Tap (2, 2) on the last stage reads two pixels past its end (into output columns never stored).
   static constexpr int kOutOffset = kStageOffset + kStages * kStageBytes + 1024;
   static constexpr int kOutBytes = kN * kRowBytes;  // one consumer group's staged output
-  // Barriers: the filters, then per stage full, ready (after the prologue) and empty.
+  // Barriers: the filters, per stage full, ready (after the prologue) and empty, then per consumer
+  // group its staged output ready and free (the BatchNorm backward's sums).
   static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytes;
-  static constexpr int kBytes = kBarrierOffset + 8 * (1 + 3 * kStages) + 1024;  // + alignment slack
+  static constexpr int kBarriers = 1 + 3 * kStages + 4;
+  static constexpr int kBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
+  // The producer warps that sum the BatchNorm backward (warps 9 to 11).
+  static constexpr int kSumThreads = 96;
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
   // Registers after the hand-over (168 a thread at launch): the producer warpgroup (the copies and
-  // the prologue) keeps 56, the consumers take the rest.
+  // the prologue) keeps 56, the consumers take the rest. Not with the BatchNorm backward, whose
+  // summing warps need the launch's 168 (fewer spill, ptxas -v).
   static constexpr int kProducerRegs = 56;
   static constexpr int kConsumerRegs = (65536 - 128 * kProducerRegs) / 256 / 8 * 8;
 };
@@ -70,6 +76,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t w_full = smem_base + L::kBarrierOffset;
   const std::uint32_t full = w_full + 8, ready = full + 8 * kStages, empty = ready + 8 * kStages;
+  const std::uint32_t out_ready = empty + 8 * kStages, out_free = out_ready + 16;  // per consumer group
   auto parity = [](int l) { return static_cast<std::uint32_t>((l / kStages) & 1); };
 
   const int tid = threadIdx.x;
@@ -93,12 +100,20 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbar_init(ready + 8 * s, 2);  // the two prologue warps
       sm90::mbar_init(empty + 8 * s, 1);  // one thread of the group that multiplied it
     }
+    for (int g = 0; g < 2; ++g) {
+      sm90::mbar_init(out_ready + 8 * g, 1);                  // one thread of the group
+      sm90::mbar_init(out_free + 8 * g, L::kSumThreads / 32);  // each summing warp
+    }
     sm90::mbar_init_fence();
   }
   __syncthreads();
 
+  // Whether staged pixel `row` of the step at (p0, second_row) is inside the image.
+  auto pixel_inside = [&](int row, bool second_row) {
+    return row % L::kPixels < a.Q && (row < L::kPixels || second_row);
+  };
   if (tid >= 256) {
-    sm90::release_registers<L::kProducerRegs>();
+    if constexpr (!kBnBackward) sm90::release_registers<L::kProducerRegs>();
     if (tid == 256) {
       sm90::mbar_arrive_expect_tx(w_full, 9 * L::kTapBytes);
       for (int tap = 0; tap < 9; ++tap)
@@ -139,12 +154,85 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncwarp();
         if (lane == 0) sm90::mbar_arrive(ready + 8 * stage);
       }
+    } else if (kBnBackward && tid >= 256 + 128 - L::kSumThreads) {
+      // g = the stored value where v = bn(x) > 0. Thread i takes channels 8 (i % 8) on of the
+      // staged pixels i / 8 + 12 u (their 16-byte chunk is swizzled with the pixel % 8).
+      constexpr int kRowsApart = L::kSumThreads / 8, kEach = (L::kN + kRowsApart - 1) / kRowsApart;
+      const int i = tid - (256 + 128 - L::kSumThreads), chunk = i % 8, row0 = i / 8, lane = tid % 32;
+      float mean[8], scale[8], beta[8], sum[8], sq[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int c = kb * 64 + 8 * chunk + e;
+        mean[e] = __ldg(a.bwd.mean + c);
+        scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
+        beta[e] = __ldg(a.bwd.beta + c);
+        sum[e] = sq[e] = 0.0f;
+      }
+      for (int l = 0; l < my_steps; ++l) {
+        const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
+        int n, p0;
+        step_at(l, n, p0);
+        const bool second_row = p0 + 1 < a.P;
+        const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
+        uint4 xs[kEach];
+#pragma unroll
+        for (int u = 0; u < kEach; ++u) {
+          const int row = row0 + kRowsApart * u;
+          const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
+          xs[u] = row < L::kN && pixel_inside(row, second_row)
+                      ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) +
+                              chunk)
+                      : make_uint4(0u, 0u, 0u, 0u);
+        }
+        sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
+        const unsigned char* staged = smem + L::kOutOffset + g * L::kOutBytes;
+#pragma unroll
+        for (int u = 0; u < kEach; ++u) {
+          const int row = row0 + kRowsApart * u;
+          if (row >= L::kN || !pixel_inside(row, second_row)) continue;
+          const uint4 g4 = *reinterpret_cast<const uint4*>(staged + row * kRowBytes + ((chunk ^ (row % 8)) << 4));
+          const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
+          const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
+#pragma unroll
+          for (int h = 0; h < 4; ++h) {
+            typename Traits::pair xp, gp;
+            memcpy(&xp, &xw[h], 4);
+            memcpy(&gp, &gw[h], 4);
+            const float2 xv = Traits::back(xp), gv = Traits::back(gp);
+            const int e = 2 * h;
+            const float g0 = bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f ? gv.x : 0.0f;
+            const float g1 = bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f ? gv.y : 0.0f;
+            sum[e] += g0;
+            sum[e + 1] += g1;
+            sq[e] = fmaf(g0, xv.x - mean[e], sq[e]);
+            sq[e + 1] = fmaf(g1, xv.y - mean[e + 1], sq[e + 1]);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) sm90::mbar_arrive(out_free + 8 * g);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+#pragma unroll
+        for (int m = 8; m <= 16; m <<= 1) {  // the four lanes of the warp with this chunk
+          sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], m);
+          sq[e] += __shfl_xor_sync(0xffffffffu, sq[e], m);
+        }
+      if (lane < 8)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) {
+          const int c = kb * 64 + 8 * chunk + e;
+          atomicAdd(a.sum + c, sum[e]);
+          atomicAdd(a.sqsum + c, sq[e]);
+        }
+      __threadfence();
+      sm90::named_barrier_arrive(7, 256 + L::kSumThreads);  // the sums are in: the consumers may finish
     }
     return;
   }
 
   // Consumers: group cw takes the CTA's steps cw, cw + 2, ...
-  sm90::claim_registers<L::kConsumerRegs>();
+  if constexpr (!kBnBackward) sm90::claim_registers<L::kConsumerRegs>();
   const int cw = __shfl_sync(0xffffffffu, tid / 128, 0);  // known uniform across the warp
   const int t = tid % 128, warp = t / 32, lane = t % 32;
   const int k_lo = 16 * warp + lane / 4;  // this thread's filters k_lo and k_lo + 8 of the block
@@ -154,25 +242,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     bias_hi = __ldg(a.bias + kb * 64 + k_lo + 8);
   }
   [[maybe_unused]] float sum_lo = 0.0f, sum_hi = 0.0f, sq_lo = 0.0f, sq_hi = 0.0f;
-  // BnBackward: thread t reads 16-byte chunk t % 8 (channels 8 (t % 8) on) of the staged pixels
-  // t / 8 + 16 i; its sums of g and of g (x - mean) per channel.
-  constexpr int kBwdPixels = L::kN / 16;
-  const int bwd_chunk = t % 8, bwd_row0 = t / 8;
-  [[maybe_unused]] float bwd_mean[8], bwd_scale[8], bwd_beta[8], bwd_sum[8], bwd_sq[8];
-  [[maybe_unused]] uint4 x_pre[kBwdPixels];
-  if constexpr (kBnBackward)
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int c = kb * 64 + 8 * bwd_chunk + e;
-      bwd_mean[e] = __ldg(a.bwd.mean + c);
-      bwd_scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
-      bwd_beta[e] = __ldg(a.bwd.beta + c);
-      bwd_sum[e] = bwd_sq[e] = 0.0f;
-    }
-  // Whether staged pixel `row` of the step at (p0, second_row) is inside the image.
-  [[maybe_unused]] auto pixel_inside = [&](int row, bool second_row) {
-    return row % L::kPixels < a.Q && (row < L::kPixels || second_row);
-  };
   const std::uint32_t out = smem_base + L::kOutOffset + cw * L::kOutBytes;
   // stmatrix.trans addresses: lane l gives stored row l % 8 (a pixel) of matrix l / 8, which holds
   // pixels 8 (l / 16) on of the pair of column groups and filter chunk 2 warp + (l / 8) % 2;
@@ -187,21 +256,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (l > 0) sm90::named_barrier_sync(4 + cw, 256);  // the other group holds step l - 1
     sm90::mbar_wait((kPrologue ? ready : full) + 8 * stage, parity(l));
     if (l + 1 < my_steps) sm90::named_barrier_arrive(4 + (cw ^ 1), 256);
-    if constexpr (kBnBackward) {  // x's chunks of this thread's pixels, read in the epilogue
-      int n, p0;
-      step_at(l, n, p0);
-      const bool second_row = p0 + 1 < a.P;
-      const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
-#pragma unroll
-      for (int i = 0; i < kBwdPixels; ++i) {
-        const int row = bwd_row0 + 16 * i;
-        const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
-        x_pre[i] = pixel_inside(row, second_row)
-                       ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) +
-                               bwd_chunk)
-                       : make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
     const std::uint32_t x0 = smem_base + L::kStageOffset + stage * L::kStageBytes;
     sm90::fence_accumulators(acc);
     sm90::wgmma_fence();
@@ -224,7 +278,11 @@ __global__ void __launch_bounds__(kThreads, 1)
     int n, p0;
     step_at(l, n, p0);
     const bool second_row = p0 + 1 < a.P;
-    if (t == 0) sm90::bulk_wait_read();  // the group's last store has read the staging area
+    if (t == 0) {
+      sm90::bulk_wait_read();  // the group's last store has read the staging area
+      if (kBnBackward && l >= 2)  // and so have the summing warps
+        sm90::mbar_wait(out_free + 8 * cw, static_cast<std::uint32_t>((l / 2 - 1) & 1));
+    }
     group_barrier(cw);
 #pragma unroll
     for (int jp = 0; jp < L::kN / 16; ++jp) {  // column groups 2 jp and 2 jp + 1 (8 pixels each)
@@ -260,31 +318,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t == 0) {
       sm90::tma_store_4d(&maps.y, kb * 64, 0, p0, n, out);
       sm90::bulk_commit();
-    }
-    if constexpr (kBnBackward) {  // g = the stored value where v = bn(x) > 0
-#pragma unroll
-      for (int i = 0; i < kBwdPixels; ++i) {
-        const int row = bwd_row0 + 16 * i;
-        if (!pixel_inside(row, second_row)) continue;
-        const uint4 g4 = *reinterpret_cast<const uint4*>(smem + (out - smem_base) + row * kRowBytes +
-                                                          ((bwd_chunk ^ (row % 8)) << 4));
-        const std::uint32_t xs[4] = {x_pre[i].x, x_pre[i].y, x_pre[i].z, x_pre[i].w};
-        const std::uint32_t gs[4] = {g4.x, g4.y, g4.z, g4.w};
-#pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          typename Traits::pair xp, gp;
-          memcpy(&xp, &xs[h], 4);
-          memcpy(&gp, &gs[h], 4);
-          const float2 xv = Traits::back(xp), gv = Traits::back(gp);
-          const int e = 2 * h;
-          const float g0 = bn::bn_value(xv.x, bwd_mean[e], bwd_scale[e], bwd_beta[e]) > 0.0f ? gv.x : 0.0f;
-          const float g1 = bn::bn_value(xv.y, bwd_mean[e + 1], bwd_scale[e + 1], bwd_beta[e + 1]) > 0.0f ? gv.y : 0.0f;
-          bwd_sum[e] += g0;
-          bwd_sum[e + 1] += g1;
-          bwd_sq[e] = fmaf(g0, xv.x - bwd_mean[e], bwd_sq[e]);
-          bwd_sq[e + 1] = fmaf(g1, xv.y - bwd_mean[e + 1], bwd_sq[e + 1]);
-        }
-      }
+      if constexpr (kBnBackward) sm90::mbar_arrive(out_ready + 8 * cw);
     }
   }
   if (t == 0) sm90::bulk_wait();  // the staging area must outlive the stores
@@ -306,20 +340,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (a.finish.count != nullptr) finish_statistics<false>(a, tid);
   }
   if constexpr (kBnBackward) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e)
-#pragma unroll
-      for (int m = 8; m <= 16; m <<= 1) {  // the four lanes of the warp with this chunk
-        bwd_sum[e] += __shfl_xor_sync(0xffffffffu, bwd_sum[e], m);
-        bwd_sq[e] += __shfl_xor_sync(0xffffffffu, bwd_sq[e], m);
-      }
-    if (lane < 8)
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int c = kb * 64 + 8 * bwd_chunk + e;
-        atomicAdd(a.sum + c, bwd_sum[e]);
-        atomicAdd(a.sqsum + c, bwd_sq[e]);
-      }
+    sm90::named_barrier_sync(7, 256 + L::kSumThreads);  // the summing warps' sums are in
     if (a.finish.count != nullptr) finish_statistics<true>(a, tid);
   }
 #endif
