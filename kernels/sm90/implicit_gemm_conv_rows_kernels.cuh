@@ -17,15 +17,19 @@
 //   past P are not written). A group starts waiting for a step only once the other holds the step
 //   before, so that the two never wait a whole ring apart on one stage (where a phase parity
 //   would be ambiguous).
+// - Copies: the producer issues the filters' and the first stages' copies; every later stage is
+//   refilled by the consumer group that has just multiplied it, so that the whole producer
+//   warpgroup is free for the work beside the multiplies.
 // - Statistics: each thread sums its two filters' stored values over all its steps in registers,
 //   added to the global sums once at the end (and finished there, StatsFinish).
-// - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): three producer
-//   warps read each staged output with x's values there and sum g and g (x - mean), beside the
-//   consumers' next multiplies (a group's staging is handed to them and back through two
-//   barriers). Each of their threads takes one 16-byte chunk (8 channels) of every twelfth pixel;
-//   x's chunks are loaded before the staging is ready.
-// - Prologue (a chained input's BatchNorm + ReLU): two producer warps apply relu(x * scale +
-//   shift) once to each staged pixel inside the image, before the consumers read the stage.
+// - The BatchNorm backward (the dgrad of a chained layer, OutputBatchNormBackward): the producer
+//   warpgroup reads each staged output with x's values there and sums g and g (x - mean), beside
+//   the consumers' next multiplies (a group's staging is handed to it and back through two
+//   barriers). Each thread takes one 16-byte chunk (8 channels) of every sixteenth pixel; x's
+//   chunks are loaded a step ahead.
+// - Prologue (a chained input's BatchNorm + ReLU): the producer warpgroup applies relu(x * scale +
+//   shift) once to each staged pixel inside the image, before the consumers read the stage (two
+//   warps could not keep up with the multiplies).
 // Requirements (checked by implicit_gemm_conv.cu): R = S = 3, pad 1, stride 1, C = 64,
 // K % 64 == 0, W <= kMaxConvRowsWidth, 16-byte aligned tensors. Compiled for sm_90a only.
 #pragma once
@@ -45,13 +49,13 @@ struct ConvRowsLayout {
   // Tap (2, 2) on the last stage reads two pixels past its end (into output columns never stored).
   static constexpr int kOutOffset = kStageOffset + kStages * kStageBytes + 1024;
   static constexpr int kOutBytes = kN * kRowBytes;  // one consumer group's staged output
-  // Barriers: the filters, per stage full, ready (after the prologue) and empty, then per consumer
-  // group its staged output ready and free (the BatchNorm backward's sums).
+  // Barriers: the filters, per stage full and ready (after the prologue), then per consumer group
+  // its staged output ready and free (the BatchNorm backward's sums).
   static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytes;
-  static constexpr int kBarriers = 1 + 3 * kStages + 4;
+  static constexpr int kBarriers = 1 + 2 * kStages + 4;
   static constexpr int kBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
-  // The producer warps that sum the BatchNorm backward (warps 9 to 11).
-  static constexpr int kSumThreads = 96;
+  // The producer warpgroup's threads, which apply the prologue or sum the BatchNorm backward.
+  static constexpr int kWorkers = 128;
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
   // Registers after the hand-over (168 a thread at launch): the producer warpgroup (the copies and
   // the prologue) keeps 56, the consumers take the rest. Not with the BatchNorm backward, whose
@@ -75,8 +79,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   unsigned char* smem = sm90::align_1024(smem_raw);
   const std::uint32_t smem_base = sm90::smem_addr(smem);
   const std::uint32_t w_full = smem_base + L::kBarrierOffset;
-  const std::uint32_t full = w_full + 8, ready = full + 8 * kStages, empty = ready + 8 * kStages;
-  const std::uint32_t out_ready = empty + 8 * kStages, out_free = out_ready + 16;  // per consumer group
+  const std::uint32_t full = w_full + 8, ready = full + 8 * kStages;
+  const std::uint32_t out_ready = ready + 8 * kStages, out_free = out_ready + 16;  // per consumer group
   auto parity = [](int l) { return static_cast<std::uint32_t>((l / kStages) & 1); };
 
   const int tid = threadIdx.x;
@@ -93,16 +97,25 @@ __global__ void __launch_bounds__(kThreads, 1)
     n = j / steps_per_image;
     p0 = 2 * (j - n * steps_per_image);
   };
+  // Step l's input rows into stage l % kStages: the first stages' by the producer, each later one
+  // by the consumer group that has just multiplied the stage's previous step.
+  auto load_step = [&](int l) {
+    const int stage = l % kStages;
+    int n, p0;
+    step_at(l, n, p0);
+    sm90::mbar_arrive_expect_tx(full + 8 * stage, L::kStageBytes);
+    sm90::tma_load_4d(smem_base + L::kStageOffset + stage * L::kStageBytes, &maps.x, 0, -1, p0 - 1, n,
+                      full + 8 * stage);
+  };
   if (tid == 0) {
     sm90::mbar_init(w_full, 1);
     for (int s = 0; s < kStages; ++s) {
       sm90::mbar_init(full + 8 * s, 1);
-      sm90::mbar_init(ready + 8 * s, 2);  // the two prologue warps
-      sm90::mbar_init(empty + 8 * s, 1);  // one thread of the group that multiplied it
+      sm90::mbar_init(ready + 8 * s, L::kWorkers / 32);  // each prologue warp
     }
     for (int g = 0; g < 2; ++g) {
-      sm90::mbar_init(out_ready + 8 * g, 1);                  // one thread of the group
-      sm90::mbar_init(out_free + 8 * g, L::kSumThreads / 32);  // each summing warp
+      sm90::mbar_init(out_ready + 8 * g, 1);                // one thread of the group
+      sm90::mbar_init(out_free + 8 * g, L::kWorkers / 32);  // each summing warp
     }
     sm90::mbar_init_fence();
   }
@@ -118,20 +131,14 @@ __global__ void __launch_bounds__(kThreads, 1)
       sm90::mbar_arrive_expect_tx(w_full, 9 * L::kTapBytes);
       for (int tap = 0; tap < 9; ++tap)
         sm90::tma_load_2d(smem_base + tap * L::kTapBytes, &maps.w, tap * kBK, kb * 64, w_full);
-      for (int l = 0; l < my_steps; ++l) {
-        const int stage = l % kStages;
-        sm90::mbar_wait(empty + 8 * stage, parity(l) ^ 1);
-        int n, p0;
-        step_at(l, n, p0);
-        sm90::mbar_arrive_expect_tx(full + 8 * stage, L::kStageBytes);
-        sm90::tma_load_4d(smem_base + L::kStageOffset + stage * L::kStageBytes, &maps.x, 0, -1, p0 - 1, n,
-                          full + 8 * stage);
-      }
-    } else if (kPrologue && tid >= 320) {
+      for (int l = 0; l < kStages && l < my_steps; ++l) load_step(l);
+    }
+    __syncwarp();
+    if constexpr (kPrologue) {
       // relu(x * scale + shift) in place. Thread i takes 16-byte chunk i % 8 of the staged pixels
-      // i / 8 + 8 u: the swizzle puts the same 8 channels there in each of them.
-      const int i = tid - 320, chunk = i % 8, line0 = i / 8, lane = tid % 32;
-      const int channel8 = 8 * (chunk ^ line0);
+      // i / 8 + 16 u: the swizzle puts the same 8 channels there in each of them.
+      const int i = tid - 256, chunk = i % 8, line0 = i / 8, lane = tid % 32;
+      const int channel8 = 8 * (chunk ^ (line0 % 8));
       std::uint32_t scale[4], shift[4];
       load_prologue_pairs<T>(a.in, channel8, scale, shift);
       for (int l = 0; l < my_steps; ++l) {
@@ -141,8 +148,8 @@ __global__ void __launch_bounds__(kThreads, 1)
         step_at(l, n, p0);
         unsigned char* staged = smem + L::kStageOffset + stage * L::kStageBytes + chunk * 16;
 #pragma unroll 4
-        for (int u = 0; u < L::kInRows * L::kPixels / 8; ++u) {
-          const int line = line0 + 8 * u;
+        for (int u = 0; u < L::kInRows * L::kPixels / 16; ++u) {
+          const int line = line0 + 16 * u;
           const int h = p0 - 1 + line / L::kPixels, w = line % L::kPixels - 1;
           if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H) &&
               static_cast<unsigned>(w) < static_cast<unsigned>(a.W)) {
@@ -154,11 +161,11 @@ __global__ void __launch_bounds__(kThreads, 1)
         __syncwarp();
         if (lane == 0) sm90::mbar_arrive(ready + 8 * stage);
       }
-    } else if (kBnBackward && tid >= 256 + 128 - L::kSumThreads) {
+    } else if constexpr (kBnBackward) {
       // g = the stored value where v = bn(x) > 0. Thread i takes channels 8 (i % 8) on of the
-      // staged pixels i / 8 + 12 u (their 16-byte chunk is swizzled with the pixel % 8).
-      constexpr int kRowsApart = L::kSumThreads / 8, kEach = (L::kN + kRowsApart - 1) / kRowsApart;
-      const int i = tid - (256 + 128 - L::kSumThreads), chunk = i % 8, row0 = i / 8, lane = tid % 32;
+      // staged pixels i / 8 + 16 u (their 16-byte chunk is swizzled with the pixel % 8).
+      constexpr int kRowsApart = L::kWorkers / 8, kEach = L::kN / kRowsApart;
+      const int i = tid - 256, chunk = i % 8, row0 = i / 8, lane = tid % 32;
       float mean[8], scale[8], beta[8], sum[8], sq[8];
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
@@ -168,28 +175,39 @@ __global__ void __launch_bounds__(kThreads, 1)
         beta[e] = __ldg(a.bwd.beta + c);
         sum[e] = sq[e] = 0.0f;
       }
-      for (int l = 0; l < my_steps; ++l) {
-        const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
+      // x's chunks of step l's pixels (zeros outside the image).
+      auto load_x = [&](int l, uint4(&xs)[kEach]) {
         int n, p0;
         step_at(l, n, p0);
         const bool second_row = p0 + 1 < a.P;
         const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
-        uint4 xs[kEach];
 #pragma unroll
         for (int u = 0; u < kEach; ++u) {
           const int row = row0 + kRowsApart * u;
           const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
-          xs[u] = row < L::kN && pixel_inside(row, second_row)
+          xs[u] = pixel_inside(row, second_row)
                       ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) +
                               chunk)
                       : make_uint4(0u, 0u, 0u, 0u);
         }
+      };
+      // The next step's chunks are loaded before this step's sums, a whole step ahead of their use.
+      uint4 xs[kEach], xs_next[kEach];
+      if (my_steps > 0) load_x(0, xs_next);
+      for (int l = 0; l < my_steps; ++l) {
+        const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
+#pragma unroll
+        for (int u = 0; u < kEach; ++u) xs[u] = xs_next[u];
+        if (l + 1 < my_steps) load_x(l + 1, xs_next);
+        int n, p0;
+        step_at(l, n, p0);
+        const bool second_row = p0 + 1 < a.P;
         sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
         const unsigned char* staged = smem + L::kOutOffset + g * L::kOutBytes;
 #pragma unroll
         for (int u = 0; u < kEach; ++u) {
           const int row = row0 + kRowsApart * u;
-          if (row >= L::kN || !pixel_inside(row, second_row)) continue;
+          if (!pixel_inside(row, second_row)) continue;
           const uint4 g4 = *reinterpret_cast<const uint4*>(staged + row * kRowBytes + ((chunk ^ (row % 8)) << 4));
           const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
           const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
@@ -226,7 +244,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           atomicAdd(a.sqsum + c, sq[e]);
         }
       __threadfence();
-      sm90::named_barrier_arrive(7, 256 + L::kSumThreads);  // the sums are in: the consumers may finish
+      sm90::named_barrier_arrive(7, 256 + L::kWorkers);  // the sums are in: the consumers may finish
     }
     return;
   }
@@ -273,7 +291,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     sm90::wgmma_commit();
     sm90::wgmma_wait<0>();
     sm90::fence_accumulators(acc);
-    if (t == 0) sm90::mbar_arrive(empty + 8 * stage);
+    if (t == 0 && l + kStages < my_steps) load_step(l + kStages);  // the stage's reads are done
 
     int n, p0;
     step_at(l, n, p0);
@@ -340,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (a.finish.count != nullptr) finish_statistics<false>(a, tid);
   }
   if constexpr (kBnBackward) {
-    sm90::named_barrier_sync(7, 256 + L::kSumThreads);  // the summing warps' sums are in
+    sm90::named_barrier_sync(7, 256 + L::kWorkers);  // the summing warps' sums are in
     if (a.finish.count != nullptr) finish_statistics<true>(a, tid);
   }
 #endif
