@@ -60,11 +60,16 @@ igemm::ConvForwardArgs args_of(const Tensor& x, const Tensor& w, Tensor& y, cons
   return a;
 }
 
-// The row kernel's shapes: 3x3 filters with padding 1 (the output keeps the image size), 64 input
-// channels, images up to kMaxConvRowsWidth wide.
+// 3x3 filters with padding 1 and the output the image's size (stride 1): the shapes of both row
+// kernels (forward and wgrad arguments alike).
+template <class Args>
+bool same_size_3x3(const Args& a) {
+  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W;
+}
+
+// The row kernel's shapes: 3x3 same-size, 64 input channels, images up to kMaxConvRowsWidth wide.
 bool conv_rows_apply(const igemm::ConvForwardArgs& a) {
-  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W && a.C == 64 &&
-         a.K % 64 == 0 && a.W <= igemm::kMaxConvRowsWidth;
+  return same_size_3x3(a) && a.C == 64 && a.K % 64 == 0 && a.W <= igemm::kMaxConvRowsWidth;
 }
 
 // The tiles whose width divides K (with the prologue where it is wanted), then the row kernel
@@ -295,8 +300,7 @@ void launch_wgrad(CudaState& st, WgradVariant v, igemm::WgradArgs a, void* dw, D
 // The row kernel's shapes: 3x3 filters with padding 1 (stride 1: the output keeps the image size)
 // and rows of at most 64 pixels, or for several rows a step fewer than 32.
 bool wgrad_rows_apply(const igemm::WgradArgs& a, WgradVariant v) {
-  return a.R == 3 && a.S == 3 && a.pad_h == 1 && a.pad_w == 1 && a.P == a.H && a.Q == a.W &&
-         igemm::wgrad_rows_take(a.Q, v == WgradVariant::RowBlocks);
+  return same_size_3x3(a) && igemm::wgrad_rows_take(a.Q, v == WgradVariant::RowBlocks);
 }
 
 // The fastest wgrad variant for (device, shape, dtype, prologue), timed on first use; during a

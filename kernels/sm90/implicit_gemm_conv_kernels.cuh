@@ -679,20 +679,19 @@ auto with_config(ForwardVariant v, F&& f) {
 }
 
 // Rows and columns of one tile of variant v, its schedule, and whether it is built with the
-// prologue (the row kernel: 64 filters x two rows of 64 pixels, with a prologue).
+// prologue: tile variants only (the row kernel is not one; conv_forward and make_tensor_maps refuse
+// it before asking).
 inline int variant_bm(ForwardVariant v) {
-  if (v == ForwardVariant::Rows) return 128;
   return with_config(v, [](auto c) { return decltype(c)::BM; });
 }
 inline int variant_bn(ForwardVariant v) {
-  if (v == ForwardVariant::Rows) return 64;
   return with_config(v, [](auto c) { return decltype(c)::BN; });
 }
 inline bool variant_ping_pong(ForwardVariant v) {
-  return v != ForwardVariant::Rows && with_config(v, [](auto c) { return decltype(c)::kPingPong; });
+  return with_config(v, [](auto c) { return decltype(c)::kPingPong; });
 }
 inline bool variant_has_prologue(ForwardVariant v) {
-  return v == ForwardVariant::Rows || with_config(v, [](auto c) { return decltype(c)::kPrologueFits; });
+  return with_config(v, [](auto c) { return decltype(c)::kPrologueFits; });
 }
 // "128x64" for a cooperative tile, "ping-pong 128x64" for a ping-pong one (one group's tile).
 inline std::string variant_name(ForwardVariant v) {
