@@ -66,6 +66,158 @@ struct ConvRowsLayout {
 // The widest image: a staged row holds pixels -1 to 62, and output pixel q reads up to q + 1.
 constexpr int kMaxConvRowsWidth = ConvRowsLayout::kPixels - 2;
 
+// The steps of one CTA: CTA b takes filter block b % k_blocks and the steps b / k_blocks +
+// l * per_block (the grid is a multiple of k_blocks); a step is output rows p0, p0 + 1 of image n.
+struct ConvRowsSteps {
+  int kb, first, per_block, per_image, count;
+
+  __device__ explicit ConvRowsSteps(const ConvForwardArgs& a) {
+    const int k_blocks = a.K / 64;
+    per_block = static_cast<int>(gridDim.x) / k_blocks;
+    kb = static_cast<int>(blockIdx.x) % k_blocks;
+    first = static_cast<int>(blockIdx.x) / k_blocks;
+    per_image = (a.P + 1) / 2;
+    const int total = a.N * per_image;
+    count = first < total ? (total - first + per_block - 1) / per_block : 0;
+  }
+  __device__ void at(int l, int& n, int& p0) const {
+    const int j = first + l * per_block;
+    n = j / per_image;
+    p0 = 2 * (j - n * per_image);
+  }
+};
+
+// Whether staged output pixel `row` of a step is inside the image (second_row: the step's second
+// output row is).
+__device__ __forceinline__ bool staged_pixel_inside(int row, bool second_row, int Q) {
+  return row % ConvRowsLayout::kPixels < Q && (row < ConvRowsLayout::kPixels || second_row);
+}
+
+// A chained input's prologue, by the producer warpgroup's thread i: relu(x * scale + shift) in
+// place on each staged input pixel inside the image, once stage `full` has landed; then `ready`.
+// Thread i takes 16-byte chunk i % 8 of the staged pixels i / 8 + 16 u: the swizzle puts the same 8
+// channels there in each of them.
+template <typename T>
+__device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsSteps steps,
+                                                    unsigned char* smem, std::uint32_t full, std::uint32_t ready,
+                                                    int i) {
+  using L = ConvRowsLayout;
+  const int chunk = i % 8, line0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32;
+  const int channel8 = 8 * (chunk ^ (line0 % 8));
+  std::uint32_t scale[4], shift[4];
+  load_prologue_pairs<T>(a.in, channel8, scale, shift);
+  for (int l = 0; l < steps.count; ++l) {
+    const int stage = l % L::kStages;
+    sm90::mbar_wait(full + 8 * stage, static_cast<std::uint32_t>((l / L::kStages) & 1));
+    int n, p0;
+    steps.at(l, n, p0);
+    unsigned char* staged = smem + L::kStageOffset + stage * L::kStageBytes + chunk * 16;
+#pragma unroll 4
+    for (int u = 0; u < L::kInRows * L::kPixels / 16; ++u) {
+      const int line = line0 + 16 * u;
+      const int h = p0 - 1 + line / L::kPixels, w = line % L::kPixels - 1;
+      if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H) && static_cast<unsigned>(w) < static_cast<unsigned>(a.W)) {
+        uint4* at = reinterpret_cast<uint4*>(staged + line * kRowBytes);
+        *at = bn_relu_vector<T>(*at, scale, shift);
+      }
+    }
+    sm90::fence_proxy_async();  // the writes, before wgmma reads the stage
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(ready + 8 * stage);
+  }
+}
+
+// BatchNorm's backward sums (the dgrad of a chained layer), by the producer warpgroup's thread i:
+// for each step, once a consumer group's staged output is ready (out_ready), the sums of g and
+// g (x - mean) per channel, where g = the stored value where v = bn(x) > 0; then out_free. Thread i
+// takes channels 8 (i % 8) on of the staged pixels i / 8 + 16 u (their 16-byte chunk is swizzled
+// with the pixel % 8). The sums go to a.sum and a.sqsum at the end.
+template <typename T>
+__device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRowsSteps steps,
+                                                     const unsigned char* smem, std::uint32_t out_ready,
+                                                     std::uint32_t out_free, int i) {
+  using L = ConvRowsLayout;
+  using Traits = MmaType<T>;
+  constexpr int kRowsApart = L::kWorkers / 8, kEach = L::kN / kRowsApart;
+  const int chunk = i % 8, row0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32, kb = steps.kb;
+  float mean[8], scale[8], beta[8], sum[8], sq[8];
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int c = kb * 64 + 8 * chunk + e;
+    mean[e] = __ldg(a.bwd.mean + c);
+    scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
+    beta[e] = __ldg(a.bwd.beta + c);
+    sum[e] = sq[e] = 0.0f;
+  }
+  // x's chunks of step l's pixels (zeros outside the image).
+  auto load_x = [&](int l, uint4(&xs)[kEach]) {
+    int n, p0;
+    steps.at(l, n, p0);
+    const bool second_row = p0 + 1 < a.P;
+    const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
+#pragma unroll
+    for (int u = 0; u < kEach; ++u) {
+      const int row = row0 + kRowsApart * u;
+      const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
+      xs[u] = staged_pixel_inside(row, second_row, a.Q)
+                  ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) + chunk)
+                  : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
+  // The next step's chunks are loaded before this step's sums, a whole step ahead of their use.
+  uint4 xs[kEach], xs_next[kEach];
+  if (steps.count > 0) load_x(0, xs_next);
+  for (int l = 0; l < steps.count; ++l) {
+    const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
+#pragma unroll
+    for (int u = 0; u < kEach; ++u) xs[u] = xs_next[u];
+    if (l + 1 < steps.count) load_x(l + 1, xs_next);
+    int n, p0;
+    steps.at(l, n, p0);
+    const bool second_row = p0 + 1 < a.P;
+    sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
+    const unsigned char* staged = smem + L::kOutOffset + g * L::kOutBytes;
+#pragma unroll
+    for (int u = 0; u < kEach; ++u) {
+      const int row = row0 + kRowsApart * u;
+      if (!staged_pixel_inside(row, second_row, a.Q)) continue;
+      const uint4 g4 = *reinterpret_cast<const uint4*>(staged + row * kRowBytes + ((chunk ^ (row % 8)) << 4));
+      const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
+      const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
+#pragma unroll
+      for (int h = 0; h < 4; ++h) {
+        typename Traits::pair xp, gp;
+        memcpy(&xp, &xw[h], 4);
+        memcpy(&gp, &gw[h], 4);
+        const float2 xv = Traits::back(xp), gv = Traits::back(gp);
+        const int e = 2 * h;
+        const float g0 = bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f ? gv.x : 0.0f;
+        const float g1 = bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f ? gv.y : 0.0f;
+        sum[e] += g0;
+        sum[e + 1] += g1;
+        sq[e] = fmaf(g0, xv.x - mean[e], sq[e]);
+        sq[e + 1] = fmaf(g1, xv.y - mean[e + 1], sq[e + 1]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) sm90::mbar_arrive(out_free + 8 * g);
+  }
+#pragma unroll
+  for (int e = 0; e < 8; ++e)
+#pragma unroll
+    for (int m = 8; m <= 16; m <<= 1) {  // the four lanes of the warp with this chunk
+      sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], m);
+      sq[e] += __shfl_xor_sync(0xffffffffu, sq[e], m);
+    }
+  if (lane < 8)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int c = kb * 64 + 8 * chunk + e;
+      atomicAdd(a.sum + c, sum[e]);
+      atomicAdd(a.sqsum + c, sq[e]);
+    }
+}
+
 template <typename T, Epilogue kEpi, bool kPrologue>
 __global__ void __launch_bounds__(kThreads, 1)
     conv_rows_kernel(ConvForwardArgs a, const __grid_constant__ ConvTensorMaps maps) {
@@ -84,25 +236,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   auto parity = [](int l) { return static_cast<std::uint32_t>((l / kStages) & 1); };
 
   const int tid = threadIdx.x;
-  // CTA b takes filter block b % k_blocks and the steps b / k_blocks + i * per_block (the grid is a
-  // multiple of k_blocks); a step is output rows p0, p0 + 1 of image n.
-  const int k_blocks = a.K / 64;
-  const int per_block = static_cast<int>(gridDim.x) / k_blocks;
-  const int kb = static_cast<int>(blockIdx.x) % k_blocks, first = static_cast<int>(blockIdx.x) / k_blocks;
-  const int steps_per_image = (a.P + 1) / 2;
-  const int total = a.N * steps_per_image;
-  const int my_steps = first < total ? (total - first + per_block - 1) / per_block : 0;
-  auto step_at = [&](int l, int& n, int& p0) {
-    const int j = first + l * per_block;
-    n = j / steps_per_image;
-    p0 = 2 * (j - n * steps_per_image);
-  };
+  const ConvRowsSteps steps(a);
+  const int kb = steps.kb, my_steps = steps.count;
   // Step l's input rows into stage l % kStages: the first stages' by the producer, each later one
   // by the consumer group that has just multiplied the stage's previous step.
   auto load_step = [&](int l) {
     const int stage = l % kStages;
     int n, p0;
-    step_at(l, n, p0);
+    steps.at(l, n, p0);
     sm90::mbar_arrive_expect_tx(full + 8 * stage, L::kStageBytes);
     sm90::tma_load_4d(smem_base + L::kStageOffset + stage * L::kStageBytes, &maps.x, 0, -1, p0 - 1, n,
                       full + 8 * stage);
@@ -121,10 +262,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
-  // Whether staged pixel `row` of the step at (p0, second_row) is inside the image.
-  auto pixel_inside = [&](int row, bool second_row) {
-    return row % L::kPixels < a.Q && (row < L::kPixels || second_row);
-  };
   if (tid >= 256) {
     if constexpr (!kBnBackward) sm90::release_registers<L::kProducerRegs>();
     if (tid == 256) {
@@ -135,114 +272,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     __syncwarp();
     if constexpr (kPrologue) {
-      // relu(x * scale + shift) in place. Thread i takes 16-byte chunk i % 8 of the staged pixels
-      // i / 8 + 16 u: the swizzle puts the same 8 channels there in each of them.
-      const int i = tid - 256, chunk = i % 8, line0 = i / 8, lane = tid % 32;
-      const int channel8 = 8 * (chunk ^ (line0 % 8));
-      std::uint32_t scale[4], shift[4];
-      load_prologue_pairs<T>(a.in, channel8, scale, shift);
-      for (int l = 0; l < my_steps; ++l) {
-        const int stage = l % kStages;
-        sm90::mbar_wait(full + 8 * stage, parity(l));
-        int n, p0;
-        step_at(l, n, p0);
-        unsigned char* staged = smem + L::kStageOffset + stage * L::kStageBytes + chunk * 16;
-#pragma unroll 4
-        for (int u = 0; u < L::kInRows * L::kPixels / 16; ++u) {
-          const int line = line0 + 16 * u;
-          const int h = p0 - 1 + line / L::kPixels, w = line % L::kPixels - 1;
-          if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H) &&
-              static_cast<unsigned>(w) < static_cast<unsigned>(a.W)) {
-            uint4* at = reinterpret_cast<uint4*>(staged + line * kRowBytes);
-            *at = bn_relu_vector<T>(*at, scale, shift);
-          }
-        }
-        sm90::fence_proxy_async();  // the writes, before wgmma reads the stage
-        __syncwarp();
-        if (lane == 0) sm90::mbar_arrive(ready + 8 * stage);
-      }
+      apply_rows_prologue<T>(a, steps, smem, full, ready, tid - 256);
     } else if constexpr (kBnBackward) {
-      // g = the stored value where v = bn(x) > 0. Thread i takes channels 8 (i % 8) on of the
-      // staged pixels i / 8 + 16 u (their 16-byte chunk is swizzled with the pixel % 8).
-      constexpr int kRowsApart = L::kWorkers / 8, kEach = L::kN / kRowsApart;
-      const int i = tid - 256, chunk = i % 8, row0 = i / 8, lane = tid % 32;
-      float mean[8], scale[8], beta[8], sum[8], sq[8];
-#pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int c = kb * 64 + 8 * chunk + e;
-        mean[e] = __ldg(a.bwd.mean + c);
-        scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
-        beta[e] = __ldg(a.bwd.beta + c);
-        sum[e] = sq[e] = 0.0f;
-      }
-      // x's chunks of step l's pixels (zeros outside the image).
-      auto load_x = [&](int l, uint4(&xs)[kEach]) {
-        int n, p0;
-        step_at(l, n, p0);
-        const bool second_row = p0 + 1 < a.P;
-        const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
-#pragma unroll
-        for (int u = 0; u < kEach; ++u) {
-          const int row = row0 + kRowsApart * u;
-          const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
-          xs[u] = pixel_inside(row, second_row)
-                      ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) +
-                              chunk)
-                      : make_uint4(0u, 0u, 0u, 0u);
-        }
-      };
-      // The next step's chunks are loaded before this step's sums, a whole step ahead of their use.
-      uint4 xs[kEach], xs_next[kEach];
-      if (my_steps > 0) load_x(0, xs_next);
-      for (int l = 0; l < my_steps; ++l) {
-        const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
-#pragma unroll
-        for (int u = 0; u < kEach; ++u) xs[u] = xs_next[u];
-        if (l + 1 < my_steps) load_x(l + 1, xs_next);
-        int n, p0;
-        step_at(l, n, p0);
-        const bool second_row = p0 + 1 < a.P;
-        sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
-        const unsigned char* staged = smem + L::kOutOffset + g * L::kOutBytes;
-#pragma unroll
-        for (int u = 0; u < kEach; ++u) {
-          const int row = row0 + kRowsApart * u;
-          if (!pixel_inside(row, second_row)) continue;
-          const uint4 g4 = *reinterpret_cast<const uint4*>(staged + row * kRowBytes + ((chunk ^ (row % 8)) << 4));
-          const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
-          const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
-#pragma unroll
-          for (int h = 0; h < 4; ++h) {
-            typename Traits::pair xp, gp;
-            memcpy(&xp, &xw[h], 4);
-            memcpy(&gp, &gw[h], 4);
-            const float2 xv = Traits::back(xp), gv = Traits::back(gp);
-            const int e = 2 * h;
-            const float g0 = bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f ? gv.x : 0.0f;
-            const float g1 = bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f ? gv.y : 0.0f;
-            sum[e] += g0;
-            sum[e + 1] += g1;
-            sq[e] = fmaf(g0, xv.x - mean[e], sq[e]);
-            sq[e + 1] = fmaf(g1, xv.y - mean[e + 1], sq[e + 1]);
-          }
-        }
-        __syncwarp();
-        if (lane == 0) sm90::mbar_arrive(out_free + 8 * g);
-      }
-#pragma unroll
-      for (int e = 0; e < 8; ++e)
-#pragma unroll
-        for (int m = 8; m <= 16; m <<= 1) {  // the four lanes of the warp with this chunk
-          sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], m);
-          sq[e] += __shfl_xor_sync(0xffffffffu, sq[e], m);
-        }
-      if (lane < 8)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) {
-          const int c = kb * 64 + 8 * chunk + e;
-          atomicAdd(a.sum + c, sum[e]);
-          atomicAdd(a.sqsum + c, sq[e]);
-        }
+      sum_rows_bn_backward<T>(a, steps, smem, out_ready, out_free, tid - 256);
       __threadfence();
       sm90::named_barrier_arrive(7, 256 + L::kWorkers);  // the sums are in: the consumers may finish
     }
@@ -294,7 +326,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (t == 0 && l + kStages < my_steps) load_step(l + kStages);  // the stage's reads are done
 
     int n, p0;
-    step_at(l, n, p0);
+    steps.at(l, n, p0);
     const bool second_row = p0 + 1 < a.P;
     if (t == 0) {
       sm90::bulk_wait_read();  // the group's last store has read the staging area
