@@ -130,16 +130,20 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
 // BatchNorm's backward sums (the dgrad of a chained layer), by the producer warpgroup's thread i:
 // for each step, once a consumer group's staged output is ready (out_ready), the sums of g and
 // g (x - mean) per channel, where g = the stored value where v = bn(x) > 0; then out_free. Thread i
-// takes channels 8 (i % 8) on of the staged pixels i / 8 + 16 u (their 16-byte chunk is swizzled
-// with the pixel % 8). The sums go to a.sum and a.sqsum at the end.
+// takes channels 8 (i % 8) on of the staged pixels i / 8 + 16 u, u < 8: pixel q = i / 8 + 16 (u % 4)
+// of output row u / 4 (the chunk is swizzled with the pixel % 8, the same for all of them). The sums
+// go to a.sum and a.sqsum at the end. These warps bound the kernel, so the loop is lean: which
+// pixels lie inside the image is known per thread, x's addresses are a base and two strides, and
+// pixels outside read zeros from both x and the staging (no branches).
 template <typename T>
 __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRowsSteps steps,
                                                      const unsigned char* smem, std::uint32_t out_ready,
                                                      std::uint32_t out_free, int i) {
   using L = ConvRowsLayout;
   using Traits = MmaType<T>;
-  constexpr int kRowsApart = L::kWorkers / 8, kEach = L::kN / kRowsApart;
-  const int chunk = i % 8, row0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32, kb = steps.kb;
+  constexpr int kRowsApart = L::kWorkers / 8, kEach = L::kN / kRowsApart, kPerRow = kEach / 2;
+  static_assert(kPerRow * kRowsApart == L::kPixels, "a thread's pixels: kPerRow of each output row");
+  const int chunk = i % 8, q0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32, kb = steps.kb;
   float mean[8], scale[8], beta[8], sum[8], sq[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
@@ -149,39 +153,45 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     beta[e] = __ldg(a.bwd.beta + c);
     sum[e] = sq[e] = 0.0f;
   }
-  // x's chunks of step l's pixels (zeros outside the image).
-  auto load_x = [&](int l, uint4(&xs)[kEach]) {
+  // Bit u: pixel u lies inside a row of the image (a step's second row also needs p0 + 1 < P).
+  unsigned inside_row = 0;
+#pragma unroll
+  for (int u = 0; u < kPerRow; ++u)
+    if (q0 + kRowsApart * u < a.Q) inside_row |= 1u << u;
+  const std::size_t pixel_stride = static_cast<std::size_t>(kRowsApart) * a.K;  // elements
+  const std::size_t row_stride = static_cast<std::size_t>(a.Q) * a.K;
+  const T* x_thread = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(q0) * a.K + kb * 64 + 8 * chunk;
+  // Step l's pixels inside the image, as bits u.
+  auto inside_of = [&](int p0) { return p0 + 1 < a.P ? inside_row | (inside_row << kPerRow) : inside_row; };
+  // x's chunks of step l (zeros outside the image).
+  auto load_x = [&](int l, uint4(&xs)[kEach]) -> unsigned {
     int n, p0;
     steps.at(l, n, p0);
-    const bool second_row = p0 + 1 < a.P;
-    const std::size_t first_pixel = (static_cast<std::size_t>(n) * a.P + p0) * a.Q;
+    const unsigned inside = inside_of(p0);
+    const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * row_stride;
 #pragma unroll
     for (int u = 0; u < kEach; ++u) {
-      const int row = row0 + kRowsApart * u;
-      const std::size_t pixel = first_pixel + (row / L::kPixels) * a.Q + row % L::kPixels;
-      xs[u] = staged_pixel_inside(row, second_row, a.Q)
-                  ? __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(a.bwd.x) + pixel * a.K + kb * 64) + chunk)
-                  : make_uint4(0u, 0u, 0u, 0u);
+      const T* at = first + (u / kPerRow) * row_stride + (u % kPerRow) * pixel_stride;
+      xs[u] = (inside >> u) & 1u ? __ldg(reinterpret_cast<const uint4*>(at)) : make_uint4(0u, 0u, 0u, 0u);
     }
+    return inside;
   };
+  const std::uint32_t staged_base = sm90::smem_addr(smem) + L::kOutOffset + q0 * kRowBytes + ((chunk ^ (q0 % 8)) << 4);
   // The next step's chunks are loaded before this step's sums, a whole step ahead of their use.
   uint4 xs[kEach], xs_next[kEach];
-  if (steps.count > 0) load_x(0, xs_next);
+  unsigned inside_next = steps.count > 0 ? load_x(0, xs_next) : 0u;
   for (int l = 0; l < steps.count; ++l) {
     const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
+    const unsigned inside = inside_next;
 #pragma unroll
     for (int u = 0; u < kEach; ++u) xs[u] = xs_next[u];
-    if (l + 1 < steps.count) load_x(l + 1, xs_next);
-    int n, p0;
-    steps.at(l, n, p0);
-    const bool second_row = p0 + 1 < a.P;
+    if (l + 1 < steps.count) inside_next = load_x(l + 1, xs_next);
     sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
-    const unsigned char* staged = smem + L::kOutOffset + g * L::kOutBytes;
+    const std::uint32_t staged = staged_base + g * L::kOutBytes;
 #pragma unroll
     for (int u = 0; u < kEach; ++u) {
-      const int row = row0 + kRowsApart * u;
-      if (!staged_pixel_inside(row, second_row, a.Q)) continue;
-      const uint4 g4 = *reinterpret_cast<const uint4*>(staged + row * kRowBytes + ((chunk ^ (row % 8)) << 4));
+      const uint4 g4 = (inside >> u) & 1u ? sm90::ld_shared_v4(staged + u * kRowsApart * kRowBytes)
+                                          : make_uint4(0u, 0u, 0u, 0u);
       const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
       const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
 #pragma unroll
