@@ -134,7 +134,7 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
 // of output row u / 4 (the chunk is swizzled with the pixel % 8, the same for all of them). The sums
 // go to a.sum and a.sqsum at the end. These warps bound the kernel, so the loop is lean: which
 // pixels lie inside the image is known per thread, x's addresses are a base and two strides, and
-// pixels outside read zeros from both x and the staging (no branches).
+// pixels outside take zeros for both x and g, so that they add nothing.
 template <typename T>
 __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRowsSteps steps,
                                                      const unsigned char* smem, std::uint32_t out_ready,
