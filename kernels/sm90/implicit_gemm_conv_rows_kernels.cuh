@@ -87,12 +87,6 @@ struct ConvRowsSteps {
   }
 };
 
-// Whether staged output pixel `row` of a step is inside the image (second_row: the step's second
-// output row is).
-__device__ __forceinline__ bool staged_pixel_inside(int row, bool second_row, int Q) {
-  return row % ConvRowsLayout::kPixels < Q && (row < ConvRowsLayout::kPixels || second_row);
-}
-
 // A chained input's prologue, by the producer warpgroup's thread i: relu(x * scale + shift) in
 // place on each staged input pixel inside the image, once stage `full` has landed; then `ready`.
 // Thread i takes 16-byte chunk i % 8 of the staged pixels i / 8 + 16 u: the swizzle puts the same 8
@@ -161,13 +155,11 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   const std::size_t pixel_stride = static_cast<std::size_t>(kRowsApart) * a.K;  // elements
   const std::size_t row_stride = static_cast<std::size_t>(a.Q) * a.K;
   const T* x_thread = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(q0) * a.K + kb * 64 + 8 * chunk;
-  // Step l's pixels inside the image, as bits u.
-  auto inside_of = [&](int p0) { return p0 + 1 < a.P ? inside_row | (inside_row << kPerRow) : inside_row; };
-  // x's chunks of step l (zeros outside the image).
+  // x's chunks of step l (zeros outside the image); returns the step's pixels inside it, as bits u.
   auto load_x = [&](int l, uint4(&xs)[kEach]) -> unsigned {
     int n, p0;
     steps.at(l, n, p0);
-    const unsigned inside = inside_of(p0);
+    const unsigned inside = p0 + 1 < a.P ? inside_row | (inside_row << kPerRow) : inside_row;
     const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * row_stride;
 #pragma unroll
     for (int u = 0; u < kEach; ++u) {
