@@ -53,9 +53,11 @@ struct ConvRowsLayout {
   // its staged output ready and free (the BatchNorm backward's sums).
   static constexpr int kBarrierOffset = kOutOffset + 2 * kOutBytes;
   static constexpr int kBarriers = 1 + 2 * kStages + 4;
-  static constexpr int kBytes = kBarrierOffset + 8 * kBarriers + 1024;  // + alignment slack
   // The producer warpgroup's threads, which apply the prologue or sum the BatchNorm backward.
   static constexpr int kWorkers = 128;
+  // The BatchNorm backward's sums per producer warp, added up at the end: 128 floats each.
+  static constexpr int kPartialOffset = kBarrierOffset + 8 * kBarriers;
+  static constexpr int kBytes = kPartialOffset + kWorkers / 32 * 128 * 4 + 1024;  // + alignment slack
   static_assert(kBytes <= 227 * 1024, "more shared memory than a CTA can have");
   // Registers after the hand-over (168 a thread at launch): the producer warpgroup (the copies and
   // the prologue) keeps 56, the consumers take the rest. Not with the BatchNorm backward, whose
@@ -123,21 +125,21 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
 
 // BatchNorm's backward sums (the dgrad of a chained layer), by the producer warpgroup's thread i:
 // for each step, once a consumer group's staged output is ready (out_ready), the sums of g and
-// g (x - mean) per channel, where g = the stored value where v = bn(x) > 0; then out_free. Thread i
-// takes channels 8 (i % 8) on of the staged pixels i / 8 + 16 u, u < 8: pixel q = i / 8 + 16 (u % 4)
-// of output row u / 4 (the chunk is swizzled with the pixel % 8, the same for all of them). The sums
-// go to a.sum and a.sqsum at the end. These warps bound the kernel, so the loop is lean: which
-// pixels lie inside the image is known per thread, x's addresses are a base and two strides, and
-// pixels outside take zeros for both x and g, so that they add nothing.
+// g (x - mean) per channel, where g = the stored value where v = bn(x) > 0; then out_free. These
+// warps bound the kernel, so the step's pixels are shared out evenly and the loop is lean: thread i
+// takes channels 8 (i % 8) on of the step's pixels v = i / 8 + 16 u in order (output row v / Q,
+// pixel v % Q), those inside the image only; x's address is a base and a stride; where each lies in
+// the staging (its chunk swizzled with the staged pixel % 8) is worked out once. At the end the four
+// warps' sums meet in shared memory (`partial`), and each thread adds one of the block's 128 sums
+// to a.sum or a.sqsum.
 template <typename T>
 __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRowsSteps steps,
                                                      const unsigned char* smem, std::uint32_t out_ready,
                                                      std::uint32_t out_free, int i) {
   using L = ConvRowsLayout;
   using Traits = MmaType<T>;
-  constexpr int kRowsApart = L::kWorkers / 8, kEach = L::kN / kRowsApart, kPerRow = kEach / 2;
-  static_assert(kPerRow * kRowsApart == L::kPixels, "a thread's pixels: kPerRow of each output row");
-  const int chunk = i % 8, q0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32, kb = steps.kb;
+  constexpr int kPixelsApart = L::kWorkers / 8, kEach = L::kN / kPixelsApart;
+  const int chunk = i % 8, v0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32, kb = steps.kb;
   float mean[8], scale[8], beta[8], sum[8], sq[8];
 #pragma unroll
   for (int e = 0; e < 8; ++e) {
@@ -147,28 +149,31 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     beta[e] = __ldg(a.bwd.beta + c);
     sum[e] = sq[e] = 0.0f;
   }
-  // Bit u: pixel u lies inside a row of the image (a step's second row also needs p0 + 1 < P).
-  unsigned inside_row = 0;
+  // Bit u: pixel u lies in the step's first output row (in_first) or in one of its two (in_both).
+  unsigned in_first = 0, in_both = 0;
+  std::uint32_t staged_at[kEach];  // pixel u's chunk in a group's staging
 #pragma unroll
-  for (int u = 0; u < kPerRow; ++u)
-    if (q0 + kRowsApart * u < a.Q) inside_row |= 1u << u;
-  const std::size_t pixel_stride = static_cast<std::size_t>(kRowsApart) * a.K;  // elements
-  const std::size_t row_stride = static_cast<std::size_t>(a.Q) * a.K;
-  const T* x_thread = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(q0) * a.K + kb * 64 + 8 * chunk;
-  // x's chunks of step l (zeros outside the image); returns the step's pixels inside it, as bits u.
+  for (int u = 0; u < kEach; ++u) {
+    const int v = v0 + kPixelsApart * u, row = v < a.Q ? 0 : 1;
+    if (v < a.Q) in_first |= 1u << u;
+    if (v < 2 * a.Q) in_both |= 1u << u;
+    const int staged_pixel = row * L::kPixels + v - row * a.Q;
+    staged_at[u] = static_cast<std::uint32_t>(staged_pixel * kRowBytes + ((chunk ^ (staged_pixel % 8)) << 4));
+  }
+  const std::size_t pixel_stride = static_cast<std::size_t>(kPixelsApart) * a.K;  // elements
+  const T* x_thread = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(v0) * a.K + kb * 64 + 8 * chunk;
+  // x's chunks of step l's pixels inside the image; returns which those are.
   auto load_x = [&](int l, uint4(&xs)[kEach]) -> unsigned {
     int n, p0;
     steps.at(l, n, p0);
-    const unsigned inside = p0 + 1 < a.P ? inside_row | (inside_row << kPerRow) : inside_row;
-    const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * row_stride;
+    const unsigned inside = p0 + 1 < a.P ? in_both : in_first;
+    const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * a.Q * a.K;
 #pragma unroll
-    for (int u = 0; u < kEach; ++u) {
-      const T* at = first + (u / kPerRow) * row_stride + (u % kPerRow) * pixel_stride;
-      xs[u] = (inside >> u) & 1u ? __ldg(reinterpret_cast<const uint4*>(at)) : make_uint4(0u, 0u, 0u, 0u);
-    }
+    for (int u = 0; u < kEach; ++u)
+      if ((inside >> u) & 1u) xs[u] = __ldg(reinterpret_cast<const uint4*>(first + u * pixel_stride));
     return inside;
   };
-  const std::uint32_t staged_base = sm90::smem_addr(smem) + L::kOutOffset + q0 * kRowBytes + ((chunk ^ (q0 % 8)) << 4);
+  const std::uint32_t staging = sm90::smem_addr(smem) + L::kOutOffset;
   // The next step's chunks are loaded before this step's sums, a whole step ahead of their use.
   uint4 xs[kEach], xs_next[kEach];
   unsigned inside_next = steps.count > 0 ? load_x(0, xs_next) : 0u;
@@ -179,11 +184,11 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     for (int u = 0; u < kEach; ++u) xs[u] = xs_next[u];
     if (l + 1 < steps.count) inside_next = load_x(l + 1, xs_next);
     sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
-    const std::uint32_t staged = staged_base + g * L::kOutBytes;
+    const std::uint32_t staged = staging + g * L::kOutBytes;
 #pragma unroll
     for (int u = 0; u < kEach; ++u) {
-      const uint4 g4 = (inside >> u) & 1u ? sm90::ld_shared_v4(staged + u * kRowsApart * kRowBytes)
-                                          : make_uint4(0u, 0u, 0u, 0u);
+      if (!((inside >> u) & 1u)) continue;
+      const uint4 g4 = sm90::ld_shared_v4(staged + staged_at[u]);
       const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
       const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
 #pragma unroll
@@ -211,13 +216,20 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
       sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], m);
       sq[e] += __shfl_xor_sync(0xffffffffu, sq[e], m);
     }
+  // partial[warp][0, 64): the sums of the block's 64 channels; [64, 128): of g (x - mean).
+  float* partial = reinterpret_cast<float*>(const_cast<unsigned char*>(smem) + L::kPartialOffset);
+  const int warp = i / 32;
   if (lane < 8)
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const int c = kb * 64 + 8 * chunk + e;
-      atomicAdd(a.sum + c, sum[e]);
-      atomicAdd(a.sqsum + c, sq[e]);
+      partial[warp * 128 + 8 * chunk + e] = sum[e];
+      partial[warp * 128 + 64 + 8 * chunk + e] = sq[e];
     }
+  sm90::named_barrier_sync(6, L::kWorkers);
+  float total = 0.0f;
+#pragma unroll
+  for (int w = 0; w < L::kWorkers / 32; ++w) total += partial[w * 128 + i];
+  atomicAdd(i < 64 ? a.sum + kb * 64 + i : a.sqsum + kb * 64 + (i - 64), total);
 }
 
 template <typename T, Epilogue kEpi, bool kPrologue>
@@ -277,8 +289,9 @@ __global__ void __launch_bounds__(kThreads, 1)
       apply_rows_prologue<T>(a, steps, smem, full, ready, tid - 256);
     } else if constexpr (kBnBackward) {
       sum_rows_bn_backward<T>(a, steps, smem, out_ready, out_free, tid - 256);
-      __threadfence();
-      sm90::named_barrier_arrive(7, 256 + L::kWorkers);  // the sums are in: the consumers may finish
+      // The sums are in: the consumers may finish (finish_statistics fences after this barrier,
+      // before its count, as a grid barrier does for the writes of a whole block).
+      sm90::named_barrier_arrive(7, 256 + L::kWorkers);
     }
     return;
   }
