@@ -198,12 +198,15 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
         memcpy(&gp, &gw[h], 4);
         const float2 xv = Traits::back(xp), gv = Traits::back(gp);
         const int e = 2 * h;
-        const float g0 = bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f ? gv.x : 0.0f;
-        const float g1 = bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f ? gv.y : 0.0f;
-        sum[e] += g0;
-        sum[e + 1] += g1;
-        sq[e] = fmaf(g0, xv.x - mean[e], sq[e]);
-        sq[e + 1] = fmaf(g1, xv.y - mean[e + 1], sq[e + 1]);
+        // Added where v > 0 only (predicated adds, no select of g or 0).
+        if (bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f) {
+          sum[e] += gv.x;
+          sq[e] = fmaf(gv.x, xv.x - mean[e], sq[e]);
+        }
+        if (bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f) {
+          sum[e + 1] += gv.y;
+          sq[e + 1] = fmaf(gv.y, xv.y - mean[e + 1], sq[e + 1]);
+        }
       }
     }
     __syncwarp();
