@@ -161,29 +161,33 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     staged_at[u] = static_cast<std::uint32_t>(staged_pixel * kRowBytes + ((chunk ^ (staged_pixel % 8)) << 4));
   }
   const std::size_t pixel_stride = static_cast<std::size_t>(kPixelsApart) * a.K;  // elements
+  const std::size_t row_stride = static_cast<std::size_t>(a.Q) * a.K;
   const T* x_thread = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(v0) * a.K + kb * 64 + 8 * chunk;
-  // x's chunks of step l's pixels inside the image; returns which those are.
-  auto load_x = [&](int l, uint4(&xs)[kEach]) -> unsigned {
-    int n, p0;
-    steps.at(l, n, p0);
+  // The steps are loaded in order, so step l + 1's image and row follow from step l's with no
+  // division: a CTA's steps lie per_block apart, per_block = whole * per_image + rest.
+  const int whole = steps.per_block / steps.per_image, rest = steps.per_block - whole * steps.per_image;
+  int n, p0;
+  steps.at(0, n, p0);
+  // x's chunks of the next step's pixels inside the image (xs keeps its values elsewhere, never
+  // read); returns which those are.
+  auto load_next_x = [&](uint4(&xs)[kEach]) -> unsigned {
     const unsigned inside = p0 + 1 < a.P ? in_both : in_first;
-    const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * a.Q * a.K;
+    const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * row_stride;
 #pragma unroll
     for (int u = 0; u < kEach; ++u)
       if ((inside >> u) & 1u) xs[u] = __ldg(reinterpret_cast<const uint4*>(first + u * pixel_stride));
+    n += whole;
+    p0 += 2 * rest;
+    if (p0 >= 2 * steps.per_image) {
+      p0 -= 2 * steps.per_image;
+      ++n;
+    }
     return inside;
   };
   const std::uint32_t staging = sm90::smem_addr(smem) + L::kOutOffset;
-  // The next step's chunks are loaded before this step's sums, a whole step ahead of their use.
-  uint4 xs[kEach], xs_next[kEach];
-  unsigned inside_next = steps.count > 0 ? load_x(0, xs_next) : 0u;
-  for (int l = 0; l < steps.count; ++l) {
-    const int g = l % 2, use = l / 2;  // the group that multiplies step l, and its use of the staging
-    const unsigned inside = inside_next;
-#pragma unroll
-    for (int u = 0; u < kEach; ++u) xs[u] = xs_next[u];
-    if (l + 1 < steps.count) inside_next = load_x(l + 1, xs_next);
-    sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>(use & 1));
+  // The sums of step l (by consumer group g = l % 2) from x's chunks xs.
+  auto sum_step = [&](int l, int g, const uint4(&xs)[kEach], unsigned inside) {
+    sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>((l / 2) & 1));
     const std::uint32_t staged = staging + g * L::kOutBytes;
 #pragma unroll
     for (int u = 0; u < kEach; ++u) {
@@ -211,6 +215,17 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     }
     __syncwarp();
     if (lane == 0) sm90::mbar_arrive(out_free + 8 * g);
+  };
+  // Two steps a turn, each with its own chunks (no copies between them): the next step's chunks
+  // are loaded before this step's sums, a whole step ahead of their use. Step l goes to group l % 2.
+  uint4 xs_even[kEach], xs_odd[kEach];
+  unsigned inside_even = steps.count > 0 ? load_next_x(xs_even) : 0u, inside_odd = 0u;
+  for (int l = 0; l < steps.count; l += 2) {
+    if (l + 1 < steps.count) inside_odd = load_next_x(xs_odd);
+    sum_step(l, 0, xs_even, inside_even);
+    if (l + 1 == steps.count) break;
+    if (l + 2 < steps.count) inside_even = load_next_x(xs_even);
+    sum_step(l + 1, 1, xs_odd, inside_odd);
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e)
