@@ -128,10 +128,11 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
 // g (x - mean) per channel, where g = the stored value where v = bn(x) > 0; then out_free. These
 // warps bound the kernel, so the step's pixels are shared out evenly and the loop is lean: thread i
 // takes channels 8 (i % 8) on of the step's pixels v = i / 8 + 16 u in order (output row v / Q,
-// pixel v % Q), those inside the image only; x's address is a base and a stride; where each lies in
-// the staging (its chunk swizzled with the staged pixel % 8) is worked out once. At the end the four
-// warps' sums meet in shared memory (`partial`), and each thread adds one of the block's 128 sums
-// to a.sum or a.sqsum.
+// pixel v % Q); where each lies in the staging (its chunk swizzled with the staged pixel % 8) is
+// worked out once; x's address is a base and a stride, and the steps follow one another without
+// a division; two steps a turn, each with its own registers for x; no branches over the pixels.
+// At the end the four warps' sums meet in shared memory (`partial`), and each thread adds one of
+// the block's 128 sums to a.sum or a.sqsum.
 template <typename T>
 __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRowsSteps steps,
                                                      const unsigned char* smem, std::uint32_t out_ready,
@@ -157,7 +158,8 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     const int v = v0 + kPixelsApart * u, row = v < a.Q ? 0 : 1;
     if (v < a.Q) in_first |= 1u << u;
     if (v < 2 * a.Q) in_both |= 1u << u;
-    const int staged_pixel = row * L::kPixels + v - row * a.Q;
+    // Pixels past the step's two rows read staged pixel 0 instead (in bounds, never added).
+    const int staged_pixel = v < 2 * a.Q ? row * L::kPixels + v - row * a.Q : 0;
     staged_at[u] = static_cast<std::uint32_t>(staged_pixel * kRowBytes + ((chunk ^ (staged_pixel % 8)) << 4));
   }
   const std::size_t pixel_stride = static_cast<std::size_t>(kPixelsApart) * a.K;  // elements
@@ -189,12 +191,17 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   auto sum_step = [&](int l, int g, const uint4(&xs)[kEach], unsigned inside) {
     sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>((l / 2) & 1));
     const std::uint32_t staged = staging + g * L::kOutBytes;
+    // Every pixel's chunk is read (the staging holds them all; those outside the image hold
+    // whatever the consumers left there), and a pixel adds only where it is inside and v > 0: no
+    // branches, so the loads and the sums of all pixels interleave.
+    uint4 gs[kEach];
+#pragma unroll
+    for (int u = 0; u < kEach; ++u) gs[u] = sm90::ld_shared_v4(staged + staged_at[u]);
 #pragma unroll
     for (int u = 0; u < kEach; ++u) {
-      if (!((inside >> u) & 1u)) continue;
-      const uint4 g4 = sm90::ld_shared_v4(staged + staged_at[u]);
+      const bool in = (inside >> u) & 1u;
       const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
-      const std::uint32_t gw[4] = {g4.x, g4.y, g4.z, g4.w};
+      const std::uint32_t gw[4] = {gs[u].x, gs[u].y, gs[u].z, gs[u].w};
 #pragma unroll
       for (int h = 0; h < 4; ++h) {
         typename Traits::pair xp, gp;
@@ -202,12 +209,12 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
         memcpy(&gp, &gw[h], 4);
         const float2 xv = Traits::back(xp), gv = Traits::back(gp);
         const int e = 2 * h;
-        // Added where v > 0 only (predicated adds, no select of g or 0).
-        if (bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f) {
+        // Predicated adds, no select of g or 0.
+        if (in & (bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f)) {
           sum[e] += gv.x;
           sq[e] = fmaf(gv.x, xv.x - mean[e], sq[e]);
         }
-        if (bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f) {
+        if (in & (bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f)) {
           sum[e + 1] += gv.y;
           sq[e + 1] = fmaf(gv.y, xv.y - mean[e + 1], sq[e + 1]);
         }
@@ -219,6 +226,8 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   // Two steps a turn, each with its own chunks (no copies between them): the next step's chunks
   // are loaded before this step's sums, a whole step ahead of their use. Step l goes to group l % 2.
   uint4 xs_even[kEach], xs_odd[kEach];
+#pragma unroll
+  for (int u = 0; u < kEach; ++u) xs_even[u] = xs_odd[u] = make_uint4(0u, 0u, 0u, 0u);  // never read unset
   unsigned inside_even = steps.count > 0 ? load_next_x(xs_even) : 0u, inside_odd = 0u;
   for (int l = 0; l < steps.count; l += 2) {
     if (l + 1 < steps.count) inside_odd = load_next_x(xs_odd);
