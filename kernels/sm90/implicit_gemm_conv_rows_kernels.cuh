@@ -89,33 +89,72 @@ struct ConvRowsSteps {
   }
 };
 
+// A CTA's steps in order, l = 0, 1, ...: image n and first output row p0 of the step at hand, and
+// next() moves to the following one without a division (steps lie per_block = whole * per_image +
+// rest apart).
+struct ConvRowsStepWalk {
+  int n, p0, whole, rest2, per_image2;
+
+  __device__ explicit ConvRowsStepWalk(const ConvRowsSteps& steps)
+      : whole(steps.per_block / steps.per_image),
+        rest2(2 * (steps.per_block - whole * steps.per_image)),
+        per_image2(2 * steps.per_image) {
+    steps.at(0, n, p0);
+  }
+  __device__ void next() {
+    n += whole;
+    p0 += rest2;
+    if (p0 >= per_image2) {
+      p0 -= per_image2;
+      ++n;
+    }
+  }
+};
+
 // A chained input's prologue, by the producer warpgroup's thread i: relu(x * scale + shift) in
 // place on each staged input pixel inside the image, once stage `full` has landed; then `ready`.
 // Thread i takes 16-byte chunk i % 8 of the staged pixels i / 8 + 16 u: the swizzle puts the same 8
-// channels there in each of them.
+// channels there in each of them. The loop is lean, as the consumers wait for it: which pixels lie
+// inside the image is known per thread, shared memory is read and written through 32-bit
+// addresses, and pixels outside are skipped by predicated stores rather than branches.
 template <typename T>
 __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsSteps steps,
                                                     unsigned char* smem, std::uint32_t full, std::uint32_t ready,
                                                     int i) {
   using L = ConvRowsLayout;
+  constexpr int kEach = L::kInRows * L::kPixels / 16, kPerRow = L::kPixels / 16, kGroup = 4;
   const int chunk = i % 8, line0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32;
   const int channel8 = 8 * (chunk ^ (line0 % 8));
   std::uint32_t scale[4], shift[4];
   load_prologue_pairs<T>(a.in, channel8, scale, shift);
-  for (int l = 0; l < steps.count; ++l) {
+  // Thread i's staged pixels are lines line0 + 16 u: input row u / kPerRow, column
+  // w = line0 + 16 (u % kPerRow) - 1. Bit u: that column lies inside the image.
+  unsigned in_columns = 0;
+#pragma unroll
+  for (int u = 0; u < kEach; ++u)
+    if (static_cast<unsigned>(line0 + 16 * (u % kPerRow) - 1) < static_cast<unsigned>(a.W)) in_columns |= 1u << u;
+  const std::uint32_t thread_base = sm90::smem_addr(smem) + L::kStageOffset + line0 * kRowBytes + chunk * 16;
+  ConvRowsStepWalk step(steps);
+  for (int l = 0; l < steps.count; ++l, step.next()) {
     const int stage = l % L::kStages;
+    // The pixels inside the image: their column and their row h = p0 - 1 + u / kPerRow.
+    unsigned inside = in_columns;
+#pragma unroll
+    for (int r = 0; r < L::kInRows; ++r)
+      if (static_cast<unsigned>(step.p0 - 1 + r) >= static_cast<unsigned>(a.H))
+        inside &= ~(((1u << kPerRow) - 1) << (kPerRow * r));
+    const std::uint32_t staged = thread_base + stage * L::kStageBytes;
     sm90::mbar_wait(full + 8 * stage, static_cast<std::uint32_t>((l / L::kStages) & 1));
-    int n, p0;
-    steps.at(l, n, p0);
-    unsigned char* staged = smem + L::kStageOffset + stage * L::kStageBytes + chunk * 16;
-#pragma unroll 4
-    for (int u = 0; u < L::kInRows * L::kPixels / 16; ++u) {
-      const int line = line0 + 16 * u;
-      const int h = p0 - 1 + line / L::kPixels, w = line % L::kPixels - 1;
-      if (static_cast<unsigned>(h) < static_cast<unsigned>(a.H) && static_cast<unsigned>(w) < static_cast<unsigned>(a.W)) {
-        uint4* at = reinterpret_cast<uint4*>(staged + line * kRowBytes);
-        *at = bn_relu_vector<T>(*at, scale, shift);
-      }
+    // kGroup pixels at a time: their loads, then their predicated stores (no branches).
+#pragma unroll
+    for (int u0 = 0; u0 < kEach; u0 += kGroup) {
+      uint4 v[kGroup];
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u) v[u] = sm90::ld_shared_v4(staged + (u0 + u) * 16 * kRowBytes);
+#pragma unroll
+      for (int u = 0; u < kGroup; ++u)
+        sm90::st_shared_v4_if((inside >> (u0 + u)) & 1u, staged + (u0 + u) * 16 * kRowBytes,
+                              bn_relu_vector<T>(v[u], scale, shift));
     }
     sm90::fence_proxy_async();  // the writes, before wgmma reads the stage
     __syncwarp();
@@ -165,25 +204,16 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   const std::size_t pixel_stride = static_cast<std::size_t>(kPixelsApart) * a.K;  // elements
   const std::size_t row_stride = static_cast<std::size_t>(a.Q) * a.K;
   const T* x_thread = static_cast<const T*>(a.bwd.x) + static_cast<std::size_t>(v0) * a.K + kb * 64 + 8 * chunk;
-  // The steps are loaded in order, so step l + 1's image and row follow from step l's with no
-  // division: a CTA's steps lie per_block apart, per_block = whole * per_image + rest.
-  const int whole = steps.per_block / steps.per_image, rest = steps.per_block - whole * steps.per_image;
-  int n, p0;
-  steps.at(0, n, p0);
   // x's chunks of the next step's pixels inside the image (xs keeps its values elsewhere, never
-  // read); returns which those are.
+  // read); returns which those are. The steps are loaded in order.
+  ConvRowsStepWalk step(steps);
   auto load_next_x = [&](uint4(&xs)[kEach]) -> unsigned {
-    const unsigned inside = p0 + 1 < a.P ? in_both : in_first;
-    const T* first = x_thread + (static_cast<std::size_t>(n) * a.P + p0) * row_stride;
+    const unsigned inside = step.p0 + 1 < a.P ? in_both : in_first;
+    const T* first = x_thread + (static_cast<std::size_t>(step.n) * a.P + step.p0) * row_stride;
 #pragma unroll
     for (int u = 0; u < kEach; ++u)
       if ((inside >> u) & 1u) xs[u] = __ldg(reinterpret_cast<const uint4*>(first + u * pixel_stride));
-    n += whole;
-    p0 += 2 * rest;
-    if (p0 >= 2 * steps.per_image) {
-      p0 -= 2 * steps.per_image;
-      ++n;
-    }
+    step.next();
     return inside;
   };
   const std::uint32_t staging = sm90::smem_addr(smem) + L::kOutOffset;

@@ -24,6 +24,16 @@ __device__ __forceinline__ uint4 ld_shared_v4(std::uint32_t addr) {
   return v;
 }
 
+// 16 bytes to shared memory where `store` holds (a predicated store, no branch); volatile, so
+// that it stays before the barrier arrival that publishes it.
+__device__ __forceinline__ void st_shared_v4_if(bool store, std::uint32_t addr, uint4 v) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %0, 0;\n@p st.shared.v4.u32 [%1], {%2, %3, %4, %5};\n}\n" ::"r"(
+          static_cast<int>(store)),
+      "r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+      : "memory");
+}
+
 __device__ __forceinline__ void mbar_init(std::uint32_t bar, std::uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
 }
