@@ -276,6 +276,10 @@ TEST_CASE("CUDA chained conv_bn_relu matches the CPU reference", "[gpu][conv_bn_
   cases.push_back({{2, 10, 14, 64}, 64, 3, 1});
   // Rows of 56 pixels: the 3x3 forward two rows a step with the prologue (Hopper).
   cases.push_back({{1, 6, 56, 64}, 64, 3, 1});
+  // The same two rows a step on rows of 5 pixels, an odd height (the last step one row), and on
+  // the widest rows it takes (62 pixels): the prologue's and the BatchNorm-backward sums' edges.
+  cases.push_back({{3, 7, 5, 64}, 64, 3, 1});
+  cases.push_back({{1, 4, 62, 64}, 64, 3, 1});
   for (DType dt : kTypes) {
     for (const Case& cs : cases) {
       DYNAMIC_SECTION(dtype_name(dt) << " x " << dstrain::shape_str(cs.x) << " K " << cs.K << " R " << cs.R
