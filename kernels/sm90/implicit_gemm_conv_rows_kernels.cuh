@@ -426,11 +426,19 @@ __global__ void __launch_bounds__(kThreads, 1)
           const float2 fl = Traits::back(lo), fh = Traits::back(hi);
           const int q = (8 * j) % L::kPixels + 2 * (lane % 4);
           const bool row = j < L::kN / 16 || second_row;
-          const bool ok0 = row && q < a.Q, ok1 = row && q + 1 < a.Q;
-          sum_lo += (ok0 ? fl.x : 0.0f) + (ok1 ? fl.y : 0.0f);
-          sq_lo += (ok0 ? fl.x * fl.x : 0.0f) + (ok1 ? fl.y * fl.y : 0.0f);
-          sum_hi += (ok0 ? fh.x : 0.0f) + (ok1 ? fh.y : 0.0f);
-          sq_hi += (ok0 ? fh.x * fh.x : 0.0f) + (ok1 ? fh.y * fh.y : 0.0f);
+          const bool ok0 = row & (q < a.Q), ok1 = row & (q + 1 < a.Q);
+          if (ok0) {  // predicated adds, no selects
+            sum_lo += fl.x;
+            sq_lo = fmaf(fl.x, fl.x, sq_lo);
+            sum_hi += fh.x;
+            sq_hi = fmaf(fh.x, fh.x, sq_hi);
+          }
+          if (ok1) {
+            sum_lo += fl.y;
+            sq_lo = fmaf(fl.y, fl.y, sq_lo);
+            sum_hi += fh.y;
+            sq_hi = fmaf(fh.y, fh.y, sq_hi);
+          }
         }
       }
       sm90::stmatrix_x4_trans(st_addr + jp * 16 * kRowBytes, frag[0], frag[1], frag[2], frag[3]);
