@@ -217,18 +217,23 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     return inside;
   };
   const std::uint32_t staging = sm90::smem_addr(smem) + L::kOutOffset;
-  // The sums of step l (by consumer group g = l % 2) from x's chunks xs.
-  auto sum_step = [&](int l, int g, const uint4(&xs)[kEach], unsigned inside) {
+  // Pixels v0 + 16 (kEach - 1) lie past the step for every thread where 2 Q <= 16 (kEach - 1), as
+  // at 56 x 56: then the steps take a loop without them (the same for the whole block).
+  const bool last_used = 2 * a.Q > kPixelsApart * (kEach - 1);
+  // The sums of step l (by consumer group g = l % 2) from x's chunks xs, over the first kSlots
+  // (an integral_constant) of the thread's kEach pixels.
+  auto sum_step = [&](auto slots, int l, int g, const uint4(&xs)[kEach], unsigned inside) {
+    constexpr int kSlots = decltype(slots)::value;
     sm90::mbar_wait(out_ready + 8 * g, static_cast<std::uint32_t>((l / 2) & 1));
     const std::uint32_t staged = staging + g * L::kOutBytes;
     // Every pixel's chunk is read (the staging holds them all; those outside the image hold
     // whatever the consumers left there), and a pixel adds only where it is inside and v > 0: no
     // branches, so the loads and the sums of all pixels interleave.
-    uint4 gs[kEach];
+    uint4 gs[kSlots];
 #pragma unroll
-    for (int u = 0; u < kEach; ++u) gs[u] = sm90::ld_shared_v4(staged + staged_at[u]);
+    for (int u = 0; u < kSlots; ++u) gs[u] = sm90::ld_shared_v4(staged + staged_at[u]);
 #pragma unroll
-    for (int u = 0; u < kEach; ++u) {
+    for (int u = 0; u < kSlots; ++u) {
       const bool in = (inside >> u) & 1u;
       const std::uint32_t xw[4] = {xs[u].x, xs[u].y, xs[u].z, xs[u].w};
       const std::uint32_t gw[4] = {gs[u].x, gs[u].y, gs[u].z, gs[u].w};
@@ -253,6 +258,12 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     __syncwarp();
     if (lane == 0) sm90::mbar_arrive(out_free + 8 * g);
   };
+  auto sum_step_of = [&](int l, int g, const uint4(&xs)[kEach], unsigned inside) {
+    if (last_used)
+      sum_step(std::integral_constant<int, kEach>{}, l, g, xs, inside);
+    else
+      sum_step(std::integral_constant<int, kEach - 1>{}, l, g, xs, inside);
+  };
   // Two steps a turn, each with its own chunks (no copies between them): the next step's chunks
   // are loaded before this step's sums, a whole step ahead of their use. Step l goes to group l % 2.
   uint4 xs_even[kEach], xs_odd[kEach];
@@ -261,10 +272,10 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   unsigned inside_even = steps.count > 0 ? load_next_x(xs_even) : 0u, inside_odd = 0u;
   for (int l = 0; l < steps.count; l += 2) {
     if (l + 1 < steps.count) inside_odd = load_next_x(xs_odd);
-    sum_step(l, 0, xs_even, inside_even);
+    sum_step_of(l, 0, xs_even, inside_even);
     if (l + 1 == steps.count) break;
     if (l + 2 < steps.count) inside_even = load_next_x(xs_even);
-    sum_step(l + 1, 1, xs_odd, inside_odd);
+    sum_step_of(l + 1, 1, xs_odd, inside_odd);
   }
 #pragma unroll
   for (int e = 0; e < 8; ++e)
