@@ -4,6 +4,8 @@
 #pragma once
 #include <cstdint>
 
+#include "bn_relu_mask.h"
+
 namespace dstrain::kernels::cuda::bn {
 
 // Batch mean and variance from sum (y - shift) and sum (y - shift)^2 over M rows.
@@ -32,11 +34,13 @@ __device__ __forceinline__ void write_batch_stats(const BatchStats& b, std::int6
   running_var[c] = static_cast<float>((1.0 - momentum) * running_var[c] + momentum * unbiased);
 }
 
-// v = (y - mean) * (gamma * invstd) + beta as one fma, the formula the CPU reference uses too,
-// so that every path's ReLU mask (v > 0) agrees bit for bit; scale = gamma * invstd.
+// v = (y - mean) * (gamma * invstd) + beta as one fma (bn_relu_mask.h), the formula the CPU
+// reference uses too, so that every path's ReLU mask (v > 0) agrees bit for bit; scale = gamma * invstd.
 __device__ __forceinline__ float bn_value(float y, float mean, float scale, float beta) {
-  return fmaf(y - mean, scale, beta);
+  return kernels::bn::preactivation(y, mean, scale, beta);
 }
+using kernels::bn::relu_threshold;
+using kernels::bn::ReluThreshold;
 
 // A chained input's BatchNorm + ReLU as relu(x * scale + shift): scale = gamma * invstd,
 // shift = beta - mean * scale (one fused multiply-add), in fp32.

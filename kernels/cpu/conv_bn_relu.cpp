@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "bn_relu_mask.h"
 #include "ops_cpu.h"
 #include "widen.h"
 
@@ -23,10 +24,10 @@ void store_rounded(Tensor& f, Tensor& t) {
 }
 
 // The pre-activation of the fused op, shared by forward (z) and backward (the ReLU mask) so both
-// agree bit for bit with each other and with the GPU kernels: scale = gamma * invstd (fp32) and
-// v = fma(y - mean, scale, beta) in fp32.
+// agree bit for bit with each other and with the GPU kernels (bn_relu_mask.h): scale = gamma *
+// invstd (fp32) and v = fma(y - mean, scale, beta) in fp32.
 inline float bn_preactivation(float y, float mean, float scale, float beta) {
-  return std::fma(y - mean, scale, beta);
+  return kernels::bn::preactivation(y, mean, scale, beta);
 }
 
 // a = relu(bn(x)) of a chained input, rounded to x's dtype as the GPU's separate-kernel path

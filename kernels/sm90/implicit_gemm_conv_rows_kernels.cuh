@@ -162,6 +162,44 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
   }
 }
 
+// A 16-bit type's codes for bn::relu_threshold: +infinity's bits and a code's exact value.
+template <typename T>
+struct ReluCodes;
+template <>
+struct ReluCodes<__half> {
+  static constexpr std::uint16_t kInf = 0x7c00u;
+  __device__ float operator()(std::uint16_t b) const { return __half2float(__ushort_as_half(b)); }
+};
+template <>
+struct ReluCodes<__nv_bfloat16> {
+  static constexpr std::uint16_t kInf = 0x7f80u;
+  __device__ float operator()(std::uint16_t b) const { return __bfloat162float(__ushort_as_bfloat16(b)); }
+};
+
+// For a pair of channels (x2: their two x, x its value in fp32; sign2 and threshold2:
+// bn::relu_threshold of each, low channel in the low half): sum += g and gx += g x for each channel
+// where the pixel is inside and x passes the ReLU, sign * x >= threshold, both channels in one
+// half-precision compare. The additions are predicated (no select of g or 0, no branch).
+template <typename T>
+__device__ __forceinline__ void add_where_relu_passes(bool inside, std::uint32_t x2, std::uint32_t sign2,
+                                                      std::uint32_t threshold2, float2 g, float2 x, float& sum0,
+                                                      float& sum1, float& gx0, float& gx1) {
+  if constexpr (std::is_same_v<T, __half>)
+    asm("{\n.reg .pred in, p, q;\n.reg .b32 s;\nsetp.ne.u32 in, %4, 0;\nmul.rn.f16x2 s, %5, %6;\n"
+        "setp.ge.and.f16x2 p|q, s, %7, in;\n@p add.f32 %0, %0, %8;\n@p fma.rn.f32 %2, %8, %10, %2;\n"
+        "@q add.f32 %1, %1, %9;\n@q fma.rn.f32 %3, %9, %11, %3;\n}\n"
+        : "+f"(sum0), "+f"(sum1), "+f"(gx0), "+f"(gx1)
+        : "r"(static_cast<unsigned>(inside)), "r"(x2), "r"(sign2), "r"(threshold2), "f"(g.x), "f"(g.y), "f"(x.x),
+          "f"(x.y));
+  else
+    asm("{\n.reg .pred in, p, q;\n.reg .b32 s;\nsetp.ne.u32 in, %4, 0;\nmul.rn.bf16x2 s, %5, %6;\n"
+        "setp.ge.and.bf16x2 p|q, s, %7, in;\n@p add.f32 %0, %0, %8;\n@p fma.rn.f32 %2, %8, %10, %2;\n"
+        "@q add.f32 %1, %1, %9;\n@q fma.rn.f32 %3, %9, %11, %3;\n}\n"
+        : "+f"(sum0), "+f"(sum1), "+f"(gx0), "+f"(gx1)
+        : "r"(static_cast<unsigned>(inside)), "r"(x2), "r"(sign2), "r"(threshold2), "f"(g.x), "f"(g.y), "f"(x.x),
+          "f"(x.y));
+}
+
 // BatchNorm's backward sums (the dgrad of a chained layer), by the producer warpgroup's thread i:
 // for each step, once a consumer group's staged output is ready (out_ready), the sums of g and
 // g (x - mean) per channel, where g = the stored value where v = bn(x) > 0; then out_free. These
@@ -169,9 +207,11 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
 // takes channels 8 (i % 8) on of the step's pixels v = i / 8 + 16 u in order (output row v / Q,
 // pixel v % Q); where each lies in the staging (its chunk swizzled with the staged pixel % 8) is
 // worked out once; x's address is a base and a stride, and the steps follow one another without
-// a division; two steps a turn, each with its own registers for x; no branches over the pixels.
-// At the end the four warps' sums meet in shared memory (`partial`), and each thread adds one of
-// the block's 128 sums to a.sum or a.sqsum.
+// a division; two steps a turn, each with its own registers for x; no branches over the pixels;
+// v > 0 tested as x against a threshold per channel (bn_relu_mask.h: the same x pass), two
+// channels a compare; g (x - mean) summed as g x, less mean times the sum of g at the end. At the
+// end the four warps' sums meet in shared memory (`partial`), and each thread adds one of the
+// block's 128 sums to a.sum or a.sqsum.
 template <typename T>
 __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRowsSteps steps,
                                                      const unsigned char* smem, std::uint32_t out_ready,
@@ -180,14 +220,21 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   using Traits = MmaType<T>;
   constexpr int kPixelsApart = L::kWorkers / 8, kEach = L::kN / kPixelsApart;
   const int chunk = i % 8, v0 = i / 8, lane = static_cast<int>(threadIdx.x) % 32, kb = steps.kb;
-  float mean[8], scale[8], beta[8], sum[8], sq[8];
+  float mean[8], sum[8], gx[8];  // gx: the sums of g x, then of g (x - mean) = g x - mean g
+  std::uint32_t sign2[4], threshold2[4];  // channels 2 h and 2 h + 1: which x pass the ReLU
 #pragma unroll
-  for (int e = 0; e < 8; ++e) {
-    const int c = kb * 64 + 8 * chunk + e;
-    mean[e] = __ldg(a.bwd.mean + c);
-    scale[e] = __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c);
-    beta[e] = __ldg(a.bwd.beta + c);
-    sum[e] = sq[e] = 0.0f;
+  for (int h = 0; h < 4; ++h) {
+    bn::ReluThreshold t[2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int e = 2 * h + k, c = kb * 64 + 8 * chunk + e;
+      mean[e] = __ldg(a.bwd.mean + c);
+      t[k] = bn::relu_threshold(mean[e], __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c), __ldg(a.bwd.beta + c),
+                                ReluCodes<T>::kInf, ReluCodes<T>{});
+      sum[e] = gx[e] = 0.0f;
+    }
+    sign2[h] = t[0].sign | static_cast<std::uint32_t>(t[1].sign) << 16;
+    threshold2[h] = t[0].threshold | static_cast<std::uint32_t>(t[1].threshold) << 16;
   }
   // Bit u: pixel u lies in the step's first output row (in_first) or in one of its two (in_both).
   unsigned in_first = 0, in_both = 0;
@@ -244,15 +291,7 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
         memcpy(&gp, &gw[h], 4);
         const float2 xv = Traits::back(xp), gv = Traits::back(gp);
         const int e = 2 * h;
-        // Predicated adds, no select of g or 0.
-        if (in & (bn::bn_value(xv.x, mean[e], scale[e], beta[e]) > 0.0f)) {
-          sum[e] += gv.x;
-          sq[e] = fmaf(gv.x, xv.x - mean[e], sq[e]);
-        }
-        if (in & (bn::bn_value(xv.y, mean[e + 1], scale[e + 1], beta[e + 1]) > 0.0f)) {
-          sum[e + 1] += gv.y;
-          sq[e + 1] = fmaf(gv.y, xv.y - mean[e + 1], sq[e + 1]);
-        }
+        add_where_relu_passes<T>(in, xw[h], sign2[h], threshold2[h], gv, xv, sum[e], sum[e + 1], gx[e], gx[e + 1]);
       }
     }
     __syncwarp();
@@ -278,12 +317,14 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
     sum_step_of(l + 1, 1, xs_odd, inside_odd);
   }
 #pragma unroll
-  for (int e = 0; e < 8; ++e)
+  for (int e = 0; e < 8; ++e) {
+    gx[e] = fmaf(-mean[e], sum[e], gx[e]);  // each thread's own sums, before they meet
 #pragma unroll
     for (int m = 8; m <= 16; m <<= 1) {  // the four lanes of the warp with this chunk
       sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], m);
-      sq[e] += __shfl_xor_sync(0xffffffffu, sq[e], m);
+      gx[e] += __shfl_xor_sync(0xffffffffu, gx[e], m);
     }
+  }
   // partial[warp][0, 64): the sums of the block's 64 channels; [64, 128): of g (x - mean).
   float* partial = reinterpret_cast<float*>(const_cast<unsigned char*>(smem) + L::kPartialOffset);
   const int warp = i / 32;
@@ -291,7 +332,7 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       partial[warp * 128 + 8 * chunk + e] = sum[e];
-      partial[warp * 128 + 64 + 8 * chunk + e] = sq[e];
+      partial[warp * 128 + 64 + 8 * chunk + e] = gx[e];
     }
   sm90::named_barrier_sync(6, L::kWorkers);
   float total = 0.0f;
