@@ -59,13 +59,16 @@ DSTRAIN_HOST_DEVICE ReluThreshold relu_threshold(float mean, float scale, float 
   if (passes(0)) {
     first = 0;
   } else {
+    // A fixed number of halvings (keys fit 16 bits), so that a caller's channels interleave.
     std::uint32_t fails = 0;
-    while (first - fails > 1) {
+    for (int halving = 0; halving < 16; ++halving) {
       const std::uint32_t mid = fails + (first - fails) / 2;
-      if (passes(mid))
-        first = mid;
-      else
-        fails = mid;
+      if (first - fails > 1) {
+        if (passes(mid))
+          first = mid;
+        else
+          fails = mid;
+      }
     }
   }
   if (rising) return {one_bits, bits_of(first)};
