@@ -180,25 +180,24 @@ struct ReluCodes<__nv_bfloat16> {
 // bn::relu_threshold of each, low channel in the low half): sum += g and gx += g x for each channel
 // where the pixel is inside and x passes the ReLU, sign * x >= threshold, both channels in one
 // half-precision compare. The additions are predicated (no select of g or 0, no branch).
+// PAIR: the PTX type of two packed T, "f16x2" or "bf16x2".
+#define DSTRAIN_ADD_WHERE_RELU_PASSES(PAIR)                                                                  \
+  asm("{\n.reg .pred in, p, q;\n.reg .b32 s;\nsetp.ne.u32 in, %4, 0;\nmul.rn." PAIR " s, %5, %6;\n"           \
+      "setp.ge.and." PAIR " p|q, s, %7, in;\n@p add.f32 %0, %0, %8;\n@p fma.rn.f32 %2, %8, %10, %2;\n"          \
+      "@q add.f32 %1, %1, %9;\n@q fma.rn.f32 %3, %9, %11, %3;\n}\n"                                             \
+      : "+f"(sum0), "+f"(sum1), "+f"(gx0), "+f"(gx1)                                                           \
+      : "r"(static_cast<unsigned>(inside)), "r"(x2), "r"(sign2), "r"(threshold2), "f"(g.x), "f"(g.y), "f"(x.x), \
+        "f"(x.y))
 template <typename T>
 __device__ __forceinline__ void add_where_relu_passes(bool inside, std::uint32_t x2, std::uint32_t sign2,
                                                       std::uint32_t threshold2, float2 g, float2 x, float& sum0,
                                                       float& sum1, float& gx0, float& gx1) {
   if constexpr (std::is_same_v<T, __half>)
-    asm("{\n.reg .pred in, p, q;\n.reg .b32 s;\nsetp.ne.u32 in, %4, 0;\nmul.rn.f16x2 s, %5, %6;\n"
-        "setp.ge.and.f16x2 p|q, s, %7, in;\n@p add.f32 %0, %0, %8;\n@p fma.rn.f32 %2, %8, %10, %2;\n"
-        "@q add.f32 %1, %1, %9;\n@q fma.rn.f32 %3, %9, %11, %3;\n}\n"
-        : "+f"(sum0), "+f"(sum1), "+f"(gx0), "+f"(gx1)
-        : "r"(static_cast<unsigned>(inside)), "r"(x2), "r"(sign2), "r"(threshold2), "f"(g.x), "f"(g.y), "f"(x.x),
-          "f"(x.y));
+    DSTRAIN_ADD_WHERE_RELU_PASSES("f16x2");
   else
-    asm("{\n.reg .pred in, p, q;\n.reg .b32 s;\nsetp.ne.u32 in, %4, 0;\nmul.rn.bf16x2 s, %5, %6;\n"
-        "setp.ge.and.bf16x2 p|q, s, %7, in;\n@p add.f32 %0, %0, %8;\n@p fma.rn.f32 %2, %8, %10, %2;\n"
-        "@q add.f32 %1, %1, %9;\n@q fma.rn.f32 %3, %9, %11, %3;\n}\n"
-        : "+f"(sum0), "+f"(sum1), "+f"(gx0), "+f"(gx1)
-        : "r"(static_cast<unsigned>(inside)), "r"(x2), "r"(sign2), "r"(threshold2), "f"(g.x), "f"(g.y), "f"(x.x),
-          "f"(x.y));
+    DSTRAIN_ADD_WHERE_RELU_PASSES("bf16x2");
 }
+#undef DSTRAIN_ADD_WHERE_RELU_PASSES
 
 // BatchNorm's backward sums (the dgrad of a chained layer), by the producer warpgroup's thread i:
 // for each step, once a consumer group's staged output is ready (out_ready), the sums of g and
