@@ -255,10 +255,10 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
   ConvRowsStepWalk step(steps);
   auto load_next_x = [&](uint4(&xs)[kEach]) -> unsigned {
     const unsigned inside = step.p0 + 1 < a.P ? in_both : in_first;
-    const T* first = x_thread + (static_cast<std::size_t>(step.n) * a.P + step.p0) * row_stride;
+    const T* at = x_thread + (static_cast<std::size_t>(step.n) * a.P + step.p0) * row_stride;
 #pragma unroll
-    for (int u = 0; u < kEach; ++u)
-      if ((inside >> u) & 1u) xs[u] = __ldg(reinterpret_cast<const uint4*>(first + u * pixel_stride));
+    for (int u = 0; u < kEach; ++u, at += pixel_stride)
+      if ((inside >> u) & 1u) xs[u] = __ldg(reinterpret_cast<const uint4*>(at));
     step.next();
     return inside;
   };
