@@ -170,6 +170,9 @@ struct MmaType<__half> {
   static constexpr CUtensorMapDataType kMapType = CU_TENSOR_MAP_DATA_TYPE_FLOAT16;
   static __device__ __forceinline__ pair make(float a, float b) { return __floats2half2_rn(a, b); }
   static __device__ __forceinline__ float2 back(pair v) { return __half22float2(v); }
+  // +infinity's bits, and a code's exact value (bn::relu_threshold).
+  static constexpr std::uint16_t kInfBits = 0x7c00u;
+  static __device__ __forceinline__ float of_bits(std::uint16_t b) { return __half2float(__ushort_as_half(b)); }
 };
 template <>
 struct MmaType<__nv_bfloat16> {
@@ -178,6 +181,8 @@ struct MmaType<__nv_bfloat16> {
   static constexpr CUtensorMapDataType kMapType = CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   static __device__ __forceinline__ pair make(float a, float b) { return __floats2bfloat162_rn(a, b); }
   static __device__ __forceinline__ float2 back(pair v) { return __bfloat1622float2(v); }
+  static constexpr std::uint16_t kInfBits = 0x7f80u;
+  static __device__ __forceinline__ float of_bits(std::uint16_t b) { return __bfloat162float(__ushort_as_bfloat16(b)); }
 };
 
 // Synchronises the 128 threads of consumer warpgroup cw (named barriers 2 and 3; 1 is both groups).

@@ -162,20 +162,6 @@ __device__ __forceinline__ void apply_rows_prologue(ConvForwardArgs a, ConvRowsS
   }
 }
 
-// A 16-bit type's codes for bn::relu_threshold: +infinity's bits and a code's exact value.
-template <typename T>
-struct ReluCodes;
-template <>
-struct ReluCodes<__half> {
-  static constexpr std::uint16_t kInf = 0x7c00u;
-  __device__ float operator()(std::uint16_t b) const { return __half2float(__ushort_as_half(b)); }
-};
-template <>
-struct ReluCodes<__nv_bfloat16> {
-  static constexpr std::uint16_t kInf = 0x7f80u;
-  __device__ float operator()(std::uint16_t b) const { return __bfloat162float(__ushort_as_bfloat16(b)); }
-};
-
 // For a pair of channels (x2: their two x, x its value in fp32; sign2 and threshold2:
 // bn::relu_threshold of each, low channel in the low half): sum += g and gx += g x for each channel
 // where the pixel is inside and x passes the ReLU, sign * x >= threshold, both channels in one
@@ -229,7 +215,7 @@ __device__ __forceinline__ void sum_rows_bn_backward(ConvForwardArgs a, ConvRows
       const int e = 2 * h + k, c = kb * 64 + 8 * chunk + e;
       mean[e] = __ldg(a.bwd.mean + c);
       t[k] = bn::relu_threshold(mean[e], __ldg(a.bwd.gamma + c) * __ldg(a.bwd.invstd + c), __ldg(a.bwd.beta + c),
-                                ReluCodes<T>::kInf, ReluCodes<T>{});
+                                Traits::kInfBits, [](std::uint16_t b) { return Traits::of_bits(b); });
       sum[e] = gx[e] = 0.0f;
     }
     sign2[h] = t[0].sign | static_cast<std::uint32_t>(t[1].sign) << 16;
