@@ -36,9 +36,7 @@ __device__ __forceinline__ void write_batch_stats(const BatchStats& b, std::int6
 
 // v = (y - mean) * (gamma * invstd) + beta as one fma (bn_relu_mask.h), the formula the CPU
 // reference uses too, so that every path's ReLU mask (v > 0) agrees bit for bit; scale = gamma * invstd.
-__device__ __forceinline__ float bn_value(float y, float mean, float scale, float beta) {
-  return kernels::bn::preactivation(y, mean, scale, beta);
-}
+using kernels::bn::preactivation;
 using kernels::bn::relu_threshold;
 using kernels::bn::ReluThreshold;
 

@@ -135,7 +135,7 @@ void launch_pass(const CudaState& st, void (*kernel)(Params...), dim3 grid, dim3
   DSTRAIN_CUDA_CHECK(launch_overlapped(overlap_launches(st.device), st.cuda_stream(), kernel, grid, block, 0, args...));
 }
 
-using bn::bn_value;
+using bn::preactivation;
 
 struct Layout {
   std::int64_t M = 0, K = 0;
@@ -315,7 +315,7 @@ __device__ __forceinline__ void apply_bn_relu_rows(const T* __restrict__ y, std:
         float v[V];
         unpack(yr[u], v);
 #pragma unroll
-        for (int j = 0; j < V; ++j) v[j] = fmaxf(bn_value(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
+        for (int j = 0; j < V; ++j) v[j] = fmaxf(preactivation(v[j], k.mean[j], k.scale[j], k.beta[j]), 0.0f);
         store_vec<T, V>(z + r * K + c0, v);
       });
 }
@@ -363,7 +363,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) backward_partials_
           unpack(gr[u], g);
 #pragma unroll
           for (int j = 0; j < V; ++j) {
-            const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
+            const float gm = preactivation(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
             a1[j] += gm;
             a2[j] = fmaf(gm, yv[j] - k.mean[j], a2[j]);
           }
@@ -419,7 +419,7 @@ __global__ void __launch_bounds__(kThreads, kPassBlocksPerSm) apply_backward_ker
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const float d = yv[j] - k.mean[j];
-          const float gm = bn_value(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
+          const float gm = preactivation(yv[j], k.mean[j], k.scale[j], k.beta[j]) > 0.0f ? g[j] : 0.0f;
           g[j] = k.scale[j] * (gm - db[j] - d * dgx[j]);
         }
         store_vec<T, V>(dconv + r * K + c0, g);

@@ -26,9 +26,7 @@ void store_rounded(Tensor& f, Tensor& t) {
 // The pre-activation of the fused op, shared by forward (z) and backward (the ReLU mask) so both
 // agree bit for bit with each other and with the GPU kernels (bn_relu_mask.h): scale = gamma *
 // invstd (fp32) and v = fma(y - mean, scale, beta) in fp32.
-inline float bn_preactivation(float y, float mean, float scale, float beta) {
-  return kernels::bn::preactivation(y, mean, scale, beta);
-}
+using kernels::bn::preactivation;
 
 // a = relu(bn(x)) of a chained input, rounded to x's dtype as the GPU's separate-kernel path
 // stores it (cuDNN's prologue keeps it in fp32: the difference is within the dtype's rounding).
@@ -44,7 +42,7 @@ Tensor chained_activation(const Tensor& x, const ops::ChainedInput& in) {
   for (std::int64_t i = 0; i < rows; ++i) {
     float* r = ap + i * C;
     for (std::int64_t c = 0; c < C; ++c) {
-      const float v = bn_preactivation(r[c], mp[c], gp[c] * ip[c], bp[c]);
+      const float v = preactivation(r[c], mp[c], gp[c] * ip[c], bp[c]);
       r[c] = v < 0.0f ? 0.0f : v;
     }
   }
@@ -67,7 +65,7 @@ void bn_relu_backward_rows(const float* dzp, const float* yp, std::int64_t rows,
     const float* yr = yp + i * K;
     const float* dr = dzp + i * K;
     for (std::int64_t k = 0; k < K; ++k) {
-      if (!(bn_preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f)) continue;
+      if (!(preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f)) continue;
       const float xhat = (yr[k] - sm[k]) * si[k];
       sum_g[k] += dr[k];
       sum_g_xhat[k] += static_cast<double>(dr[k]) * xhat;
@@ -86,7 +84,7 @@ void bn_relu_backward_rows(const float* dzp, const float* yp, std::int64_t rows,
     const float* dr = dzp + i * K;
     float* o = out + i * K;
     for (std::int64_t k = 0; k < K; ++k) {
-      const float g = bn_preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f ? dr[k] : 0.0f;
+      const float g = preactivation(yr[k], sm[k], scale[k], bp[k]) > 0.0f ? dr[k] : 0.0f;
       const float xhat = (yr[k] - sm[k]) * si[k];
       o[k] = scale[k] * (g - g_shift[k] - xhat * xhat_coeff[k]);
     }
@@ -153,7 +151,7 @@ void conv_bn_relu_forward_train(Context& ctx, const Tensor& x, const Tensor& w, 
     const float* yr = yp + i * K;
     float* zr = zp + i * K;
     for (std::int64_t k = 0; k < K; ++k) {
-      const float v = bn_preactivation(yr[k], sm[k], scale[k], bp[k]);
+      const float v = preactivation(yr[k], sm[k], scale[k], bp[k]);
       zr[k] = v < 0.0f ? 0.0f : v;  // NaN passes through, as relu_forward
     }
   }

@@ -583,8 +583,8 @@ __global__ void __launch_bounds__(kThreads, Cfg::kMinBlocks)
           const float2 xv = Traits::back(xp);
           const float2 gv = Traits::back(
               *reinterpret_cast<const typename Traits::pair*>(smem + out_base + out_offset<Cfg>(stat_rows + i, col)));
-          const float g0 = bn::bn_value(xv.x, mean0, scale0, beta0) > 0.0f ? gv.x : 0.0f;
-          const float g1 = bn::bn_value(xv.y, mean1, scale1, beta1) > 0.0f ? gv.y : 0.0f;
+          const float g0 = bn::preactivation(xv.x, mean0, scale0, beta0) > 0.0f ? gv.x : 0.0f;
+          const float g1 = bn::preactivation(xv.y, mean1, scale1, beta1) > 0.0f ? gv.y : 0.0f;
           st_s0 += g0;
           st_s1 += g1;
           st_q0 = fmaf(g0, xv.x - mean0, st_q0);
